@@ -1,0 +1,111 @@
+"""Exit decisions at exit points (METHOD §5 and the §6 baselines).
+
+A gate sees the hidden states ``[B, H]`` of the current token at one decision
+layer and returns which rows leave the network there. The generator only asks
+at the gate's ``decision_layers`` so ``fixed(k)`` costs nothing elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from greencode.config import GateConfig
+from greencode.policy import ExitPolicy
+
+Decode = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Gate:
+    """Base gate: never exits (the full model)."""
+
+    name = "full"
+
+    def decision_layers(self, exit_points: Sequence[int], num_layers: int) -> list[int]:
+        return [k for k in exit_points if k < num_layers]
+
+    def exit_mask(self, hidden: torch.Tensor, layer: int, decode: Decode) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(exit? [B] bool, logits [B, V] if the gate had to compute them, else None)."""
+        return torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device), None
+
+    def describe(self) -> str:
+        return self.name
+
+
+class FullGate(Gate):
+    def decision_layers(self, exit_points: Sequence[int], num_layers: int) -> list[int]:
+        return []
+
+
+class FixedGate(Gate):
+    """Exit every token after layer ``exit_layer`` (1-based; L means the full model)."""
+
+    name = "fixed"
+
+    def __init__(self, exit_layer: int) -> None:
+        if exit_layer < 1:
+            raise ValueError(f"fixed exit_layer must be >= 1, got {exit_layer}")
+        self.exit_layer = exit_layer
+
+    def decision_layers(self, exit_points: Sequence[int], num_layers: int) -> list[int]:
+        if self.exit_layer > num_layers:
+            raise ValueError(f"fixed exit_layer {self.exit_layer} exceeds the model's {num_layers} layers")
+        return [self.exit_layer] if self.exit_layer < num_layers else []
+
+    def exit_mask(self, hidden, layer, decode):
+        return torch.full((hidden.shape[0],), layer == self.exit_layer, dtype=torch.bool, device=hidden.device), None
+
+    def describe(self) -> str:
+        return f"fixed(k={self.exit_layer})"
+
+
+class ConfidenceGate(Gate):
+    """Exit when the exit's own softmax is confident: max p ≥ c (costs one LM-head call per point)."""
+
+    name = "confidence"
+
+    def __init__(self, confidence: float) -> None:
+        if not 0 < confidence <= 1:
+            raise ValueError(f"confidence must be in (0, 1], got {confidence}")
+        self.confidence = confidence
+
+    def exit_mask(self, hidden, layer, decode):
+        logits = decode(hidden)
+        top = torch.softmax(logits.float(), dim=-1).amax(dim=-1)
+        return top >= self.confidence, logits
+
+    def describe(self) -> str:
+        return f"confidence(c={self.confidence})"
+
+
+class PolicyGate(Gate):
+    """Exit when softmax(policy(h) / τ)[exit] > T."""
+
+    name = "policy"
+
+    def __init__(self, policy: ExitPolicy, threshold: float, temperature: float = 1.0) -> None:
+        if not 0 <= threshold <= 1:
+            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.policy, self.threshold, self.temperature = policy, threshold, temperature
+
+    def exit_mask(self, hidden, layer, decode):
+        return self.policy.exit_probability(hidden, self.temperature) > self.threshold, None
+
+    def describe(self) -> str:
+        return f"policy(T={self.threshold}, tau={self.temperature})"
+
+
+def build_gate(cfg: GateConfig, policy: ExitPolicy | None = None) -> Gate:
+    """Gate from a validated config; a ``policy`` gate needs the loaded ExitPolicy."""
+    if cfg.mode == "full":
+        return FullGate()
+    if cfg.mode == "fixed":
+        return FixedGate(cfg.exit_layer)
+    if cfg.mode == "confidence":
+        return ConfidenceGate(cfg.confidence)
+    if policy is None:
+        raise ValueError("gate mode 'policy' needs a loaded ExitPolicy")
+    return PolicyGate(policy, cfg.threshold, cfg.temperature)

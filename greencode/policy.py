@@ -1,0 +1,160 @@
+"""ExitPolicy: the tiny MLP that looks at a hidden state and says continue (0) or exit (1).
+
+The policy file is self-describing: it carries the hidden size, the exit points it
+was trained for and the fingerprint of the model whose hidden states it saw, so
+loading it against another model fails loudly instead of gating at random.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+POLICY_FORMAT = "greencode.exit_policy/v1"
+CONTINUE, EXIT = 0, 1
+
+_ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
+
+
+class PolicyMismatchError(ValueError):
+    """A policy file does not belong to the model it is being used with."""
+
+
+def mlp(in_size: int, hidden_sizes: Sequence[int], out_size: int, activation: str = "tanh") -> nn.Sequential:
+    """in -> hidden... -> out with ``activation`` between layers (no activation on the output)."""
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+    layers: list[nn.Module] = []
+    prev = in_size
+    for size in hidden_sizes:
+        layers += [nn.Linear(prev, size), _ACTIVATIONS[activation]()]
+        prev = size
+    layers.append(nn.Linear(prev, out_size))
+    return nn.Sequential(*layers)
+
+
+class ExitPolicy(nn.Module):
+    """Actor MLP ``hidden_size -> 64 -> 64 -> 2`` (tanh) over raw hidden states at exit points."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        hidden_sizes: Sequence[int] = (64, 64),
+        activation: str = "tanh",
+        exit_points: Sequence[int] = (),
+        model_fingerprint: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.hidden_size = int(hidden_size)
+        self.hidden_sizes = [int(s) for s in hidden_sizes]
+        self.activation = activation
+        self.exit_points = [int(p) for p in exit_points]
+        self.model_fingerprint = model_fingerprint
+        self.metadata = dict(metadata or {})
+        self.net = mlp(self.hidden_size, self.hidden_sizes, 2, activation)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Action logits [..., 2] for hidden states [..., hidden_size]."""
+        return self.net(hidden.to(self.net[0].weight.dtype))
+
+    @torch.no_grad()
+    def exit_probability(self, hidden: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """p[exit] = softmax(z / τ)[exit]."""
+        return torch.softmax(self(hidden) / temperature, dim=-1)[..., EXIT]
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically (temp file + rename) so a crash never leaves half a policy."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "format": POLICY_FORMAT,
+            "hidden_size": self.hidden_size,
+            "hidden_sizes": self.hidden_sizes,
+            "activation": self.activation,
+            "exit_points": self.exit_points,
+            "model_fingerprint": self.model_fingerprint,
+            "metadata": self.metadata,
+            "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+        }
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(payload, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        hidden_size: int | None = None,
+        exit_points: Sequence[int] | None = None,
+        model_fingerprint: str | None = None,
+    ) -> ExitPolicy:
+        """Load a policy file, checking it against the model it will gate (when given)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"policy file not found: {path}")
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises many types for corrupt files
+            raise PolicyMismatchError(f"{path} is not a readable GreenCode policy file: {err}") from None
+        if not isinstance(payload, dict) or payload.get("format") != POLICY_FORMAT:
+            raise PolicyMismatchError(f"{path} is not a GreenCode policy file (expected format {POLICY_FORMAT})")
+        policy = cls(
+            payload["hidden_size"],
+            payload["hidden_sizes"],
+            payload["activation"],
+            payload["exit_points"],
+            payload["model_fingerprint"],
+            payload.get("metadata"),
+        )
+        policy.load_state_dict(payload["state_dict"])
+        policy.check_compatible(hidden_size=hidden_size, exit_points=exit_points, model_fingerprint=model_fingerprint, source=str(path))
+        return policy.eval()
+
+    def check_compatible(
+        self,
+        *,
+        hidden_size: int | None = None,
+        exit_points: Sequence[int] | None = None,
+        model_fingerprint: str | None = None,
+        source: str = "policy",
+    ) -> None:
+        if hidden_size is not None and hidden_size != self.hidden_size:
+            raise PolicyMismatchError(f"{source} expects hidden size {self.hidden_size}, the model has {hidden_size}")
+        if exit_points is not None and self.exit_points and list(exit_points) != self.exit_points:
+            raise PolicyMismatchError(f"{source} was trained for exit points {self.exit_points}, the model uses {list(exit_points)}")
+        if model_fingerprint is not None and self.model_fingerprint and model_fingerprint != self.model_fingerprint:
+            raise PolicyMismatchError(
+                f"{source} was trained on model {self.model_fingerprint}, this model is {model_fingerprint}: "
+                "retrain or extract shards from this model"
+            )
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Short stable id of a model's architecture *and* weights (a fine-tuned model differs from its base)."""
+    h = hashlib.sha256()
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        for key in ("model_type", "num_hidden_layers", "hidden_size", "vocab_size"):
+            h.update(f"{key}={getattr(cfg, key, None)};".encode())
+    params = list(model.parameters())
+    for p in (params[0], params[len(params) // 2], params[-1]):
+        flat = p.detach().float().flatten()
+        h.update(flat[:4096].cpu().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny random Llama- and OPT-shaped models built in the test (never downloaded)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def make_tiny(arch: str = "llama", num_layers: int = 12, vocab_size: int = 49152, hidden: int = 64,
+              seed: int = 0, tokenizer=None, exit_points=None):
+    """A tiny random model wrapped as an EarlyExitModel (12 layers -> exit points [4, 6, 10])."""
+    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+    from greencode.config import ExitConfig
+    from greencode.modeling import wrap_model
+
+    torch.manual_seed(seed)
+    if arch == "llama":
+        cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                          num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=1024, tie_word_embeddings=True)
+        model = LlamaForCausalLM(cfg)
+    elif arch == "opt":
+        cfg = OPTConfig(vocab_size=vocab_size, hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=num_layers,
+                        num_attention_heads=4, max_position_embeddings=1024, word_embed_proj_dim=hidden)
+        model = OPTForCausalLM(cfg)
+    else:
+        raise ValueError(arch)
+    model.eval()
+    return wrap_model(model, tokenizer, ExitConfig(exit_points=exit_points) if exit_points else None)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The embedded SmolLM2 tokenizer (converted once into the GreenCode cache)."""
+    from transformers import AutoTokenizer
+
+    from greencode.config import ModelConfig
+    from greencode.modeling import resolve_model_path
+
+    path, _ = resolve_model_path(ModelConfig(name="embedded"))
+    return AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The real embedded model (SmolLM2-135M), loaded once per session."""
+    from greencode.modeling import load_model
+
+    return load_model()
+
+
+@pytest.fixture(params=["llama", "opt"])
+def tiny(request, tokenizer):
+    return make_tiny(request.param, tokenizer=tokenizer)
