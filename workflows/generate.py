@@ -66,13 +66,16 @@ def main(argv: list[str] | None = None) -> None:
     if not prompt:
         raise SystemExit("error: the prompt is empty")
 
-    lm = load_model(ModelConfig(name=args.model))
-    policy = None
-    if gate_cfg.mode == "policy":
-        policy = ExitPolicy.load(gate_cfg.policy_path, hidden_size=lm.hidden_size,
-                                 exit_points=lm.exit_points, model_fingerprint=lm.fingerprint)
-    gate = build_gate(gate_cfg, policy)
-    result = GatedGenerator(lm).generate([prompt], gate, gen_cfg)[0]
+    try:
+        lm = load_model(ModelConfig(name=args.model))
+        policy = None
+        if gate_cfg.mode == "policy":
+            policy = ExitPolicy.load(gate_cfg.policy_path, hidden_size=lm.hidden_size,
+                                     exit_points=lm.exit_points, model_fingerprint=lm.fingerprint)
+        gate = build_gate(gate_cfg, policy)
+        result = GatedGenerator(lm).generate([prompt], gate, gen_cfg)[0]
+    except (FileNotFoundError, ValueError) as err:  # PolicyMismatchError, UnsupportedModelError, bad exit layer
+        raise SystemExit(f"error: {err}") from None
     record = {"gate": gate.describe(), "model": args.model, **result.to_dict()}
     if args.json:
         print(json.dumps(record))

@@ -1,0 +1,154 @@
+"""Exactness of gated generation on tiny Llama- and OPT-shaped models."""
+
+import pytest
+import torch
+
+from conftest import make_tiny
+from greencode.config import GenerationConfig
+from greencode.gates import ConfidenceGate, FixedGate, FullGate, PolicyGate
+from greencode.generate import GatedGenerator
+from greencode.policy import ExitPolicy
+
+PROMPTS = [[5, 17, 300, 42, 8, 99], [9, 1000, 3], [77, 12, 4000, 5, 6, 7, 8, 9, 10]]
+GREEDY = GenerationConfig(max_new_tokens=12)
+
+
+def hf_greedy(lm, prompt, n=12):
+    out = lm.model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def never_exit_policy(lm):
+    policy = ExitPolicy(lm.hidden_size, exit_points=lm.exit_points, model_fingerprint=lm.fingerprint)
+    with torch.no_grad():
+        policy.net[-1].bias.copy_(torch.tensor([10.0, -10.0]))
+    return policy
+
+
+@pytest.fixture(params=["llama", "opt"])
+def lm(request):
+    return make_tiny(request.param)
+
+
+@pytest.mark.parametrize("kv_mode", ["propagate", "none"])
+def test_full_gate_equals_hf_generate(lm, kv_mode):
+    gen = GatedGenerator(lm)
+    for p in PROMPTS:
+        res = gen.generate([p], FullGate(), GenerationConfig(max_new_tokens=12, kv_mode=kv_mode))[0]
+        assert res.token_ids == hf_greedy(lm, p)
+        assert res.layers_per_token == [lm.num_layers] * 12
+
+
+def test_policy_that_never_exits_equals_full(lm):
+    gen = GatedGenerator(lm)
+    gate = PolicyGate(never_exit_policy(lm), threshold=0.99)
+    for p in PROMPTS:
+        assert gen.generate([p], gate, GREEDY)[0].token_ids == hf_greedy(lm, p)
+
+
+def test_fixed_final_layer_equals_full(lm):
+    gen = GatedGenerator(lm)
+    full = gen.generate(PROMPTS, FullGate(), GREEDY)
+    fixed = gen.generate(PROMPTS, FixedGate(lm.num_layers), GREEDY)
+    assert [r.token_ids for r in fixed] == [r.token_ids for r in full]
+
+
+def coin_policy(lm, seed=0):
+    """A linear random policy: p[exit] swings with the hidden state, so tokens exit at mixed depths."""
+    torch.manual_seed(seed)
+    policy = ExitPolicy(lm.hidden_size, hidden_sizes=[], exit_points=lm.exit_points, model_fingerprint=lm.fingerprint)
+    with torch.no_grad():
+        policy.net[0].weight.mul_(20.0)
+    return policy
+
+
+@pytest.mark.parametrize("gate_factory", [lambda lm: FullGate(), lambda lm: FixedGate(6), lambda lm: ConfidenceGate(1e-5),
+                                          lambda lm: PolicyGate(coin_policy(lm), 0.5)])
+def test_batched_equals_per_sample(lm, gate_factory):
+    gate = gate_factory(lm)
+    gen = GatedGenerator(lm)
+    batched = gen.generate(PROMPTS, gate, GREEDY)
+    single = [gen.generate([p], gate, GREEDY)[0] for p in PROMPTS]
+    assert [r.token_ids for r in batched] == [r.token_ids for r in single]
+    assert [r.layers_per_token for r in batched] == [r.layers_per_token for r in single]
+
+
+def test_batch_rows_exit_at_different_layers(lm):
+    gen = GatedGenerator(lm)
+    gate = PolicyGate(coin_policy(lm), 0.5)
+    results = gen.generate(PROMPTS, gate, GREEDY)
+    layers = {layer for r in results for layer in r.layers_per_token[1:]}
+    assert len(layers) > 1, f"expected mixed exits, got {layers}"
+    single = [gen.generate([p], gate, GREEDY)[0].layers_per_token for p in PROMPTS]
+    assert [r.layers_per_token for r in results] == single
+
+
+@pytest.mark.parametrize("k", [4, 6, 10])
+def test_fixed_without_cache_equals_plain_forward_at_layer_k(lm, k):
+    gen = GatedGenerator(lm)
+    res = gen.generate([PROMPTS[0]], FixedGate(k), GenerationConfig(max_new_tokens=6, kv_mode="none"))[0]
+    seq = list(PROMPTS[0])
+    expected = [res.token_ids[0]]  # the first token comes from the full prefill
+    seq.append(res.token_ids[0])
+    for _ in range(5):
+        fwd = lm.forward_exits(torch.tensor([seq]))
+        tok = int(lm.decode(fwd.hidden_states[fwd.layers.index(k)][:, -1]).argmax(-1))
+        expected.append(tok)
+        seq.append(tok)
+    assert res.token_ids == expected
+    assert res.layers_per_token == [lm.num_layers] + [k] * 5
+
+
+def test_propagated_kv_equals_what_the_layer_caches(lm):
+    """kv_projection must write exactly the K/V the layer itself would have cached."""
+    from transformers import DynamicCache
+
+    ids = torch.tensor([PROMPTS[2]])
+    attn = torch.ones_like(ids)
+    pos = lm.positions(attn)
+    h = lm.adapter.embed(ids, pos)
+    cache = DynamicCache(config=lm.model.config)
+    kwargs = lm.adapter.layer_kwargs(h, pos, None, cache)
+    with torch.no_grad():
+        for i in range(3):
+            k, v = lm.adapter.kv_projection(i, h, kwargs)
+            lm.adapter.run_layer(i, h, kwargs)
+            torch.testing.assert_close(cache.layers[i].keys, k)
+            torch.testing.assert_close(cache.layers[i].values, v)
+            h = lm.adapter.run_layer(i, h, {**kwargs, "past_key_values": None, "use_cache": False})
+
+
+def test_early_exit_skips_layers_and_keeps_cache_complete(lm):
+    gen = GatedGenerator(lm)
+    res = gen.generate([PROMPTS[0]], FixedGate(4), GREEDY)[0]
+    assert res.layers_per_token == [lm.num_layers] + [4] * 11
+    assert res.mean_layers < lm.num_layers
+
+
+def test_seeded_sampling_is_reproducible(lm):
+    gen = GatedGenerator(lm)
+    cfg = GenerationConfig(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=123)
+    a = gen.generate([PROMPTS[0]], FullGate(), cfg)[0].token_ids
+    b = gen.generate([PROMPTS[0]], FullGate(), cfg)[0].token_ids
+    assert a == b
+
+
+def test_stop_sequence_and_eos(tokenizer):
+    lm = make_tiny("llama", tokenizer=tokenizer)
+    gen = GatedGenerator(lm)
+    free = gen.generate(["def f(x):"], FullGate(), GenerationConfig(max_new_tokens=10))[0]
+    assert free.finish_reason == "length" and len(free.token_ids) == 10
+    stop = free.text[3:6]
+    stopped = gen.generate(["def f(x):"], FullGate(), GenerationConfig(max_new_tokens=10, stop=[stop]))[0]
+    assert stopped.finish_reason == "stop_sequence"
+    assert stop not in stopped.text and free.text.startswith(stopped.text)
+    gen.eos_ids = {free.token_ids[2]}
+    eos = gen.generate(["def f(x):"], FullGate(), GenerationConfig(max_new_tokens=10))[0]
+    assert eos.finish_reason == "eos_token"
+    assert eos.token_ids == free.token_ids[: free.token_ids.index(free.token_ids[2]) + 1]
+
+
+def test_result_reports_time_and_unmeasured_energy(lm):
+    res = GatedGenerator(lm).generate([PROMPTS[0]], FullGate(), GREEDY)[0].to_dict()
+    assert res["time_s"] > 0 and res["mean_layers"] == lm.num_layers
+    assert "energy_j" in res  # None on a machine without a meter, never a guess
