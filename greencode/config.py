@@ -202,6 +202,9 @@ class PPOConfig(_Strict):
     num_env_runners: int = Field(2, ge=0)
     envs_per_env_runner: int = Field(4, ge=1)
     cpus_per_env_runner: float = Field(0.5, gt=0)
+    normalize_observations: bool = Field(
+        True, description="standardise hidden states per dimension with train-shard statistics; folded into the exported policy"
+    )
 
 
 class PolicyTrainConfig(_Strict):
@@ -242,6 +245,8 @@ class EvalConfig(_Strict):
     num_samples: int = Field(1000, ge=1)
     output_dir: str = "reports/eval"
     quality_margin: float = Field(0.05, ge=0, description="stated tolerance on ROUGE-L vs full")
+    batch_size: int = Field(8, ge=1, description="prompts generated together (left-padded)")
+    num_workers: int | None = Field(None, ge=1, description="Ray actors; None = one per CPU (or GPU) of the cluster")
 
 
 # --------------------------------------------------------------------------- serving
@@ -262,6 +267,39 @@ class ServeConfig(_Strict):
     num_gpus: float = Field(0.0, ge=0)
     api_key: str | None = None
     torch_threads: int | None = Field(None, ge=1)
+    default_gate_temperature: float = Field(1.0, gt=0, description="policy gate tau when a request sets none")
+    default_confidence: float = Field(0.9, gt=0, le=1, description="confidence gate c when a request sets none")
+    kv_mode: Literal["propagate", "none"] = "propagate"
+    max_ongoing_requests: int = Field(32, ge=1, description="per replica; must exceed max_batch_size for batching")
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+PipelineStage = Literal["finetune", "extract", "train_policy", "sweep", "evaluate"]
+
+
+class PipelineConfig(_Strict):
+    """Every stage end to end. ``model``/``data``/``exits`` and all artifact paths are shared:
+    the pipeline writes them into the stage sections, so those keys are ignored there."""
+
+    run_dir: str = "runs/pipeline"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    exits: ExitConfig = Field(default_factory=ExitConfig)
+    stages: list[PipelineStage] = Field(default_factory=lambda: ["finetune", "extract", "train_policy", "evaluate"])
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    extract: ExtractConfig = Field(default_factory=ExtractConfig)
+    heldout_samples: int = Field(50, ge=1, description="samples extracted from the validation split to score policies")
+    policy: PolicyTrainConfig = Field(default_factory=PolicyTrainConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+    evaluate: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _order(self) -> PipelineConfig:
+        if "train_policy" in self.stages and "sweep" in self.stages:
+            raise ValueError("stages: choose 'train_policy' or 'sweep' (the sweep exports the best policy itself)")
+        return self
 
 
 # --------------------------------------------------------------------------- loading

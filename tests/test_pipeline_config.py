@@ -1,0 +1,41 @@
+"""Shipped configs parse and validate: the cluster launcher file, the presets, the demo configs."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from greencode.config import ConfigError, PipelineConfig, load_config, load_yaml, validate
+from workflows.pipeline import PRESETS, _flatten, preset_path, stage_configs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cluster_yaml_validates_against_rays_schema():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    validate_config(prepare_config(config))  # what `ray up` does first; raises on schema violations
+    types = config["available_node_types"]
+    assert any("GPU" in t["resources"] for t in types.values()) and "GPU" not in types[config["head_node_type"]]["resources"]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_validate_and_put_every_artifact_under_run_dir(name):
+    cfg = load_config(PipelineConfig, None, _flatten(load_yaml(preset_path(name))))
+    plans = stage_configs(cfg)
+    root = str(Path(cfg.run_dir).resolve())
+    assert plans["extract"].output_dir.startswith(root) and plans["train_policy"].output_path.startswith(root)
+    assert plans["evaluate"].output_dir.startswith(root) and plans["finetune"].output_dir.startswith(root)
+    assert plans["evaluate"].model.name == str(Path(root) / "model")  # evaluates the fine-tuned model
+
+
+def test_pipeline_rejects_train_policy_with_sweep():
+    with pytest.raises(ConfigError, match="train_policy' or 'sweep"):
+        validate(PipelineConfig, {"stages": ["extract", "train_policy", "sweep"]})
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "serve_app").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_yaml_files_parse(path):
+    assert isinstance(yaml.safe_load(path.read_text()), dict)
