@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -352,7 +351,3 @@ def wrap_model(model: nn.Module, tokenizer: Any, exits: ExitConfig | None = None
         tokenizer.pad_token = tokenizer.eos_token
     return EarlyExitModel(model, tokenizer, exit_points)
 
-
-def check_exit_points(points: Sequence[int], model: EarlyExitModel) -> None:
-    if list(points) != model.exit_points:
-        raise ValueError(f"exit points {list(points)} do not match the model's {model.exit_points}")
