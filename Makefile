@@ -38,6 +38,9 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not integration"
 
+fuzz: setup
+	$(BIN)/python -m pytest tests/test_serve.py -k schemathesis -q
+
 bench: setup
 	$(BIN)/python benchmarks/gate_speed.py
 

@@ -1,0 +1,171 @@
+"""Load test of the Serve app on 127.0.0.1: p50/p95 latency and tokens/s, `full` vs `policy`.
+
+    python benchmarks/serve_load.py --policy runs/demo/policy/exit_policy.pt
+    python benchmarks/serve_load.py            # no policy: a clearly labelled RANDOM-INIT one
+
+Starts a local Ray + Serve app on the embedded model (or --model), sends line-completion
+prompts cut from real code (the Python stdlib corpus, METHOD §6 samples) at each
+concurrency level for both gates, then redeploys with batching off (max_batch_size=1)
+to measure the batching gain at the highest concurrency. Request loops are bounded
+(--requests per level, at least the concurrency) and only reach 127.0.0.1.
+"""
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+
+# Run as a script from anywhere: the repo root must be importable here and, through Ray, in the replica.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from greencode.config import DataConfig, ModelConfig, ServeConfig
+from greencode.data import line_completion_samples, load_corpus
+from greencode.modeling import load_model
+from greencode.policy import ExitPolicy
+
+log = logging.getLogger("greencode.bench.serve")
+
+
+@dataclass
+class Cell:
+    gate: str
+    max_batch_size: int
+    concurrency: int
+    requests: int
+    p50_s: float
+    p95_s: float
+    tokens_per_s: float
+    mean_layers: float
+    mean_batch: float
+    energy_j: float | None
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+async def load_level(url: str, prompts: list[str], gate: str, concurrency: int, requests: int, max_new: int) -> Cell:
+    """``requests`` completions, ``concurrency`` in flight at a time; tokens/s over the wall time."""
+    queue = [prompts[i % len(prompts)] for i in range(requests)]
+    latencies, answers = [], []
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while queue:
+            prompt = queue.pop()
+            t0 = time.perf_counter()
+            r = await client.post("/generate", json={"inputs": prompt, "parameters": {"max_new_tokens": max_new, "gate": gate}})
+            r.raise_for_status()
+            latencies.append(time.perf_counter() - t0)
+            answers.append(r.json())
+
+    # A fresh connection per request: a pooled one can be closed by the proxy's keep-alive timer as it is reused.
+    limits = httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    tokens = sum(a["details"]["generated_tokens"] for a in answers)
+    layers = [n for a in answers for n in a["greencode"]["layers_per_token"]]
+    energies = [a["greencode"]["energy_j"] for a in answers]
+    return Cell(gate, 0, concurrency, requests, percentile(latencies, 0.5), percentile(latencies, 0.95), tokens / wall,
+                sum(layers) / len(layers), statistics.mean(a["greencode"]["batch_size"] for a in answers),
+                None if any(e is None for e in energies) else sum(energies))
+
+
+def random_policy(lm, path: Path) -> Path:
+    """An UNTRAINED policy with the model's fingerprint: exercises the serving path only, says nothing of quality."""
+    policy = ExitPolicy(lm.hidden_size, exit_points=lm.exit_points, model_fingerprint=lm.fingerprint,
+                        metadata={"note": "RANDOM-INIT policy made by benchmarks/serve_load.py (untrained)"})
+    return policy.save(path)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="embedded", help="model.name (default: the embedded SmolLM2-135M)")
+    p.add_argument("--policy", help="ExitPolicy file; default: a RANDOM-INIT policy, clearly labelled")
+    p.add_argument("--threshold", type=float, default=0.5, help="policy threshold T (default 0.5)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--requests", type=int, default=8, help="requests per level (at least the concurrency)")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--num-cpus", type=float, default=float(max(1, (os.cpu_count() or 2) - 1)), help="replica CPUs")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--out", help="also write the cells as JSON here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from ray import serve
+
+    from serve_app.app import run
+
+    lm = load_model(ModelConfig(name=args.model))
+    files = load_corpus(DataConfig(corpus="stdlib")).split("test")
+    prompts = [s.context_text for s in line_completion_samples(files, lm.tokenizer, 32, context_cap=256)]
+    scratch = Path(tempfile.mkdtemp(prefix="greencode-bench-"))
+    if args.policy:
+        policy_path, policy_label = Path(args.policy), f"policy file {args.policy}"
+    else:
+        policy_path = random_policy(lm, scratch / "random_policy.pt")
+        policy_label = "RANDOM-INIT policy (untrained: speed of the serving path only, not a quality result)"
+    num_layers = lm.num_layers
+    del lm
+
+    url = f"http://127.0.0.1:{args.port}"
+    base = {"model": {"name": args.model}, "policy_path": str(policy_path), "default_threshold": args.threshold,
+            "num_cpus": args.num_cpus, "max_context_tokens": 1024, "max_ongoing_requests": 4 * max(args.concurrency)}
+    cells: list[Cell] = []
+    top = max(args.concurrency)
+    for batch, levels in ((args.max_batch_size, args.concurrency), (1, [top])):
+        run(ServeConfig(**base, max_batch_size=batch), port=args.port)
+        asyncio.run(load_level(url, prompts, "full", 1, 2, args.max_new_tokens))  # warm-up
+        for gate in ("full", "policy"):
+            for c in levels:
+                cell = asyncio.run(load_level(url, prompts, gate, c, max(args.requests, c), args.max_new_tokens))
+                cell.max_batch_size = batch
+                cells.append(cell)
+                log.info("%s", cell)
+        serve.delete("greencode")
+    serve.shutdown()
+
+    print(f"\nGreenCode serving load test: model {args.model} ({num_layers} layers), {policy_label}, T={args.threshold}, "
+          f"{args.max_new_tokens} new tokens per request, prompts from the stdlib corpus, replica CPUs {args.num_cpus}")
+    print(f"{'gate':<7} {'batch':>5} {'conc':>4} {'reqs':>4} {'p50 s':>7} {'p95 s':>7} {'tok/s':>7} {'layers':>6} "
+          f"{'rows/batch':>10} {'energy J':>9}")
+    for c in cells:
+        energy = f"{c.energy_j:.1f}" if c.energy_j is not None else "n/a"
+        print(f"{c.gate:<7} {c.max_batch_size:>5} {c.concurrency:>4} {c.requests:>4} {c.p50_s:>7.2f} {c.p95_s:>7.2f} "
+              f"{c.tokens_per_s:>7.1f} {c.mean_layers:>6.2f} {c.mean_batch:>10.2f} {energy:>9}")
+    by = {(c.gate, c.max_batch_size, c.concurrency): c for c in cells}
+    print()
+    for c in args.concurrency:
+        full, policy = by[("full", args.max_batch_size, c)], by[("policy", args.max_batch_size, c)]
+        print(f"policy / full at concurrency {c:>2}: tokens/s x{policy.tokens_per_s / full.tokens_per_s:.2f}, "
+              f"p50 x{policy.p50_s / full.p50_s:.2f}, layers {policy.mean_layers:.2f} vs {full.mean_layers:.2f}")
+    for gate in ("full", "policy"):
+        on, off = by[(gate, args.max_batch_size, top)], by[(gate, 1, top)]
+        print(f"batching gain ({gate}, concurrency {top}, max_batch_size {args.max_batch_size} vs 1): "
+              f"tokens/s x{on.tokens_per_s / off.tokens_per_s:.2f}, p50 x{on.p50_s / off.p50_s:.2f}")
+    print("energy: n/a = no meter on this machine (reported as null, never estimated)")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps([asdict(c) for c in cells], indent=2))
+        os.replace(tmp, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,574 @@
+"""GreenCode on Ray Serve: one deployment speaking the wire formats IDE clients already use.
+
+    greencode serve --model runs/demo/lite --policy runs/demo/policy/exit_policy.pt --port 8000
+    serve run serve_app/config.yaml
+
+Routes (see docs/serving.md and /work/shared/NOTES-protocols.md): TGI ``/generate``,
+``/generate_stream`` (SSE) and ``/`` (text_generation client); Ollama / llm-vscode
+``/api/generate`` (+ trailing slash, NDJSON when streaming), ``/api/show``,
+``/api/tags``; OpenAI ``/v1/completions`` (+ SSE); ``/health``; ``/metrics``.
+
+Non-streaming requests go through Serve batching: requests that arrive together
+and share gate + sampling settings run as one batch, each row still exiting on
+its own. Model work runs on one worker thread per replica so the event loop keeps
+accepting (and batching) requests; a client that disconnects cancels its request,
+which stops a stream after the current token and a batch once all its rows are gone.
+"""
+
+
+import argparse
+import asyncio
+import hmac
+import logging
+import math
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from ray import serve
+from ray.serve.deployment import Application
+from ray.serve.exceptions import RayServeException
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from greencode.config import (
+    ConfigError,
+    GateConfig,
+    GenerationConfig,
+    ServeConfig,
+    validate,
+)
+from greencode.gates import build_gate
+from greencode.generate import GatedGenerator, GenerationResult, TokenEvent
+from greencode.modeling import EarlyExitModel, load_model
+from greencode.policy import ExitPolicy
+from serve_app import formats
+from serve_app.formats import OLLAMA, OPENAI, TGI, Completion
+from serve_app.metrics import ServeMetrics
+from serve_app.schemas import (
+    Ask,
+    CompletionRequest,
+    OllamaRequest,
+    OllamaShowRequest,
+    TGIRequest,
+)
+
+log = logging.getLogger("greencode.serve")
+
+ModelLoader = Callable[[ServeConfig], EarlyExitModel]
+FIM_TOKENS = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")
+
+
+class ApiError(Exception):
+    """A request the server refuses; rendered in the calling client's error shape.
+
+    ``status=None`` means "invalid request": 422 for TGI clients (what TGI answers), 400 otherwise.
+    """
+
+    def __init__(self, message: str, param: str | None = None, status: int | None = None) -> None:
+        super().__init__(message)
+        self.message, self.param, self.status = message, param, status
+
+
+def _status(err_status: int | None, protocol: str) -> int:
+    return err_status if err_status is not None else (422 if protocol == TGI else 400)
+
+
+def _error(request: Request, message: str, status: int | None, param: str | None = None) -> JSONResponse:
+    protocol = formats.protocol_of(request.url.path)
+    code = _status(status, protocol)
+    return JSONResponse(formats.error_body(protocol, message, code, param), status_code=code)
+
+
+def _describe_validation(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+    """One readable line naming every offending field (``parameters.temperature: ...``)."""
+    parts, first = [], None
+    for e in errors:
+        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+        where = ".".join(loc)
+        if e.get("type") == "json_invalid":
+            parts.append(f"request body is not valid JSON ({e.get('ctx', {}).get('error', e.get('msg'))})")
+            continue
+        if not where and e.get("type") == "model_attributes_type":
+            parts.append("request body must be a JSON object")
+            continue
+        first = first or where or None
+        parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
+    return "; ".join(parts) or "invalid request", first
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "invalid request (OpenAI / Ollama error shape)"},
+    401: {"description": "missing or wrong API key (when the server has one)"},
+    422: {"description": "invalid request (TGI error shape: error, error_type)"},
+}
+
+api = FastAPI(
+    title="GreenCode",
+    version="0.1.0",
+    description="Energy-aware early-exit code completion. Speaks TGI, Ollama/llm-vscode and OpenAI completions; "
+                "every response carries `greencode` details (layers per token, time, energy or null).",
+)
+
+
+class JsonBodies:
+    """Every POST body here is JSON: like Ollama, read it as JSON whatever content type was sent (curl -d sends form).
+
+    A plain ASGI middleware (not BaseHTTPMiddleware) so client disconnects still cancel streams.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
+            scope = {**scope, "headers": headers + [(b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
+
+
+api.add_middleware(JsonBodies)
+
+
+@api.exception_handler(ApiError)
+async def _on_api_error(request: Request, err: ApiError) -> JSONResponse:
+    return _error(request, err.message, err.status, err.param)
+
+
+@api.exception_handler(RequestValidationError)
+async def _on_invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+    message, param = _describe_validation(list(err.errors()))
+    return _error(request, message, None, param)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _on_http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+    return _error(request, str(err.detail), err.status_code)
+
+
+@api.exception_handler(Exception)
+async def _on_bug(request: Request, err: Exception) -> JSONResponse:
+    """A server fault (never the client's): logged with its traceback, answered as a 500 in the client's shape."""
+    log.exception("request to %s failed", request.url.path)
+    return _error(request, f"internal error: {type(err).__name__}: {err}", 500)
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+@dataclass(eq=False)
+class Job:
+    """One sequence to generate: tokenized prompt + validated gate and sampling settings."""
+
+    ask: Ask
+    prompt_ids: list[int]
+    gate: GateConfig
+    generation: GenerationConfig
+    cancelled: bool = False
+
+    @property
+    def batch_key(self) -> str:
+        """Jobs with equal keys can share one generation batch."""
+        return self.gate.model_dump_json() + self.generation.model_dump_json()
+
+
+def load_served_model(cfg: ServeConfig) -> EarlyExitModel:
+    """The default model loader: ``cfg.model`` with ``cfg.exits`` (tests inject a tiny model instead)."""
+    return load_model(cfg.model, cfg.exits)
+
+
+def _replica_name() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except RayServeException:  # outside a replica (direct construction)
+        return str(os.getpid())
+
+
+# --------------------------------------------------------------------------- the deployment
+
+
+@serve.deployment
+@serve.ingress(api)
+class GreenCodeServer:
+    """Loads the model (+ exit policy) once per replica and serves every protocol from it."""
+
+    def __init__(self, cfg: dict[str, Any], model_loader: ModelLoader | None = None) -> None:
+        self.cfg = validate(ServeConfig, cfg, source="serve config")
+        torch.set_num_threads(self.cfg.torch_threads or max(1, int(self.cfg.num_cpus)))
+        self.lm = (model_loader or load_served_model)(self.cfg)
+        self.policy = None
+        if self.cfg.policy_path:
+            self.policy = ExitPolicy.load(self.cfg.policy_path, hidden_size=self.lm.hidden_size,
+                                          exit_points=self.lm.exit_points, model_fingerprint=self.lm.fingerprint)
+        self.default_gate = self.cfg.default_gate
+        if self.default_gate == "policy" and self.policy is None:
+            self.default_gate = "full"
+        self.generator = GatedGenerator(self.lm)
+        self.model_name = Path(self.cfg.model.name).name
+        positions = getattr(self.lm.model.config, "max_position_embeddings", None) or math.inf
+        self.context_limit = int(min(self.cfg.max_context_tokens, positions))
+        vocab = self.lm.tokenizer.get_vocab()
+        self.has_fim = all(t in vocab for t in FIM_TOKENS)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="greencode-generate")
+        self.metrics = ServeMetrics(_replica_name(), self.lm.num_layers)
+        self._generate_batch.set_max_batch_size(self.cfg.max_batch_size)
+        self._generate_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        log.info("serving %s: %d layers, exit points %s, default gate %s, policy %s, energy meter %s",
+                 self.model_name, self.lm.num_layers, self.lm.exit_points, self.default_gate,
+                 self.cfg.policy_path, self.generator.meter.source)
+
+    # ------------------------------------------------------------------ request -> job
+
+    def _authorize(self, request: Request) -> None:
+        if not self.cfg.api_key:
+            return
+        sent = request.headers.get("authorization", "")
+        scheme, _, token = sent.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.cfg.api_key.encode()):
+            raise ApiError("missing or wrong API key: send the header 'Authorization: Bearer <key>'", status=401)
+
+    def _gate(self, fields: dict[str, Any]) -> GateConfig:
+        mode = fields["mode"] or self.default_gate
+        if mode == "policy" and self.policy is None:
+            raise ApiError("gate 'policy' needs an exit policy and this server runs without one "
+                           "(start it with --policy FILE); use gate 'full', 'fixed' or 'confidence'", "gate")
+
+        def pick(key: str, default: Any) -> Any:
+            return fields[key] if fields[key] is not None else default
+
+        try:
+            gate = validate(GateConfig, {
+                "mode": mode,
+                "exit_layer": fields["exit_layer"],
+                "threshold": pick("threshold", self.cfg.default_threshold),
+                "temperature": pick("temperature", self.cfg.default_gate_temperature),
+                "confidence": pick("confidence", self.cfg.default_confidence),
+                "policy_path": self.cfg.policy_path,
+            })
+        except ConfigError as err:
+            raise ApiError(str(err), "gate") from None
+        if gate.exit_layer is not None and gate.exit_layer > self.lm.num_layers:
+            raise ApiError(f"exit_layer {gate.exit_layer} exceeds the model's {self.lm.num_layers} layers", "exit_layer")
+        return gate
+
+    def _prompt_text(self, ask: Ask) -> str:
+        if not ask.suffix:
+            return ask.prompt
+        if not self.has_fim:
+            raise ApiError("suffix (fill-in-the-middle) needs a tokenizer with <fim_prefix>/<fim_suffix>/<fim_middle> "
+                           "tokens and this model has none: send the prompt without a suffix", "suffix")
+        return f"<fim_prefix>{ask.prompt}<fim_suffix>{ask.suffix}<fim_middle>"
+
+    def _job(self, ask: Ask) -> Job:
+        gate = self._gate(ask.gate)
+        try:
+            generation = validate(GenerationConfig, {
+                "max_new_tokens": ask.max_new_tokens or self.cfg.default_max_new_tokens,
+                "temperature": ask.temperature or 0.0,
+                "top_p": ask.top_p or 1.0,
+                "stop": ask.stop,
+                "seed": ask.seed,
+                "kv_mode": self.cfg.kv_mode,
+            })
+        except ConfigError as err:
+            raise ApiError(str(err), "max_new_tokens") from None
+        ids = self.lm.tokenizer(self._prompt_text(ask))["input_ids"]
+        if not ids:
+            raise ApiError("the prompt is empty", "prompt")
+        if len(ids) + generation.max_new_tokens > self.context_limit:
+            raise ApiError(f"the prompt is {len(ids)} tokens; with {generation.max_new_tokens} new tokens that exceeds "
+                           f"the context limit of {self.context_limit} tokens: shorten the prompt or ask for fewer tokens",
+                           "prompt")
+        return Job(ask, ids, gate, generation)
+
+    def _jobs(self, protocol: str, asks: list[Ask]) -> list[Job]:
+        try:
+            return [self._job(a) for a in asks]
+        except ApiError:
+            self.metrics.record_request(protocol, "rejected")
+            raise
+
+    # ------------------------------------------------------------------ generation
+
+    def _completion(self, job: Job, result: GenerationResult, gate: str, batch_size: int) -> Completion:
+        tok = self.lm.tokenizer
+        text = job.ask.prompt + result.text if job.ask.include_prompt else result.text
+        return Completion(result=result, text=text, token_texts=[tok.decode([t]) for t in result.token_ids],
+                          gate=gate, ignored=job.ask.ignored, batch_size=batch_size, seed=job.generation.seed)
+
+    def _generate_group(self, group: list[Job]) -> list[Completion | None]:
+        """Runs on the generation thread: one batch of jobs sharing settings; stops if every client left."""
+        gate = build_gate(group[0].gate, self.policy)
+        results: list[GenerationResult] = []
+        steps = self.generator.stream([j.prompt_ids for j in group], gate, group[0].generation, results)
+        with closing(steps):
+            for _ in steps:
+                if all(j.cancelled for j in group):
+                    log.info("all %d clients of a batch disconnected: generation stopped", len(group))
+                    return [None] * len(group)
+        self.metrics.record_batch(len(group))
+        for r in results:
+            self.metrics.record_tokens(gate.name, r.layers_per_token)
+            self.metrics.record_energy(gate.name, r.energy_j)
+        return [self._completion(j, r, gate.describe(), len(group)) for j, r in zip(group, results)]
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _generate_batch(self, jobs: list[Job]) -> list[Completion | None]:
+        """Serve batching: requests arriving together, grouped by equal gate + sampling settings."""
+        groups: dict[str, list[int]] = {}
+        for i, job in enumerate(jobs):
+            groups.setdefault(job.batch_key, []).append(i)
+        out: list[Completion | None] = [None] * len(jobs)
+        loop = asyncio.get_running_loop()
+        for indices in groups.values():
+            done = await loop.run_in_executor(self.executor, self._generate_group, [jobs[i] for i in indices])
+            for i, completion in zip(indices, done):
+                out[i] = completion
+        return out
+
+    async def _complete(self, protocol: str, jobs: list[Job]) -> list[Completion]:
+        start = time.perf_counter()
+        try:
+            completions = await asyncio.gather(*(self._generate_batch(j) for j in jobs))
+        except asyncio.CancelledError:
+            for j in jobs:
+                j.cancelled = True
+            self.metrics.record_cancelled(protocol)
+            raise
+        self.metrics.record_request(protocol, "ok", time.perf_counter() - start)
+        return completions
+
+    async def _stream(self, job: Job) -> AsyncIterator[tuple[TokenEvent, Completion | None]]:
+        """Token events of one job; the last comes with its finished Completion. Stops when the consumer does."""
+        gate = build_gate(job.gate, self.policy)
+        results: list[GenerationResult] = []
+        steps = self.generator.stream([job.prompt_ids], gate, job.generation, results)
+        loop = asyncio.get_running_loop()
+        pending: TokenEvent | None = None
+        try:
+            while (events := await loop.run_in_executor(self.executor, next, steps, None)) is not None:
+                for event in events:
+                    self.metrics.record_tokens(gate.name, [event.layers])
+                    if pending is not None:
+                        yield pending, None
+                    pending = event
+            self.metrics.record_energy(gate.name, results[0].energy_j)
+            yield pending, self._completion(job, results[0], gate.describe(), 1)
+        finally:
+            self.executor.submit(steps.close)  # FIFO after any step still running
+
+    async def _tracked(self, protocol: str, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+        """Stream body with request metrics; a disconnect cancels it (and the generation under it)."""
+        start = time.perf_counter()
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except (asyncio.CancelledError, GeneratorExit):
+            self.metrics.record_cancelled(protocol)
+            log.info("%s stream cancelled by the client", protocol)
+            raise
+        self.metrics.record_request(protocol, "ok", time.perf_counter() - start)
+
+    # ------------------------------------------------------------------ TGI
+
+    async def _tgi_events(self, job: Job) -> AsyncIterator[str]:
+        index = 0
+        async for event, final in self._stream(job):
+            yield formats.tgi_stream_event(index, event, final)
+            index += 1
+
+    def _tgi_stream(self, job: Job) -> StreamingResponse:
+        return StreamingResponse(self._tracked(TGI, self._tgi_events(job)), media_type="text/event-stream")
+
+    @api.post("/generate", responses=ERRORS, tags=["tgi"], summary="TGI generate (llm-vscode 'tgi'/'huggingface' backends)")
+    async def tgi_generate(self, body: TGIRequest, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        [completion] = await self._complete(TGI, self._jobs(TGI, [body.to_ask()]))
+        return formats.tgi_response(completion)
+
+    @api.post("/generate_stream", responses=ERRORS, tags=["tgi"], summary="TGI streaming generate (SSE)")
+    async def tgi_generate_stream(self, body: TGIRequest, request: Request) -> StreamingResponse:
+        self._authorize(request)
+        [job] = self._jobs(TGI, [body.to_ask()])
+        return self._tgi_stream(job)
+
+    @api.post("/", responses=ERRORS, tags=["tgi"], summary="TGI compat route of the text_generation client: a list, or SSE when stream")
+    async def tgi_compat(self, body: TGIRequest, request: Request) -> Any:
+        self._authorize(request)
+        [job] = self._jobs(TGI, [body.to_ask()])
+        if body.stream:
+            return self._tgi_stream(job)
+        [completion] = await self._complete(TGI, [job])
+        return [formats.tgi_response(completion)]
+
+    # ------------------------------------------------------------------ Ollama / llm-vscode
+
+    async def _ollama_lines(self, job: Job) -> AsyncIterator[str]:
+        start = time.perf_counter()
+        async for event, final in self._stream(job):
+            if event.text:
+                yield formats.ollama_chunk(self.model_name, event.text)
+            if final is not None:
+                done = formats.ollama_final(self.model_name, final, time.perf_counter() - start)
+                yield formats.json.dumps(done) + "\n"
+
+    @api.post("/api/generate", responses=ERRORS, tags=["ollama"], summary="Ollama / llm-vscode generate (NDJSON when stream)")
+    @api.post("/api/generate/", responses=ERRORS, include_in_schema=False)
+    async def ollama_generate(self, body: OllamaRequest, request: Request) -> Any:
+        self._authorize(request)
+        ask = body.to_ask()
+        if not ask.prompt and not ask.suffix:
+            return formats.ollama_loaded(self.model_name)
+        [job] = self._jobs(OLLAMA, [ask])
+        if body.streams():
+            return StreamingResponse(self._tracked(OLLAMA, self._ollama_lines(job)), media_type="application/x-ndjson")
+        start = time.perf_counter()
+        [completion] = await self._complete(OLLAMA, [job])
+        return formats.ollama_final(self.model_name, completion, time.perf_counter() - start, text=completion.text)
+
+    @api.post("/api/show", responses=ERRORS, tags=["ollama"], summary="Ollama model card (Continue probes it)")
+    async def ollama_show(self, body: OllamaShowRequest, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        arch = getattr(self.lm.model.config, "model_type", "unknown")
+        return {
+            "modelfile": "", "parameters": "", "template": "{{ .Prompt }}",
+            "details": {"format": "safetensors", "family": arch, "families": [arch],
+                        "parameter_size": f"{sum(p.numel() for p in self.lm.model.parameters()) / 1e6:.0f}M",
+                        "quantization_level": str(self.lm.model.dtype).removeprefix("torch.")},
+            "model_info": {"general.architecture": arch, f"{arch}.context_length": self.context_limit,
+                           f"{arch}.block_count": self.lm.num_layers},
+            "capabilities": ["completion"] + (["insert"] if self.has_fim else []),
+        }
+
+    @api.get("/api/tags", responses=ERRORS, tags=["ollama"], summary="Ollama model list (the one served model)")
+    async def ollama_tags(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        return {"models": [{"name": self.model_name, "model": self.model_name, "modified_at": formats._now(),
+                            "size": 0, "digest": self.lm.fingerprint, "details": {}}]}
+
+    # ------------------------------------------------------------------ OpenAI
+
+    async def _openai_chunks(self, job: Job) -> AsyncIterator[str]:
+        cid, created = formats.openai_id(), int(time.time())
+        async for event, final in self._stream(job):
+            yield formats.openai_chunk(cid, created, self.model_name, event.text, event.finish_reason, final)
+        yield formats.OPENAI_DONE
+
+    @api.post("/v1/completions", responses=ERRORS, tags=["openai"], summary="OpenAI legacy completions (SSE when stream)")
+    async def openai_completions(self, body: CompletionRequest, request: Request) -> Any:
+        self._authorize(request)
+        asks = body.to_asks()
+        if body.stream and len(asks) > 1:
+            raise ApiError("stream supports one prompt with n=1", "n")
+        jobs = self._jobs(OPENAI, asks)
+        if body.stream:
+            return StreamingResponse(self._tracked(OPENAI, self._openai_chunks(jobs[0])), media_type="text/event-stream")
+        return formats.openai_response(self.model_name, await self._complete(OPENAI, jobs))
+
+    @api.get("/v1/models", responses=ERRORS, tags=["openai"], summary="OpenAI model list (the one served model)")
+    async def openai_models(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0, "owned_by": "greencode"}]}
+
+    # ------------------------------------------------------------------ operations
+
+    @api.get("/health", tags=["ops"], summary="liveness + what is loaded (no API key needed)")
+    async def health(self) -> dict[str, Any]:
+        return {"status": "ok", "model": self.model_name, "num_layers": self.lm.num_layers,
+                "exit_points": self.lm.exit_points, "default_gate": self.default_gate,
+                "policy": self.cfg.policy_path, "energy_meter": self.generator.meter.source,
+                "context_limit": self.context_limit, "max_batch_size": self.cfg.max_batch_size}
+
+    @api.get("/metrics", responses=ERRORS, tags=["ops"], summary="Prometheus metrics of the replica that answers",
+             response_class=PlainTextResponse)
+    async def metrics(self, request: Request) -> PlainTextResponse:
+        self._authorize(request)
+        return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+# --------------------------------------------------------------------------- builders + CLI
+
+
+def build_app_with_loader(cfg: ServeConfig | dict[str, Any] | None, model_loader: ModelLoader | None = None) -> Application:
+    """Typed builder: the deployment sized by ``cfg``; ``model_loader`` (picklable) replaces load_model."""
+    cfg = cfg if isinstance(cfg, ServeConfig) else validate(ServeConfig, cfg or {}, source="serve config")
+    return GreenCodeServer.options(
+        num_replicas=cfg.num_replicas,
+        max_ongoing_requests=cfg.max_ongoing_requests,
+        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+    ).bind(cfg.model_dump(mode="json"), model_loader)
+
+
+def build_app(args: ServeConfig | dict[str, Any]) -> Application:
+    """`serve run` builder (Serve passes the config file's ``args`` mapping as the one argument)."""
+    return build_app_with_loader(args)
+
+
+def run(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, blocking: bool = False,
+        model_loader: ModelLoader | None = None):
+    """Start (or update) the app on Ray Serve at http://host:port/; returns its DeploymentHandle."""
+    from workflows.common import init_ray
+
+    init_ray()
+    serve.start(http_options={"host": host, "port": port})
+    app = build_app_with_loader(cfg, model_loader)
+    return serve.run(app, name="greencode", route_prefix="/", blocking=blocking)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from workflows.common import config_parser
+
+    p = config_parser("Serve the gated model over HTTP on Ray Serve (TGI, Ollama/llm-vscode, OpenAI protocols).")
+    p.prog = "greencode serve"
+    p.add_argument("--model", help="'embedded', a local HF dir, a .gguf file or a hub id (model.name)")
+    p.add_argument("--policy", help="ExitPolicy file; without one the default gate is 'full'")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to expose; default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--replicas", type=int, help="num_replicas")
+    p.add_argument("--num-cpus", type=float, help="CPUs per replica")
+    p.add_argument("--num-gpus", type=float, help="GPUs per replica")
+    p.add_argument("--threshold", type=float, help="default policy threshold T")
+    p.add_argument("--gate", choices=["full", "fixed", "confidence", "policy"], help="default gate")
+    p.add_argument("--max-batch-size", type=int)
+    p.add_argument("--api-key", default=os.environ.get("GREENCODE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $GREENCODE_API_KEY)")
+    return p.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    """ServeConfig from --config/--set plus the dedicated flags (flags given win over the file)."""
+    from workflows.common import load_from_args
+
+    flags = {"model.name": args.model, "policy_path": args.policy, "num_replicas": args.replicas,
+             "num_cpus": args.num_cpus, "num_gpus": args.num_gpus, "default_threshold": args.threshold,
+             "default_gate": args.gate, "max_batch_size": args.max_batch_size, "api_key": args.api_key}
+    cfg = load_from_args(ServeConfig, args, {k: v for k, v in flags.items() if v is not None})
+    if cfg.policy_path and not Path(cfg.policy_path).is_file():
+        raise ConfigError(f"policy_path: file not found: {cfg.policy_path}")
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`greencode serve ...`: blocks until interrupted."""
+    from workflows.common import setup_logging
+
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as err:
+        raise SystemExit(f"config error: {err}") from None
+    log.info("GreenCode serving on http://%s:%d (OpenAPI at /docs)", args.host, args.port)
+    run(cfg, args.host, args.port, blocking=True)
+
+
+if __name__ == "__main__":
+    main()

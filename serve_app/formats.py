@@ -1,0 +1,196 @@
+"""Response bodies in each client's shape (TGI, Ollama, OpenAI), built from one generation result.
+
+Every body carries a ``greencode`` object (gate, mean and per-token layers, time,
+energy or null) next to the fields the client parses; the official clients ignore
+keys they do not know.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from greencode.generate import GenerationResult, TokenEvent
+
+TGI, OLLAMA, OPENAI = "tgi", "ollama", "openai"
+
+
+@dataclass
+class Completion:
+    """One finished generation plus what the response needs to describe it."""
+
+    result: GenerationResult
+    text: str  # generated text, with the prompt prepended when the request asked for it
+    token_texts: list[str]
+    gate: str
+    ignored: list[str]
+    batch_size: int
+    seed: int | None
+
+
+def protocol_of(path: str) -> str:
+    if path.startswith("/v1/"):
+        return OPENAI
+    if path.startswith("/api/"):
+        return OLLAMA
+    return TGI
+
+
+def error_body(protocol: str, message: str, status: int, param: str | None = None) -> dict[str, Any]:
+    """The error object each client library parses."""
+    if protocol == OPENAI:
+        kind = "authentication_error" if status == 401 else "invalid_request_error" if status < 500 else "server_error"
+        return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+    if protocol == OLLAMA:
+        return {"error": message}
+    kind = "authentication" if status == 401 else "validation" if status < 500 else "generation"
+    return {"error": message, "error_type": kind}
+
+
+def greencode_details(result: GenerationResult, gate: str, ignored: list[str], batch_size: int = 1) -> dict[str, Any]:
+    return {
+        "gate": gate,
+        "mean_layers": round(result.mean_layers, 4),
+        "layers_per_token": list(result.layers_per_token),
+        "num_layers": result.num_layers,
+        "time_s": round(result.time_s, 6),
+        "gate_time_s": round(result.gate_time_s, 6),
+        "energy_j": result.energy_j,
+        "batch_size": batch_size,
+        "ignored_parameters": ignored,
+    }
+
+
+def _details(c: Completion) -> dict[str, Any]:
+    return greencode_details(c.result, c.gate, c.ignored, c.batch_size)
+
+
+# --------------------------------------------------------------------------- TGI
+
+
+def tgi_response(c: Completion) -> dict[str, Any]:
+    tokens = [{"id": t, "text": s, "logprob": None, "special": False} for t, s in zip(c.result.token_ids, c.token_texts)]
+    return {
+        "generated_text": c.text,
+        "details": {
+            "finish_reason": c.result.finish_reason,
+            "generated_tokens": len(c.result.token_ids),
+            "seed": c.seed,
+            "prefill": [],
+            "tokens": tokens,
+        },
+        "greencode": _details(c),
+    }
+
+
+def tgi_stream_event(index: int, event: TokenEvent, final: Completion | None) -> str:
+    body = {
+        "index": index,
+        "token": {"id": event.token_id, "text": event.text, "logprob": None, "special": False},
+        "generated_text": final.text if final else None,
+        "details": None,
+    }
+    if final is not None:
+        body["details"] = {"finish_reason": final.result.finish_reason,
+                           "generated_tokens": len(final.result.token_ids), "seed": final.seed}
+        body["greencode"] = _details(final)
+    return f"data:{json.dumps(body)}\n\n"
+
+
+# --------------------------------------------------------------------------- Ollama
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def ollama_done_reason(finish_reason: str) -> str:
+    return "length" if finish_reason == "length" else "stop"
+
+
+def ollama_chunk(model: str, text: str) -> str:
+    return json.dumps({"model": model, "created_at": _now(), "response": text, "done": False}) + "\n"
+
+
+def ollama_final(model: str, c: Completion, total_s: float, *, text: str = "") -> dict[str, Any]:
+    """The ``done: true`` object; ``text`` is the whole response when not streaming, '' when streaming."""
+    return {
+        "model": model,
+        "created_at": _now(),
+        "response": text,
+        "generated_text": text,  # the published GREEN-CODE endpoint answered with this key
+        "done": True,
+        "done_reason": ollama_done_reason(c.result.finish_reason),
+        "total_duration": int(total_s * 1e9),
+        "load_duration": 0,
+        "prompt_eval_count": c.result.prompt_tokens,
+        "eval_count": len(c.result.token_ids),
+        "eval_duration": int(c.result.time_s * 1e9),
+        "greencode": _details(c),
+    }
+
+
+def ollama_loaded(model: str) -> dict[str, Any]:
+    """Ollama answers an empty prompt by (re)loading the model and returning at once."""
+    return {"model": model, "created_at": _now(), "response": "", "done": True, "done_reason": "load"}
+
+
+# --------------------------------------------------------------------------- OpenAI
+
+
+def openai_finish_reason(finish_reason: str) -> str:
+    return "length" if finish_reason == "length" else "stop"
+
+
+def openai_id() -> str:
+    return f"cmpl-{uuid.uuid4().hex[:24]}"
+
+
+def openai_response(model: str, completions: list[Completion]) -> dict[str, Any]:
+    prompt_tokens = sum(c.result.prompt_tokens for c in completions)
+    generated = sum(len(c.result.token_ids) for c in completions)
+    return {
+        "id": openai_id(),
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"text": c.text, "index": i, "logprobs": None, "finish_reason": openai_finish_reason(c.result.finish_reason),
+             "greencode": _details(c)}
+            for i, c in enumerate(completions)
+        ],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": generated, "total_tokens": prompt_tokens + generated},
+        "greencode": _summary(completions),
+    }
+
+
+def _summary(completions: list[Completion]) -> dict[str, Any]:
+    """Request-level GreenCode details over all choices (mean layers over every generated token)."""
+    layers = [n for c in completions for n in c.result.layers_per_token]
+    energies = [c.result.energy_j for c in completions]
+    return {
+        "gate": completions[0].gate,
+        "mean_layers": round(sum(layers) / len(layers), 4) if layers else 0.0,
+        "layers_per_token": layers if len(completions) == 1 else [c.result.layers_per_token for c in completions],
+        "num_layers": completions[0].result.num_layers,
+        "time_s": round(max(c.result.time_s for c in completions), 6),
+        "energy_j": None if any(e is None for e in energies) else sum(energies),
+        "ignored_parameters": completions[0].ignored,
+    }
+
+
+def openai_chunk(cid: str, created: int, model: str, text: str, finish_reason: str | None,
+                 final: Completion | None = None) -> str:
+    choice = {"text": text, "index": 0, "logprobs": None,
+              "finish_reason": openai_finish_reason(finish_reason) if finish_reason else None}
+    body: dict[str, Any] = {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
+    if final is not None:
+        body["greencode"] = _details(final)
+    return f"data: {json.dumps(body)}\n\n"
+
+
+OPENAI_DONE = "data: [DONE]\n\n"

@@ -1,0 +1,79 @@
+"""Prometheus metrics of one replica, served as text on ``GET /metrics``.
+
+Each replica keeps its own registry (label ``replica``); with several replicas a
+scrape through the HTTP proxy reaches one of them, so scrape replicas directly or
+sum over ``replica`` in Prometheus.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
+
+
+class ServeMetrics:
+    def __init__(self, replica: str, num_layers: int) -> None:
+        self.registry = CollectorRegistry()
+        self.replica = replica
+        labels = ["replica", "protocol"]
+        self.requests = Counter("greencode_requests", "HTTP completion requests by outcome", labels + ["outcome"],
+                                registry=self.registry)
+        self.latency = Histogram("greencode_request_latency_seconds", "end-to-end completion latency", labels,
+                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.tokens = Counter("greencode_generated_tokens", "tokens generated", ["replica", "gate"], registry=self.registry)
+        self.layers = Histogram("greencode_layers_per_token", "decoder layers each generated token ran",
+                                ["replica", "gate"], buckets=tuple(range(1, num_layers + 1)), registry=self.registry)
+        self.mean_layers = Gauge("greencode_mean_layers_per_token", "running mean of layers per token",
+                                 ["replica", "gate"], registry=self.registry)
+        self.energy = Counter("greencode_energy_joules", "measured energy of generation (only when a meter exists)",
+                              ["replica", "gate"], registry=self.registry)
+        self.unmeasured = Counter("greencode_energy_unmeasured_requests", "generations with no energy meter",
+                                  ["replica", "gate"], registry=self.registry)
+        self.batch_size = Histogram("greencode_batch_size", "rows per generation batch", ["replica"],
+                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
+        self.cancelled = Counter("greencode_cancelled_requests", "requests whose client went away mid-generation",
+                                 labels, registry=self.registry)
+        self._layer_sums: dict[str, tuple[int, int]] = {}
+        self._lock = threading.Lock()  # streams record on the event loop, batches on the generation thread
+
+    def record_request(self, protocol: str, outcome: str, latency_s: float | None = None) -> None:
+        self.requests.labels(self.replica, protocol, outcome).inc()
+        if latency_s is not None:
+            self.latency.labels(self.replica, protocol).observe(latency_s)
+
+    def record_tokens(self, gate: str, layers_per_token: list[int]) -> None:
+        """Count generated tokens and the layers each ran (streams call this token by token)."""
+        self.tokens.labels(self.replica, gate).inc(len(layers_per_token))
+        histogram = self.layers.labels(self.replica, gate)
+        for n in layers_per_token:
+            histogram.observe(n)
+        with self._lock:
+            total, count = self._layer_sums.get(gate, (0, 0))
+            total, count = total + sum(layers_per_token), count + len(layers_per_token)
+            self._layer_sums[gate] = (total, count)
+            if count:
+                self.mean_layers.labels(self.replica, gate).set(total / count)
+
+    def record_energy(self, gate: str, energy_j: float | None) -> None:
+        if energy_j is None:
+            self.unmeasured.labels(self.replica, gate).inc()
+        else:
+            self.energy.labels(self.replica, gate).inc(energy_j)
+
+    def record_batch(self, size: int) -> None:
+        self.batch_size.labels(self.replica).observe(size)
+
+    def record_cancelled(self, protocol: str) -> None:
+        self.cancelled.labels(self.replica, protocol).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
