@@ -9,7 +9,7 @@ METHOD.md lives here as a default, never as a constant in code.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -142,6 +142,7 @@ class FinetuneConfig(_Strict):
     report_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(0, ge=0, description="restarts of the worker group from its last checkpoint after a crash")
     val_every: int = Field(100, ge=1)
     val_batches: int = Field(8, ge=1)
     storage_path: str = "runs/finetune"
@@ -210,6 +211,10 @@ class PPOConfig(_Strict):
 class PolicyTrainConfig(_Strict):
     shards_dir: str = "runs/shards"
     eval_shards_dir: str | None = None
+    eval_thresholds: list[Annotated[float, Field(ge=0, lt=1)]] = Field(
+        default_factory=lambda: [0.5, 0.8, 0.9], min_length=1,
+        description="held-out scoring: exit when p[exit] > T; the first is the headline",
+    )
     reward: RewardConfig = Field(default_factory=RewardConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     output_path: str = "runs/policy/exit_policy.pt"

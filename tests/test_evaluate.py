@@ -1,0 +1,199 @@
+"""The evaluation harness on tiny saved models: every report file, resume, Ray, CLI parsing."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import pytest
+import torch
+
+from conftest import make_tiny
+from greencode.config import EvalConfig, GenerationConfig
+from greencode.evaluate import (
+    REPORT_FILES,
+    Evaluator,
+    PromptCachingGenerator,
+    evaluate,
+    part_path,
+    plan_settings,
+)
+from greencode.gates import ConfidenceGate, FixedGate, FullGate
+from greencode.generate import GatedGenerator
+from greencode.policy import ExitPolicy
+from test_data import JAVA_SOURCE, PY_SOURCE
+
+torch.set_num_threads(1)  # the test machine is shared; more threads only contend
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tokenizer):
+    """A tiny 'fine-tuned' model, a tiny 'base' model (other seed) and a random policy, all on disk."""
+    root = tmp_path_factory.mktemp("models")
+    paths = {}
+    for name, seed in (("lite", 0), ("base", 1)):
+        lm = make_tiny("llama", seed=seed, tokenizer=tokenizer)
+        lm.model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        paths[name] = str(root / name)
+        if name == "lite":
+            torch.manual_seed(0)
+            policy = ExitPolicy(lm.hidden_size, exit_points=lm.exit_points, model_fingerprint=lm.fingerprint)
+            paths["policy"] = str(policy.save(root / "policy.pt"))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def py_corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pysrc")
+    for i in range(12):
+        (root / f"mod{i}.py").write_text(PY_SOURCE.replace("Counter", f"Counter{i}") * 3)
+    return root
+
+
+def eval_config(models, corpus, out, **extra):
+    data = {"model": {"name": models["lite"]}, "data": {"corpus": corpus, "test_fraction": 0.25, "context_cap": 64},
+            "generation": {"max_new_tokens": 4}, "num_samples": 3, "batch_size": 2, "output_dir": str(out),
+            "confidences": [1e-9, 0.9], "thresholds": [0.3, 0.9]}
+    data.update(extra)
+    return EvalConfig.model_validate(data)
+
+
+def test_harness_writes_every_report_file(models, py_corpus, tmp_path):
+    cfg = eval_config(models, f"dir:{py_corpus}", tmp_path / "report", base_model={"name": models["base"]},
+                      policy_path=models["policy"])
+    report = evaluate(cfg)
+    for name in REPORT_FILES:
+        assert (tmp_path / "report" / name).is_file(), name
+    assert (tmp_path / "report" / "quality_vs_layers.png").read_bytes()[:4] == b"\x89PNG"
+    rows = {r["setting"].split("@")[0]: r for r in report.rows}
+    assert list(rows) == ["base", "full", "fixed-k4", "fixed-k6", "fixed-k10", "confidence-c1e-09",
+                          "confidence-c0.9", "policy-T0.3", "policy-T0.9"]
+    assert rows["base"]["model"] == models["base"] and rows["full"]["model"] == models["lite"]
+    assert rows["full"]["mean_layers"] == 12 and rows["full"]["layers_skipped_pct"] == 0
+    for k in (4, 6, 10):  # the first token comes from the full prompt pass, every later one exits at k
+        assert rows[f"fixed-k{k}"]["mean_layers_after_first"] == k
+    assert rows["confidence-c1e-09"]["mean_layers_after_first"] == 4  # everything is confident enough
+    for r in report.rows:
+        assert r["samples"] == 3 and r["generated_tokens"] == 12
+        assert 0 <= r["rouge_l"] <= 1 and 0 <= r["codebleu"] <= 1
+        assert r["latency_s"] > 0 and r["tokens_per_s"] > 0 and 0 <= r["gate_overhead"] < 1
+        assert r["energy_j"] is None or r["energy_j"] > 0  # measured or null, never invented
+    assert rows["full"]["rouge_l_delta_vs_full"] == 0
+    saved = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert [r["setting"] for r in saved["rows"]] == [r["setting"] for r in report.rows]
+    csv_lines = (tmp_path / "report" / "results.csv").read_text().strip().splitlines()
+    assert len(csv_lines) == 1 + len(report.rows) and csv_lines[0].startswith("setting,family")
+    table = (tmp_path / "report" / "report.md").read_text()
+    assert "| Setting | Model | CodeBLEU |" in table and "| fixed-k6 |" in table and "| policy-T0.9 |" in table
+
+
+def test_rerun_skips_finished_parts_and_redoes_missing_ones(models, py_corpus, tmp_path, monkeypatch):
+    cfg = eval_config(models, f"dir:{py_corpus}", tmp_path / "r", gates=["full", "fixed"])
+    first = evaluate(cfg)
+    calls = []
+    original = Evaluator.run_batch
+
+    def spy(self, batch, settings, keys):
+        calls.append((batch.batch_id, [s.name for s in settings]))
+        return original(self, batch, settings, keys)
+
+    monkeypatch.setattr(Evaluator, "run_batch", spy)
+    again = evaluate(cfg)
+    assert calls == []
+    assert [r["rouge_l"] for r in again.rows] == [r["rouge_l"] for r in first.rows]
+    part_path(tmp_path / "r", "fixed-k6@0.2", "ctx0.2-b0001").unlink()
+    evaluate(cfg)
+    assert calls == [("ctx0.2-b0001", ["fixed-k6@0.2"])]
+    # a stored part from another configuration is not reused
+    evaluate(eval_config(models, f"dir:{py_corpus}", tmp_path / "r", gates=["full", "fixed"],
+                         generation={"max_new_tokens": 3}))
+    assert len(calls) == 3 and calls[-1][1] == ["full@0.2", "fixed-k4@0.2", "fixed-k6@0.2", "fixed-k10@0.2"]
+
+
+def test_policy_rows_absent_without_policy():
+    cfg = EvalConfig(gates=["full", "fixed", "confidence", "policy"], confidences=[0.5], context_fractions=[0.2, 0.5])
+    settings = plan_settings(cfg, [4, 6])
+    assert {s.family for s in settings} == {"full", "fixed", "confidence"}
+    assert [s.name for s in settings][:4] == ["full@0.2", "fixed-k4@0.2", "fixed-k6@0.2", "confidence-c0.5@0.2"]
+    assert len(settings) == 8
+
+
+def test_bad_policy_fails_before_any_work(models, py_corpus, tmp_path):
+    other = make_tiny("llama", seed=5)
+    bad = ExitPolicy(other.hidden_size, exit_points=other.exit_points, model_fingerprint=other.fingerprint)
+    cfg = eval_config(models, f"dir:{py_corpus}", tmp_path / "bad", policy_path=str(bad.save(tmp_path / "bad.pt")))
+    with pytest.raises(ValueError, match="was trained on model"):
+        evaluate(cfg)
+    assert not (tmp_path / "bad" / "parts").exists()
+
+
+def test_policy_gate_alone_without_policy_is_an_error(models, py_corpus, tmp_path):
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        evaluate(eval_config(models, f"dir:{py_corpus}", tmp_path / "none", gates=["policy"]))
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_replayed_prompt_pass_equals_plain_generation(arch, tokenizer):
+    lm = make_tiny(arch, tokenizer=tokenizer)
+    prompts = [list(range(300, 340)), list(range(500, 517))]
+    plain, cached = GatedGenerator(lm), PromptCachingGenerator(lm)
+    cfg = GenerationConfig(max_new_tokens=6)
+    for gate in (FullGate(), FixedGate(4), ConfidenceGate(0.01), FixedGate(10), FullGate()):
+        expected = [r.token_ids for r in plain.generate(prompts, gate, cfg)]
+        assert [r.token_ids for r in cached.generate(prompts, gate, cfg)] == expected, gate.describe()
+    assert cached._memo is not None  # the prompt pass was stored and replayed
+
+
+# --------------------------------------------------------------------------- Ray + CLI
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.ray
+def test_ray_run_on_java_zip_matches_in_process(models, tmp_path, ray_local):
+    from workflows.evaluate import run
+
+    archive = tmp_path / "src.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for i in range(10):
+            zf.writestr(f"java.base/demo/Stack{i}.java", JAVA_SOURCE.replace("Stack", f"Stack{i}") * 2)
+    common = dict(gates=["full", "fixed"], data={"corpus": f"zip:{archive}", "lang": "java", "test_fraction": 0.3,
+                                                 "context_cap": 64})
+    report = run(eval_config(models, "", tmp_path / "ray", num_workers=2, **common))
+    assert all(p.is_file() for p in report.files())
+    local = evaluate(eval_config(models, "", tmp_path / "local", **common))
+    for name in ("full@0.2", "fixed-k6@0.2"):
+        ray_part = json.loads(part_path(tmp_path / "ray", name, "ctx0.2-b0000").read_text())
+        local_part = json.loads(part_path(tmp_path / "local", name, "ctx0.2-b0000").read_text())
+        assert [c["token_ids"] for c in ray_part["completions"]] == [c["token_ids"] for c in local_part["completions"]]
+    assert [r["codebleu"] for r in report.rows] == [r["codebleu"] for r in local.rows]
+
+
+def test_cli_flags_map_to_config(tmp_path):
+    from workflows.evaluate import config_from_args
+
+    cfg, _ = config_from_args(["--model", "m", "--base-model", "b", "--corpus", "zip:/x.zip", "--lang", "java",
+                               "--samples", "7", "--gates", "full,fixed", "--confidences", "0.5,0.8",
+                               "--thresholds", "0.9,0.92", "--context-fractions", "0.2,0.5", "--output", "out",
+                               "--set", "batch_size=4"])
+    assert (cfg.model.name, cfg.base_model.name, cfg.data.corpus, cfg.data.lang) == ("m", "b", "zip:/x.zip", "java")
+    assert cfg.num_samples == 7 and cfg.gates == ["full", "fixed"] and cfg.thresholds == [0.9, 0.92]
+    assert cfg.confidences == [0.5, 0.8] and cfg.context_fractions == [0.2, 0.5]
+    assert cfg.output_dir == "out" and cfg.batch_size == 4
+
+
+def test_cli_rejects_bad_input_with_a_named_field():
+    from workflows.evaluate import main
+
+    with pytest.raises(SystemExit, match="gates"):
+        main(["--gates", "full,bogus"])
+    with pytest.raises(SystemExit, match="num_samples"):
+        main(["--samples", "0"])
