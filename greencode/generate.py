@@ -40,6 +40,7 @@ class GenerationResult:
     time_s: float = 0.0
     gate_time_s: float = 0.0
     energy_j: float | None = None
+    exit_states: torch.Tensor | None = None  # [T, n_exits, H] when asked for (shard extraction)
 
     @property
     def mean_layers(self) -> float:
@@ -47,6 +48,7 @@ class GenerationResult:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d.pop("exit_states")
         d["mean_layers"] = self.mean_layers
         d["generated_tokens"] = len(self.token_ids)
         return d
@@ -70,6 +72,7 @@ class _Row:
     layers: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
+    exit_states: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -77,6 +80,7 @@ class StepOutput:
     logits: torch.Tensor  # [B, V] at the last position
     exit_layers: torch.Tensor  # [B] 1-based layer each row left at
     gate_time_s: float
+    exit_states: torch.Tensor | None = None  # [B, n_exits, H] at the last position, if collected
 
 
 class GatedGenerator:
@@ -102,11 +106,14 @@ class GatedGenerator:
         cache: Any,
         gate: Gate,
         active: torch.Tensor | None = None,
+        collect_exit_states: bool = False,
     ) -> StepOutput:
         """Run ``input_ids`` ([B, S]) through the layers, exiting rows as ``gate`` decides.
 
         ``attention_mask`` covers cache + new tokens. ``active`` marks rows that still
-        need a token (others exit at once and only feed the cache).
+        need a token (others exit at once and only feed the cache). ``collect_exit_states``
+        keeps the last position's hidden state at every exit point (meaningful for rows
+        that have not exited there yet, i.e. all rows under the full gate).
         """
         lm, adapter = self.lm, self.lm.adapter
         num_layers = lm.num_layers
@@ -122,6 +129,8 @@ class GatedGenerator:
         logits: torch.Tensor | None = None
         have_logits = torch.zeros(bsz, dtype=torch.bool, device=h.device)
         decisions = set(gate.decision_layers(lm.exit_points, num_layers))
+        collect = set(lm.exit_points) if collect_exit_states else set()
+        states: list[torch.Tensor] = []
         gate_time = 0.0
 
         for i in range(num_layers):
@@ -134,6 +143,8 @@ class GatedGenerator:
             out = adapter.run_layer(i, h, kwargs)
             h = out if bool(active.all()) else torch.where(active[:, None, None], out, h)
             layer = i + 1
+            if layer in collect:
+                states.append(h[:, -1])
             if layer in decisions:
                 t0 = time.perf_counter()
                 rows = active.nonzero().squeeze(1)
@@ -155,7 +166,8 @@ class GatedGenerator:
             if logits is None:
                 logits = fresh.new_empty(bsz, fresh.shape[-1])
             logits[need] = fresh
-        return StepOutput(logits.float(), exit_layers, gate_time)
+        exit_states = torch.stack(states, dim=1) if len(states) == len(collect) and collect else None
+        return StepOutput(logits.float(), exit_layers, gate_time, exit_states)
 
     # ------------------------------------------------------------------ generation loop
 
@@ -200,8 +212,13 @@ class GatedGenerator:
         gate: Gate,
         cfg: GenerationConfig | None = None,
         results: list[GenerationResult] | None = None,
+        collect_exit_states: bool = False,
     ) -> Iterator[list[TokenEvent]]:
-        """Yield the tokens of each step; when exhausted, ``results`` (if given) holds one result per prompt."""
+        """Yield the tokens of each step; when exhausted, ``results`` (if given) holds one result per prompt.
+
+        ``collect_exit_states`` records, for every generated token, the hidden state at each
+        exit point of the position that predicted it (what the exit environment observes).
+        """
         from transformers import DynamicCache
 
         cfg = cfg or GenerationConfig()
@@ -224,7 +241,7 @@ class GatedGenerator:
         gate_time = 0.0
 
         with self.meter.measure() as measured:
-            out = self.step(ids, attn, cache, FullGate())  # prefill: all layers
+            out = self.step(ids, attn, cache, FullGate(), collect_exit_states=collect_exit_states)  # prefill: all layers
             seq = ids
             while True:
                 next_ids = self._pick(out.logits, cfg, rng)
@@ -232,6 +249,8 @@ class GatedGenerator:
                 events = []
                 for r, row in enumerate(rows):
                     if row.finish_reason is None:
+                        if out.exit_states is not None:
+                            row.exit_states.append(out.exit_states[r])
                         events.append(self._record(row, r, int(next_ids[r]), int(out.exit_layers[r]), cfg))
                 yield events
                 active = torch.tensor([row.finish_reason is None for row in rows], device=device)
@@ -240,7 +259,7 @@ class GatedGenerator:
                 attn = torch.cat([attn, torch.ones((bsz, 1), dtype=attn.dtype, device=device)], dim=1)
                 seq = torch.cat([seq, next_ids[:, None]], dim=1)
                 step_ids = next_ids[:, None] if use_cache else seq
-                out = self.step(step_ids, attn, cache, gate, active)
+                out = self.step(step_ids, attn, cache, gate, active, collect_exit_states)
 
         if results is not None:
             share = measured.energy_j / bsz if measured.energy_j is not None else None
@@ -255,6 +274,7 @@ class GatedGenerator:
                     time_s=measured.time_s,
                     gate_time_s=gate_time,
                     energy_j=share,
+                    exit_states=torch.stack(row.exit_states) if row.exit_states else None,
                 )
                 for row in rows
             )
@@ -264,9 +284,10 @@ class GatedGenerator:
         prompts: Sequence[str] | Sequence[Sequence[int]],
         gate: Gate,
         cfg: GenerationConfig | None = None,
+        collect_exit_states: bool = False,
     ) -> list[GenerationResult]:
         """Generate for a batch of prompts; energy of a batch is split evenly over its rows."""
         results: list[GenerationResult] = []
-        for _ in self.stream(prompts, gate, cfg, results):
+        for _ in self.stream(prompts, gate, cfg, results, collect_exit_states):
             pass
         return results

@@ -1,0 +1,302 @@
+"""Hidden-state shards: what the exit environment replays instead of running the LLM.
+
+One Parquet row per *generated* token (METHOD §3). For generated token ``t`` of a
+sample the observation is the hidden state at the position that *predicts* it
+(``len(context) + t - 1``) after every exit point, so the policy sees exactly what
+the gate sees at inference time. Columns:
+
+===================  =====================================  ==========================================
+column               type                                   meaning
+===================  =====================================  ==========================================
+sample_id            string                                 the sample (episode) this token belongs to
+token_index          int32                                  t, 0-based position among generated tokens
+hidden               fixed_size_list<float16|32>[n * H]     hidden state at each of the n exit points
+exit_predictions     fixed_size_list<int32>[n]              argmax of decode(hidden) at each exit point
+final_token          int32                                  y: the token the full model generated
+dataset_token        int32                                  the corpus token at that position (-1 past the end)
+optimal_exit         int32                                  first exit index whose prediction == y; n = final layer
+===================  =====================================  ==========================================
+
+The Parquet key-value metadata ``greencode.shard`` (JSON) carries the schema
+version, exit points, hidden size, number of layers, model fingerprint and hidden
+dtype; :func:`read_shard` checks all of it and names the file and the problem when
+a shard is corrupt or comes from another model. Shards are written to a temp file
+and renamed, so a file that exists is complete (extraction resumes by skipping them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+SCHEMA_VERSION = 1
+METADATA_KEY = b"greencode.shard"
+SHARD_GLOB = "shard-*.parquet"
+_HIDDEN_TYPES = {"float16": pa.float16(), "float32": pa.float32()}
+_NUMPY_HIDDEN = {"float16": np.float16, "float32": np.float32}
+
+
+class ShardError(ValueError):
+    """A shard file is missing, corrupt, or does not match the other shards / the model."""
+
+
+@dataclass(frozen=True)
+class ShardMeta:
+    exit_points: list[int]
+    hidden_size: int
+    num_layers: int
+    model_fingerprint: str
+    hidden_dtype: str = "float16"
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.exit_points)
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.__dict__, sort_keys=True).encode()
+
+    def compatible_key(self) -> tuple:
+        """What two shards must share to be replayed together (dtype may differ)."""
+        return (tuple(self.exit_points), self.hidden_size, self.num_layers, self.model_fingerprint)
+
+
+def shard_schema(meta: ShardMeta) -> pa.Schema:
+    n, h = meta.num_exits, meta.hidden_size
+    return pa.schema(
+        [
+            ("sample_id", pa.string()),
+            ("token_index", pa.int32()),
+            ("hidden", pa.list_(_HIDDEN_TYPES[meta.hidden_dtype], n * h)),
+            ("exit_predictions", pa.list_(pa.int32(), n)),
+            ("final_token", pa.int32()),
+            ("dataset_token", pa.int32()),
+            ("optimal_exit", pa.int32()),
+        ],
+        metadata={METADATA_KEY: meta.to_json()},
+    )
+
+
+@dataclass
+class ShardData:
+    """Columns of one or more shards as numpy arrays (rows grouped by sample, in token order)."""
+
+    meta: ShardMeta
+    sample_id: np.ndarray  # [N] object (str)
+    token_index: np.ndarray  # [N] int32
+    hidden: np.ndarray  # [N, n_exits, H] float16/float32
+    exit_predictions: np.ndarray  # [N, n_exits] int32
+    final_token: np.ndarray  # [N] int32
+    dataset_token: np.ndarray  # [N] int32
+    optimal_exit: np.ndarray  # [N] int32, n_exits = final layer
+
+    def __len__(self) -> int:
+        return len(self.token_index)
+
+    def episode_bounds(self) -> np.ndarray:
+        """[E, 2] (start, stop) row ranges, one per sample (= one episode)."""
+        n = len(self)
+        if n == 0:
+            return np.zeros((0, 2), dtype=np.int64)
+        changes = np.flatnonzero(self.sample_id[1:] != self.sample_id[:-1]) + 1
+        starts = np.concatenate([[0], changes])
+        stops = np.concatenate([changes, [n]])
+        return np.stack([starts, stops], axis=1)
+
+    def exit_layers(self) -> np.ndarray:
+        """1-based layer of each exit index (exit points + the final layer)."""
+        return np.array([*self.meta.exit_points, self.meta.num_layers], dtype=np.int64)
+
+
+def build_table(meta: ShardMeta, rows: Sequence[dict[str, Any]]) -> pa.Table:
+    """Rows (dicts with the column names; ``hidden`` as [n_exits, H] arrays) -> a validated table."""
+    n, h = meta.num_exits, meta.hidden_size
+    with np.errstate(over="ignore"):  # overflow is reported below, with a fix
+        hidden = np.stack([np.asarray(r["hidden"], dtype=_NUMPY_HIDDEN[meta.hidden_dtype]) for r in rows]) if rows else (
+            np.zeros((0, n, h), dtype=_NUMPY_HIDDEN[meta.hidden_dtype]))
+    if hidden.shape[1:] != (n, h):
+        raise ShardError(f"hidden rows have shape {hidden.shape[1:]}, expected ({n}, {h})")
+    if not np.isfinite(hidden).all():
+        raise ShardError(f"hidden states overflow {meta.hidden_dtype} (inf/nan): extract with hidden_dtype=float32")
+    schema = shard_schema(meta)
+    flat_hidden = pa.FixedSizeListArray.from_arrays(pa.array(hidden.reshape(-1), type=schema.field("hidden").type.value_type), n * h)
+    preds = np.asarray([r["exit_predictions"] for r in rows], dtype=np.int32).reshape(-1)
+    columns = {
+        "sample_id": pa.array([str(r["sample_id"]) for r in rows], pa.string()),
+        "token_index": pa.array([r["token_index"] for r in rows], pa.int32()),
+        "hidden": flat_hidden,
+        "exit_predictions": pa.FixedSizeListArray.from_arrays(pa.array(preds, pa.int32()), n),
+        "final_token": pa.array([r["final_token"] for r in rows], pa.int32()),
+        "dataset_token": pa.array([r["dataset_token"] for r in rows], pa.int32()),
+        "optimal_exit": pa.array([r["optimal_exit"] for r in rows], pa.int32()),
+    }
+    return pa.Table.from_arrays(list(columns.values()), schema=schema)
+
+
+def write_shard(table: pa.Table, path: str | Path) -> Path:
+    """Write atomically: temp file in the same directory, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a shard is shared data
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_meta(path: str | Path) -> ShardMeta:
+    """The shard's metadata, checked; raises ShardError naming the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ShardError(f"shard not found: {path}")
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as err:
+        raise ShardError(f"{path} is not a readable Parquet file: {err}") from None
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    if raw is None:
+        raise ShardError(f"{path} is not a GreenCode shard (no {METADATA_KEY.decode()} metadata)")
+    try:
+        meta = ShardMeta(**json.loads(raw))
+    except (TypeError, ValueError) as err:
+        raise ShardError(f"{path} has unreadable shard metadata: {err}") from None
+    if meta.schema_version != SCHEMA_VERSION:
+        raise ShardError(f"{path} has shard schema version {meta.schema_version}; this GreenCode reads {SCHEMA_VERSION}: re-extract")
+    if meta.hidden_dtype not in _HIDDEN_TYPES:
+        raise ShardError(f"{path} stores hidden states as {meta.hidden_dtype!r}; expected one of {sorted(_HIDDEN_TYPES)}")
+    expected = shard_schema(meta)
+    if not schema.remove_metadata().equals(expected.remove_metadata()):
+        raise ShardError(f"{path} columns do not match schema v{SCHEMA_VERSION}: got {schema.remove_metadata()}, expected {expected.remove_metadata()}")
+    return meta
+
+
+def read_shard(path: str | Path) -> ShardData:
+    meta = read_meta(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:
+        raise ShardError(f"{path} is corrupt: {err}") from None
+    n, h = meta.num_exits, meta.hidden_size
+    rows = table.num_rows
+
+    def flat(name: str) -> np.ndarray:
+        return table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+
+    data = ShardData(
+        meta=meta,
+        sample_id=np.asarray(table.column("sample_id").to_pylist(), dtype=object),
+        token_index=table.column("token_index").to_numpy(),
+        hidden=flat("hidden").reshape(rows, n, h),
+        exit_predictions=flat("exit_predictions").reshape(rows, n),
+        final_token=table.column("final_token").to_numpy(),
+        dataset_token=table.column("dataset_token").to_numpy(),
+        optimal_exit=table.column("optimal_exit").to_numpy(),
+    )
+    if rows and (data.optimal_exit.min() < 0 or data.optimal_exit.max() > n):
+        raise ShardError(f"{path}: optimal_exit outside 0..{n}")
+    return data
+
+
+def list_shards(directory: str | Path) -> list[Path]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ShardError(f"shard directory not found: {directory}")
+    paths = sorted(directory.glob(SHARD_GLOB))
+    if not paths:
+        raise ShardError(f"no shards ({SHARD_GLOB}) in {directory}: run `greencode extract` first")
+    return paths
+
+
+def load_shards(paths: Iterable[str | Path]) -> ShardData:
+    """Read and concatenate shards that come from the same model and exit points."""
+    paths = list(paths)
+    if not paths:
+        raise ShardError("no shard paths given")
+    parts = [read_shard(p) for p in paths]
+    first = parts[0].meta
+    for path, part in zip(paths, parts):
+        if part.meta.compatible_key() != first.compatible_key():
+            raise ShardError(f"{path} comes from another model or exit points ({part.meta}) than {paths[0]} ({first})")
+    return ShardData(
+        meta=first,
+        **{
+            name: np.concatenate([getattr(p, name) for p in parts])
+            for name in ("sample_id", "token_index", "hidden", "exit_predictions", "final_token", "dataset_token", "optimal_exit")
+        },
+    )
+
+
+# --------------------------------------------------------------------------- extraction
+
+
+class Sample(Protocol):
+    """What extraction needs of a sample (greencode.data.CompletionSample fits)."""
+
+    sample_id: Any
+    context_ids: list[int]
+    target_ids: list[int]
+
+
+def optimal_exit(predictions: Sequence[int], final_token: int) -> int:
+    """Index of the first exit point predicting ``final_token``; ``len(predictions)`` (final layer) if none."""
+    for index, token in enumerate(predictions):
+        if token == final_token:
+            return index
+    return len(predictions)
+
+
+@torch.no_grad()
+def extract_rows(lm, samples: Sequence[Sample], tokens_per_sample: int) -> list[dict[str, Any]]:
+    """Generate T tokens greedily with the full model, keeping each token's view at every exit point.
+
+    The observation for generated token t is the hidden state, after each exit point, at the
+    position that predicts it; the generator records it on the way (one pass, no re-forward).
+    """
+    from greencode.config import GenerationConfig
+    from greencode.gates import FullGate
+    from greencode.generate import GatedGenerator
+
+    generated = GatedGenerator(lm).generate(
+        [list(s.context_ids) for s in samples], FullGate(), GenerationConfig(max_new_tokens=tokens_per_sample),
+        collect_exit_states=True,
+    )
+    rows: list[dict[str, Any]] = []
+    for sample, result in zip(samples, generated):
+        new = list(result.token_ids)
+        hidden = result.exit_states  # Shape: [T, n, H]
+        predictions = lm.decode(hidden).argmax(dim=-1).cpu().tolist()  # [T, n]
+        hidden_np = hidden.float().cpu().numpy()
+        for t, token in enumerate(new):
+            rows.append(
+                {
+                    "sample_id": sample.sample_id,
+                    "token_index": t,
+                    "hidden": hidden_np[t],
+                    "exit_predictions": predictions[t],
+                    "final_token": token,
+                    "dataset_token": sample.target_ids[t] if t < len(sample.target_ids) else -1,
+                    "optimal_exit": optimal_exit(predictions[t], token),
+                }
+            )
+    return rows
+
+
+def meta_for(lm, hidden_dtype: str = "float16") -> ShardMeta:
+    return ShardMeta(list(lm.exit_points), lm.hidden_size, lm.num_layers, lm.fingerprint, hidden_dtype)

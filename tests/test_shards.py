@@ -1,0 +1,120 @@
+"""Shards: round trip, atomic/validated reads with clear errors, and extraction invariants on a tiny model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny
+
+from greencode.shards import (
+    ShardError,
+    ShardMeta,
+    build_table,
+    extract_rows,
+    load_shards,
+    meta_for,
+    optimal_exit,
+    read_meta,
+    read_shard,
+    write_shard,
+)
+
+META = ShardMeta(exit_points=[2, 4, 6], hidden_size=5, num_layers=8, model_fingerprint="abc123")
+
+
+def toy_rows(num_samples=2, tokens=3, meta=META, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for s in range(num_samples):
+        for t in range(tokens):
+            preds = rng.integers(0, 10, meta.num_exits).tolist()
+            final = int(rng.integers(0, 10))
+            rows.append({"sample_id": f"s{s}", "token_index": t,
+                         "hidden": rng.normal(size=(meta.num_exits, meta.hidden_size)),
+                         "exit_predictions": preds, "final_token": final, "dataset_token": -1,
+                         "optimal_exit": optimal_exit(preds, final)})
+    return rows
+
+
+def test_optimal_exit_is_first_match_or_final():
+    assert optimal_exit([3, 7, 7], 7) == 1
+    assert optimal_exit([7, 7, 7], 7) == 0
+    assert optimal_exit([1, 2, 3], 9) == 3
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_round_trip(tmp_path, dtype):
+    meta = ShardMeta(**{**META.__dict__, "hidden_dtype": dtype})
+    rows = toy_rows(meta=meta)
+    path = write_shard(build_table(meta, rows), tmp_path / "shard-00000.parquet")
+    assert not list(tmp_path.glob(".*tmp"))  # temp file renamed away
+    data = read_shard(path)
+    assert data.meta == meta
+    assert data.hidden.shape == (6, 3, 5) and data.hidden.dtype == np.dtype(dtype)
+    np.testing.assert_allclose(data.hidden, np.stack([r["hidden"] for r in rows]).astype(dtype))
+    assert data.exit_predictions.tolist() == [r["exit_predictions"] for r in rows]
+    assert data.optimal_exit.tolist() == [r["optimal_exit"] for r in rows]
+    assert data.episode_bounds().tolist() == [[0, 3], [3, 6]]
+    assert data.exit_layers().tolist() == [2, 4, 6, 8]
+
+
+def test_corrupt_and_foreign_files_are_named(tmp_path):
+    bad = tmp_path / "shard-00000.parquet"
+    bad.write_bytes(b"not parquet at all")
+    with pytest.raises(ShardError, match="shard-00000.parquet is not a readable Parquet file"):
+        read_shard(bad)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    foreign = tmp_path / "foreign.parquet"
+    pq.write_table(pa.table({"x": [1, 2]}), foreign)
+    with pytest.raises(ShardError, match="foreign.parquet is not a GreenCode shard"):
+        read_meta(foreign)
+    with pytest.raises(ShardError, match="shard not found"):
+        read_shard(tmp_path / "missing.parquet")
+
+
+def test_shards_from_different_models_do_not_mix(tmp_path):
+    a = write_shard(build_table(META, toy_rows()), tmp_path / "shard-00000.parquet")
+    other = ShardMeta(**{**META.__dict__, "model_fingerprint": "zzz"})
+    b = write_shard(build_table(other, toy_rows(meta=other)), tmp_path / "shard-00001.parquet")
+    with pytest.raises(ShardError, match="another model"):
+        load_shards([a, b])
+
+
+def test_overflowing_hidden_states_are_refused():
+    rows = toy_rows()
+    rows[0]["hidden"][0, 0] = 1e6  # beyond float16
+    with pytest.raises(ShardError, match="overflow"):
+        build_table(META, rows)
+
+
+@dataclass
+class _Sample:
+    sample_id: str
+    context_ids: list[int]
+    target_ids: list[int]
+
+
+def test_extract_rows_matches_a_plain_forward(tokenizer):
+    lm = make_tiny("llama", tokenizer=tokenizer)
+    samples = [_Sample("a", list(range(100, 120)), [5, 6]), _Sample("b", list(range(300, 307)), [])]
+    rows = extract_rows(lm, samples, tokens_per_sample=4)
+    assert [r["token_index"] for r in rows] == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert [r["dataset_token"] for r in rows[:4]] == [5, 6, -1, -1]
+    generated = [r["final_token"] for r in rows[:4]]
+    with torch.no_grad():
+        fwd = lm.forward_exits(torch.tensor([samples[0].context_ids + generated]))
+        full_logits = lm.decode(fwd.hidden_states[-1])[0]
+    for t, row in enumerate(rows[:4]):
+        pos = len(samples[0].context_ids) + t - 1
+        # the observation for token t sits at the position that predicts it, at every exit point
+        assert int(full_logits[pos].argmax()) == row["final_token"]
+        for e in range(len(lm.exit_points)):
+            np.testing.assert_allclose(row["hidden"][e], fwd.hidden_states[e][0, pos].numpy(), rtol=1e-5, atol=1e-5)
+        assert row["optimal_exit"] == optimal_exit(row["exit_predictions"], row["final_token"])
+    table = build_table(meta_for(lm), rows)
+    assert table.num_rows == 8

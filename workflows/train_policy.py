@@ -1,0 +1,284 @@
+"""`greencode train-policy`: PPO exit policy with RLlib (new API stack) over replayed shards.
+
+N env runners x M ExitEnvs each, every runner reading its own shards; the learner runs in
+the main process. The actor MLP is exported as a greencode ExitPolicy file (with the exit
+points, hidden size and model fingerprint of the shards) that
+``greencode generate --gate policy --policy FILE`` loads; with ``eval_shards_dir`` the
+policy is scored on held-out shards against fixed exits of the same mean depth.
+
+    python -m workflows.train_policy --config configs/policy.yaml --set ppo.total_env_steps=200000
+    ray job submit --working-dir . -- .venv/bin/python -m workflows.train_policy --config ...
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ray.rllib.callbacks.callbacks import RLlibCallback
+
+from greencode.config import PolicyTrainConfig
+from greencode.config import PPOConfig as PPOSettings
+from greencode.env import ExitEnv, ExitScore, observation_stats, score_exits
+from greencode.policy import ExitPolicy, PolicyMismatchError
+from greencode.shards import ShardMeta, list_shards, load_shards, read_meta
+from workflows.common import config_parser, exit_on_config_error, init_ray, load_from_args, setup_logging
+
+log = logging.getLogger("greencode.train_policy")
+
+EPISODE_METRICS = ("exit_accuracy", "mean_exit_layer", "mean_optimal_layer", "step_reward_mean")
+
+
+class ExitMetricsCallback(RLlibCallback):
+    """Logs ExitEnv's per-episode metrics; they appear under ``result["env_runners"][name]``."""
+
+    def on_episode_end(self, *, episode, prev_episode_chunks=None, metrics_logger=None, **kwargs) -> None:
+        chunks = [*(prev_episode_chunks or []), episode]
+        length = sum(len(c) for c in chunks)
+        metrics_logger.log_value("step_reward_mean", sum(c.get_return() for c in chunks) / max(length, 1))
+        info = episode.get_infos(-1)
+        for name in EPISODE_METRICS[:3]:
+            if name in info:
+                metrics_logger.log_value(name, info[name])
+
+
+@dataclass
+class ResourcePlan:
+    """CPUs for the main process (learner) and each env runner, sized to fit the cluster."""
+
+    num_env_runners: int
+    cpus_per_env_runner: float
+    cpus_for_main: float
+
+    @property
+    def total(self) -> float:
+        return self.cpus_for_main + self.num_env_runners * self.cpus_per_env_runner
+
+
+def plan_resources(ppo: PPOSettings, cluster_cpus: float) -> ResourcePlan:
+    """Fractional CPUs so N runners + the learner start even on 2 cores (RLlib wants 1 + N otherwise)."""
+    main = min(1.0, cluster_cpus / 4)
+    runners = ppo.num_env_runners
+    per_runner = min(ppo.cpus_per_env_runner, (cluster_cpus - main) / runners) if runners else 0.0
+    return ResourcePlan(runners, round(per_runner, 3), main)
+
+
+ObsStats = tuple[np.ndarray, np.ndarray]
+
+
+def algo_config(cfg: PolicyTrainConfig, shard_paths: list[str], plan: ResourcePlan, obs_stats: ObsStats | None = None):
+    """The RLlib PPOConfig for METHOD §4 (separate value net, tanh MLP, linear lr decay)."""
+    from ray.rllib.algorithms.ppo import PPOConfig
+    from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
+
+    ppo = cfg.ppo
+    lr = [[0, ppo.lr], [ppo.total_env_steps, ppo.lr * 1e-3]] if ppo.lr_decay else ppo.lr
+    env_config: dict[str, Any] = {"shard_paths": shard_paths, "reward": cfg.reward.model_dump()}
+    if obs_stats is not None:
+        env_config.update(obs_mean=obs_stats[0].tolist(), obs_std=obs_stats[1].tolist())
+    return (
+        PPOConfig()
+        .environment(ExitEnv, env_config=env_config)
+        .env_runners(
+            num_env_runners=plan.num_env_runners,
+            num_envs_per_env_runner=ppo.envs_per_env_runner,
+            num_cpus_per_env_runner=plan.cpus_per_env_runner,
+        )
+        .resources(num_cpus_for_main_process=plan.cpus_for_main)
+        .learners(num_learners=0)
+        .training(
+            train_batch_size_per_learner=ppo.train_batch_size,
+            minibatch_size=min(ppo.minibatch_size, ppo.train_batch_size),
+            num_epochs=ppo.num_epochs,
+            lr=lr,
+            gamma=ppo.discount,
+        )
+        .rl_module(
+            model_config=DefaultModelConfig(
+                fcnet_hiddens=list(ppo.hidden_sizes),
+                fcnet_activation=ppo.activation,
+                head_fcnet_hiddens=[],
+                vf_share_layers=False,
+            )
+        )
+        .callbacks(ExitMetricsCallback)
+        .debugging(seed=cfg.seed)
+    )
+
+
+def export_policy(module: torch.nn.Module, meta: ShardMeta, ppo: PPOSettings, obs_stats: ObsStats | None = None,
+                  metadata: dict[str, Any] | None = None) -> ExitPolicy:
+    """Copy the RLModule's actor (encoder.actor_encoder + pi head) into a plain ExitPolicy MLP.
+
+    Observation standardisation (h - mean) / std folds into the first layer, so the exported
+    policy reads raw hidden states: W' = W / std, b' = b - W' mean.
+    """
+    actor = [m for m in module.encoder.actor_encoder.modules() if isinstance(m, torch.nn.Linear)]
+    actor += [m for m in module.pi.modules() if isinstance(m, torch.nn.Linear)]
+    policy = ExitPolicy(meta.hidden_size, ppo.hidden_sizes, ppo.activation, meta.exit_points, meta.model_fingerprint, metadata)
+    targets = [m for m in policy.net if isinstance(m, torch.nn.Linear)]
+    if [tuple(m.weight.shape) for m in actor] != [tuple(m.weight.shape) for m in targets]:
+        raise RuntimeError(f"RLModule actor layers {[m.weight.shape for m in actor]} do not match ExitPolicy {policy.net}")
+    with torch.no_grad():
+        for src, dst in zip(actor, targets):
+            dst.weight.copy_(src.weight)
+            dst.bias.copy_(src.bias)
+        if obs_stats is not None:
+            first = targets[0]
+            mean, std = (torch.from_numpy(np.asarray(x, dtype=np.float32)) for x in obs_stats)
+            first.weight.div_(std)
+            first.bias.sub_(first.weight @ mean)
+    return policy.eval()
+
+
+def policy_logits(policy: ExitPolicy) -> Callable[[np.ndarray], np.ndarray]:
+    def logits(hidden: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return policy(torch.from_numpy(hidden)).numpy()
+
+    return logits
+
+
+def iteration_metrics(result: dict[str, Any]) -> dict[str, float]:
+    runners = result.get("env_runners", {})
+    metrics = {"episode_return_mean": runners.get("episode_return_mean", math.nan)}
+    metrics.update({name: runners.get(name, math.nan) for name in EPISODE_METRICS})
+    metrics["env_steps"] = result.get("num_env_steps_sampled_lifetime") or runners.get("num_env_steps_sampled_lifetime", 0)
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)
+
+
+def train(
+    cfg: PolicyTrainConfig,
+    *,
+    on_iteration: Callable[[dict[str, float], ExitPolicy], None] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    progress: bool = True,
+) -> tuple[ExitPolicy, dict[str, float]]:
+    """The PPO loop shared by train-policy and the sweep; Ray must already be running.
+
+    ``on_iteration(metrics, policy)`` sees each iteration's metrics and the current exported policy.
+    A checkpoint in ``checkpoint_dir`` is resumed and refreshed every 10 iterations.
+    """
+    import ray
+    from tqdm import tqdm
+
+    shard_paths = [str(p) for p in list_shards(cfg.shards_dir)]
+    meta = read_meta(shard_paths[0])
+    plan = plan_resources(cfg.ppo, ray.cluster_resources().get("CPU", 1))
+    torch.set_num_threads(max(1, int(plan.cpus_for_main)))
+    obs_stats = observation_stats(load_shards(shard_paths)) if cfg.ppo.normalize_observations else None
+    log.info("PPO on %d shards (%s): %d env runners x %d envs, %.3g CPU each + %.3g for the learner",
+             len(shard_paths), cfg.shards_dir, plan.num_env_runners, cfg.ppo.envs_per_env_runner,
+             plan.cpus_per_env_runner, plan.cpus_for_main)
+    algo = algo_config(cfg, shard_paths, plan, obs_stats).build_algo()
+    checkpoint = Path(checkpoint_dir).resolve() if checkpoint_dir else None
+    if checkpoint and (checkpoint / "algorithm_state.pkl").exists():
+        log.info("resuming from %s", checkpoint)
+        algo.restore_from_path(str(checkpoint))
+    metrics: dict[str, float] = {"env_steps": 0.0}
+    bar = tqdm(total=cfg.ppo.total_env_steps, unit="step", desc="PPO", disable=not progress)
+    try:
+        iteration = 0
+        while metrics["env_steps"] < cfg.ppo.total_env_steps:
+            metrics = iteration_metrics(algo.train())
+            iteration += 1
+            bar.update(int(metrics["env_steps"]) - bar.n)
+            bar.set_postfix(ret=f"{metrics['episode_return_mean']:.2f}", acc=f"{metrics['exit_accuracy']:.3f}",
+                            layer=f"{metrics['mean_exit_layer']:.1f}/{metrics['mean_optimal_layer']:.1f}")
+            log.info("iter %d steps %d: return %.3f, step reward %.3f, exit accuracy %.3f, exit layer %.2f (optimal %.2f)",
+                     iteration, metrics["env_steps"], metrics["episode_return_mean"], metrics["step_reward_mean"],
+                     metrics["exit_accuracy"], metrics["mean_exit_layer"], metrics["mean_optimal_layer"])
+            if on_iteration is not None:
+                on_iteration(metrics, export_policy(algo.get_module(), meta, cfg.ppo, obs_stats))
+            if checkpoint and iteration % 10 == 0:
+                algo.save_to_path(str(checkpoint))
+        if checkpoint:
+            algo.save_to_path(str(checkpoint))
+        policy = export_policy(algo.get_module(), meta, cfg.ppo, obs_stats, {
+            "reward": cfg.reward.model_dump(), "ppo": cfg.ppo.model_dump(), "env_steps": metrics["env_steps"],
+            "shards_dir": cfg.shards_dir,
+        })
+    finally:
+        bar.close()
+        algo.stop()
+    return policy, metrics
+
+
+def evaluate(policy: ExitPolicy, eval_shards_dir: str, thresholds: list[float]) -> dict[float, ExitScore]:
+    """Held-out exit accuracy and mean layer vs fixed exits of the same mean depth, per gate threshold."""
+    if not (Path(eval_shards_dir) / "manifest.json").is_file():
+        log.warning("%s has no manifest.json: its extraction may be unfinished, scoring the shards present", eval_shards_dir)
+    data = load_shards(list_shards(eval_shards_dir))
+    policy.check_compatible(hidden_size=data.meta.hidden_size, exit_points=data.meta.exit_points,
+                            model_fingerprint=data.meta.model_fingerprint, source="policy")
+    return {t: score_exits(data, policy_logits(policy), threshold=t) for t in thresholds}
+
+
+def _finished(cfg: PolicyTrainConfig) -> dict[str, Any] | None:
+    """The summary of an earlier run when its policy file is complete and fits the shards."""
+    out, summary = Path(cfg.output_path), Path(cfg.output_path).with_suffix(".json")
+    if not (out.is_file() and summary.is_file()):
+        return None
+    meta = read_meta(list_shards(cfg.shards_dir)[0])
+    try:
+        ExitPolicy.load(out, hidden_size=meta.hidden_size, exit_points=meta.exit_points, model_fingerprint=meta.model_fingerprint)
+    except PolicyMismatchError as err:
+        log.warning("retraining: %s", err)
+        return None
+    return json.loads(summary.read_text())
+
+
+def run(cfg: PolicyTrainConfig) -> dict[str, Any]:
+    """Train (or reuse) the policy, export it, score it on held-out shards; returns the summary."""
+    done = _finished(cfg)
+    if done is not None:
+        log.info("policy %s already trained; delete it to retrain", cfg.output_path)
+        return done
+    init_ray()
+    start = time.perf_counter()
+    policy, metrics = train(cfg, checkpoint_dir=Path(cfg.storage_path) / "checkpoint")
+    summary: dict[str, Any] = {"policy_path": cfg.output_path, "train": metrics, "train_time_s": time.perf_counter() - start}
+    if cfg.eval_shards_dir:
+        scores = evaluate(policy, cfg.eval_shards_dir, cfg.eval_thresholds)
+        for threshold, score in scores.items():
+            log.info("held-out, T=%.2f: exit accuracy %.3f at %.2f mean layers; fixed exits at the same depth %.3f "
+                     "(fixed at layer %d: %.3f); optimal mean layer %.2f", threshold, score.exit_accuracy,
+                     score.mean_exit_layer, score.fixed_same_depth_accuracy, score.fixed_deeper_layer,
+                     score.fixed_deeper_accuracy, score.mean_optimal_layer)
+        summary["eval"] = scores[cfg.eval_thresholds[0]].to_dict() | {"threshold": cfg.eval_thresholds[0]}
+        summary["eval_by_threshold"] = {str(t): s.to_dict() for t, s in scores.items()}
+        policy.metadata["eval"] = summary["eval"]
+    policy.save(cfg.output_path)
+    _write_json(Path(cfg.output_path).with_suffix(".json"), summary)
+    log.info("policy written to %s", cfg.output_path)
+    return summary
+
+
+@exit_on_config_error
+def main(argv: list[str] | None = None) -> None:
+    args = config_parser("Train the PPO exit policy on hidden-state shards (RLlib).").parse_args(argv)
+    setup_logging(args.verbose)
+    summary = run(load_from_args(PolicyTrainConfig, args))
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
