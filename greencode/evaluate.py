@@ -177,10 +177,10 @@ class PromptCachingGenerator(GatedGenerator):
         super().__init__(lm, meter)
         self._memo: _PromptMemo | None = None
 
-    def step(self, input_ids, attention_mask, cache, gate, active=None) -> StepOutput:
+    def step(self, input_ids, attention_mask, cache, gate, active=None, collect_exit_states=False) -> StepOutput:
         is_prompt = cache is not None and active is None and isinstance(gate, FullGate) and cache.get_seq_length() == 0
-        if not is_prompt:
-            return super().step(input_ids, attention_mask, cache, gate, active)
+        if not is_prompt or collect_exit_states:
+            return super().step(input_ids, attention_mask, cache, gate, active, collect_exit_states)
         memo = self._memo
         if (memo is not None and memo.input_ids.shape == input_ids.shape and torch.equal(memo.input_ids, input_ids)
                 and torch.equal(memo.attention_mask, attention_mask)):

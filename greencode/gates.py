@@ -7,6 +7,7 @@ at the gate's ``decision_layers`` so ``fixed(k)`` costs nothing elsewhere.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -80,7 +81,12 @@ class ConfidenceGate(Gate):
 
 
 class PolicyGate(Gate):
-    """Exit when softmax(policy(h) / τ)[exit] > T."""
+    """Exit when softmax(policy(h) / τ)[exit] > T.
+
+    With two actions that is sigmoid((z_exit - z_continue) / τ) > T, i.e. a logit margin
+    above τ·log(T / (1 - T)), precomputed once: the per-token gate is one MLP call and one
+    comparison (it runs at every exit point of every token, so it must stay cheap).
+    """
 
     name = "policy"
 
@@ -90,9 +96,16 @@ class PolicyGate(Gate):
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.policy, self.threshold, self.temperature = policy, threshold, temperature
+        if threshold >= 1:
+            self.margin = math.inf
+        elif threshold <= 0:
+            self.margin = -math.inf
+        else:
+            self.margin = temperature * math.log(threshold / (1 - threshold))
 
     def exit_mask(self, hidden, layer, decode):
-        return self.policy.exit_probability(hidden, self.temperature) > self.threshold, None
+        z = self.policy(hidden)
+        return (z[:, 1] - z[:, 0]) > self.margin, None
 
     def describe(self) -> str:
         return f"policy(T={self.threshold}, tau={self.temperature})"

@@ -132,6 +132,7 @@ class GatedGenerator:
         collect = set(lm.exit_points) if collect_exit_states else set()
         states: list[torch.Tensor] = []
         gate_time = 0.0
+        all_rows = torch.arange(bsz, device=h.device)
 
         for i in range(num_layers):
             if not active.any():
@@ -147,8 +148,8 @@ class GatedGenerator:
                 states.append(h[:, -1])
             if layer in decisions:
                 t0 = time.perf_counter()
-                rows = active.nonzero().squeeze(1)
-                leave, gate_logits = gate.exit_mask(h[rows, -1], layer, lm.decode)
+                rows = all_rows if bool(active.all()) else active.nonzero().squeeze(1)
+                leave, gate_logits = gate.exit_mask(h[:, -1] if rows is all_rows else h[rows, -1], layer, lm.decode)
                 if bool(leave.any()):
                     left = rows[leave]
                     exit_layers[left] = layer

@@ -68,3 +68,12 @@ def test_policy_gate_threshold_and_temperature():
 def test_build_gate_needs_a_policy():
     with pytest.raises(ValueError, match="policy"):
         build_gate(GateConfig(mode="policy", policy_path="x.pt"))
+
+
+@pytest.mark.parametrize("threshold, tau", [(0.0, 1.0), (0.3, 1.0), (0.5, 2.0), (0.9, 0.5), (0.99, 1.0), (1.0, 1.0)])
+def test_policy_gate_margin_equals_softmax_rule(threshold, tau):
+    torch.manual_seed(1)
+    p = ExitPolicy(16, hidden_sizes=[8])
+    h = torch.randn(256, 16) * 3
+    expected = p.exit_probability(h, tau) > threshold
+    assert torch.equal(PolicyGate(p, threshold, tau).exit_mask(h, 4, None)[0], expected)
