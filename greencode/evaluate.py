@@ -26,8 +26,6 @@ import hashlib
 import io
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +34,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from greencode.atomic import write_atomic
 from greencode.config import EvalConfig, GateConfig
-from greencode.data import CompletionSample, CorpusError, line_completion_samples, load_corpus
+from greencode.data import (
+    CompletionSample,
+    CorpusError,
+    line_completion_samples,
+    load_corpus,
+)
 from greencode.energy import EnergyMeter
 from greencode.gates import FullGate, Gate, build_gate
 from greencode.generate import GatedGenerator, StepOutput
@@ -269,19 +273,6 @@ def load_policy(path: str | None, lm: EarlyExitModel) -> ExitPolicy:
 
 
 # --------------------------------------------------------------------------- parts on disk (resume)
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write to a temp file in the same directory, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def part_path(out_dir: Path, setting: str, batch_id: str) -> Path:

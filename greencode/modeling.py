@@ -11,8 +11,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -20,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from greencode.atomic import atomic_path
 from greencode.config import ExitConfig, ModelConfig
 from greencode.exits import resolve_exit_points
 from greencode.policy import model_fingerprint
@@ -291,17 +290,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     if missing or unexpected:
         raise RuntimeError(f"GGUF conversion mismatch: missing={missing[:5]} unexpected={unexpected[:5]}")
     plain.tie_weights()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
+    with atomic_path(out_dir, directory=True) as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

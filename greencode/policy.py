@@ -8,14 +8,14 @@ loading it against another model fails loudly instead of gating at random.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from greencode.atomic import atomic_path
 
 POLICY_FORMAT = "greencode.exit_policy/v1"
 CONTINUE, EXIT = 0, 1
@@ -86,14 +86,8 @@ class ExitPolicy(nn.Module):
             "metadata": self.metadata,
             "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
         }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             torch.save(payload, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         return path
 
     @classmethod

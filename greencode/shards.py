@@ -27,8 +27,6 @@ and renamed, so a file that exists is complete (extraction resumes by skipping t
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +36,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+
+from greencode.atomic import atomic_path
 
 SCHEMA_VERSION = 1
 METADATA_KEY = b"greencode.shard"
@@ -145,20 +145,9 @@ def build_table(meta: ShardMeta, rows: Sequence[dict[str, Any]]) -> pa.Table:
 
 def write_shard(table: pa.Table, path: str | Path) -> Path:
     """Write atomically: temp file in the same directory, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a shard is shared data
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return Path(path)
 
 
 def read_meta(path: str | Path) -> ShardMeta:

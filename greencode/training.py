@@ -11,9 +11,7 @@ import contextlib
 import json
 import logging
 import math
-import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from greencode.atomic import atomic_path
 from greencode.config import FinetuneConfig, OptimConfig
 from greencode.data import SourceFile, token_blocks
 from greencode.exits import lite_weights
@@ -396,14 +395,6 @@ def read_exit_plan(path: str | Path) -> dict[str, Any] | None:
 def publish_model_dir(src: str | Path, dest: str | Path) -> Path:
     """Copy a checkpoint's model files (not the optimizer state) to ``dest`` atomically: temp dir + rename."""
     src, dest = Path(src), Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
-    try:
+    with atomic_path(dest, directory=True) as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(TRAINER_STATE_FILE))
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return dest

@@ -21,9 +21,24 @@ from typing import Any
 
 import numpy as np
 
+from greencode.atomic import write_json
 from greencode.config import ExitConfig, ExtractConfig, ModelConfig, dump_yaml
-from greencode.shards import ShardError, build_table, extract_rows, list_shards, meta_for, read_meta, write_shard
-from workflows.common import config_parser, exit_on_config_error, init_ray, load_from_args, setup_logging
+from greencode.shards import (
+    ShardError,
+    build_table,
+    extract_rows,
+    list_shards,
+    meta_for,
+    read_meta,
+    write_shard,
+)
+from workflows.common import (
+    config_parser,
+    exit_on_config_error,
+    init_ray,
+    load_from_args,
+    setup_logging,
+)
 
 log = logging.getLogger("greencode.extract")
 
@@ -147,9 +162,7 @@ def run(cfg: ExtractConfig) -> dict[str, Any]:
         "shards": sorted(metas), "num_samples": len(samples), "split": cfg.split, **first.__dict__,
         "config": dump_yaml(cfg), "time_s": time.perf_counter() - start,
     }
-    tmp = manifest_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    tmp.replace(manifest_path)
+    write_json(manifest_path, manifest)
     log.info("%d shards in %s (%.1f s)", len(shards), out, manifest["time_s"])
     return manifest
 

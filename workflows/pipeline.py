@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import platform
 import time
 from collections.abc import Callable
@@ -25,8 +24,22 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from greencode.config import ModelConfig, PipelineConfig, dump_yaml, load_config, load_yaml, parse_overrides, validate
-from workflows.common import config_parser, exit_on_config_error, init_ray, setup_logging
+from greencode.atomic import write_json
+from greencode.config import (
+    ModelConfig,
+    PipelineConfig,
+    dump_yaml,
+    load_config,
+    load_yaml,
+    parse_overrides,
+    validate,
+)
+from workflows.common import (
+    config_parser,
+    exit_on_config_error,
+    init_ray,
+    setup_logging,
+)
 
 log = logging.getLogger("greencode.pipeline")
 
@@ -97,10 +110,7 @@ class Manifest:
         self.save()
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, default=str))
-        os.replace(tmp, self.path)
+        write_json(self.path, self.data)
 
 
 # --------------------------------------------------------------------------- stage plans
@@ -116,7 +126,13 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
     def section(name: str, **fields: Any) -> dict[str, Any]:
         return {**getattr(cfg, name).model_dump(mode="json"), **fields}
 
-    from greencode.config import EvalConfig, ExtractConfig, FinetuneConfig, PolicyTrainConfig, SweepConfig
+    from greencode.config import (
+        EvalConfig,
+        ExtractConfig,
+        FinetuneConfig,
+        PolicyTrainConfig,
+        SweepConfig,
+    )
 
     policy_path = str(root / "policy" / "exit_policy.pt")
     policy = section("policy", shards_dir=str(root / "shards" / "train"), eval_shards_dir=str(root / "shards" / "heldout"),

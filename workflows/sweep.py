@@ -23,11 +23,18 @@ from typing import Any
 
 import numpy as np
 
+from greencode.atomic import write_json
 from greencode.config import ConfigError, PolicyTrainConfig, SweepConfig, validate
 from greencode.env import score_exits
 from greencode.policy import ExitPolicy
 from greencode.shards import list_shards, load_shards, read_meta
-from workflows.common import config_parser, exit_on_config_error, init_ray, load_from_args, setup_logging
+from workflows.common import (
+    config_parser,
+    exit_on_config_error,
+    init_ray,
+    load_from_args,
+    setup_logging,
+)
 from workflows.train_policy import algo_config, plan_resources, policy_logits, train
 
 log = logging.getLogger("greencode.sweep")
@@ -138,9 +145,7 @@ def run(cfg: SweepConfig) -> dict[str, Any]:
         "tensorboard": f"tensorboard --logdir {out_dir}",
         "trials": len(frame),
     }
-    tmp = summary_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(summary_path)
+    write_json(summary_path, summary)
     log.info("best of %d trials: %s -> %s", len(frame), summary["best_reward"], summary["best_eval"])
     return summary
 

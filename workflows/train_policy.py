@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,12 +25,19 @@ import numpy as np
 import torch
 from ray.rllib.callbacks.callbacks import RLlibCallback
 
+from greencode.atomic import write_json
 from greencode.config import PolicyTrainConfig
 from greencode.config import PPOConfig as PPOSettings
 from greencode.env import ExitEnv, ExitScore, observation_stats, score_exits
 from greencode.policy import ExitPolicy, PolicyMismatchError
 from greencode.shards import ShardMeta, list_shards, load_shards, read_meta
-from workflows.common import config_parser, exit_on_config_error, init_ray, load_from_args, setup_logging
+from workflows.common import (
+    config_parser,
+    exit_on_config_error,
+    init_ray,
+    load_from_args,
+    setup_logging,
+)
 
 log = logging.getLogger("greencode.train_policy")
 
@@ -157,14 +162,6 @@ def iteration_metrics(result: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
-
-
 def train(
     cfg: PolicyTrainConfig,
     *,
@@ -267,7 +264,7 @@ def run(cfg: PolicyTrainConfig) -> dict[str, Any]:
         summary["eval_by_threshold"] = {str(t): s.to_dict() for t, s in scores.items()}
         policy.metadata["eval"] = summary["eval"]
     policy.save(cfg.output_path)
-    _write_json(Path(cfg.output_path).with_suffix(".json"), summary)
+    write_json(Path(cfg.output_path).with_suffix(".json"), summary)
     log.info("policy written to %s", cfg.output_path)
     return summary
 
