@@ -59,3 +59,28 @@ def embedded():
 @pytest.fixture(params=["llama", "opt"])
 def tiny(request, tokenizer):
     return make_tiny(request.param, tokenizer=tokenizer)
+
+
+def save_tiny(path, tokenizer, arch: str = "llama"):
+    """A tiny model saved as a real Hugging Face dir (loadable by every stage and the CLI)."""
+    lm = make_tiny(arch, tokenizer=tokenizer)
+    lm.model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return lm
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    save_tiny(path, tokenizer)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local 2-CPU Ray for one test module, shut down after it."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()

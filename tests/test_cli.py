@@ -7,17 +7,14 @@ import sys
 import pytest
 import torch
 
-from conftest import make_tiny
+from conftest import save_tiny
 from greencode.policy import ExitPolicy
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tokenizer):
     d = tmp_path_factory.mktemp("tiny-llama")
-    lm = make_tiny("llama", tokenizer=tokenizer)
-    lm.model.save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    return d, lm
+    return d, save_tiny(d, tokenizer)
 
 
 def cli(*args, input=None):

@@ -148,15 +148,6 @@ def test_replayed_prompt_pass_equals_plain_generation(arch, tokenizer):
 # --------------------------------------------------------------------------- Ray + CLI
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.ray
 def test_ray_run_on_java_zip_matches_in_process(models, tmp_path, ray_local):
     from workflows.evaluate import run

@@ -240,27 +240,9 @@ def test_fsdp_objective_trains_validates_and_saves_full_weights(tmp_path, tokeni
 # --------------------------------------------------------------------------- Ray Train
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    lm = make_tiny("llama", tokenizer=tokenizer)
-    lm.model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def tiny_run_config(tiny_dir: Path, tmp: Path, **kw) -> FinetuneConfig:
+def tiny_run_config(tiny_model_dir: Path, tmp: Path, **kw) -> FinetuneConfig:
     data = {"corpus": "stdlib", "max_files": 16, "val_fraction": 0.2, "test_fraction": 0.0}
-    base = {"model": {"name": str(tiny_dir)}, "data": data, "seq_len": 32, "batch_size": 2, "grad_accum": 1,
+    base = {"model": {"name": str(tiny_model_dir)}, "data": data, "seq_len": 32, "batch_size": 2, "grad_accum": 1,
             "optim": {"lr": 2e-3}, "num_workers": 2, "cpus_per_worker": 0.5, "report_every": 2,
             "checkpoint_every": 3, "val_every": 3, "val_batches": 2, "keep_checkpoints": 2,
             "storage_path": str(tmp / "runs"), "run_name": "t"}
@@ -268,13 +250,13 @@ def tiny_run_config(tiny_dir: Path, tmp: Path, **kw) -> FinetuneConfig:
 
 
 @pytest.mark.ray
-def test_ray_train_two_workers_checkpoint_and_resume(ray_local, tiny_dir, tmp_path, tokenizer):
+def test_ray_train_two_workers_checkpoint_and_resume(ray_local, tiny_model_dir, tmp_path, tokenizer):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from greencode.modeling import load_model
     from workflows.finetune import fit, prepare_data, publish, run
 
-    cfg = tiny_run_config(tiny_dir, tmp_path, max_steps=6, output_dir=str(tmp_path / "model6"))
+    cfg = tiny_run_config(tiny_model_dir, tmp_path, max_steps=6, output_dir=str(tmp_path / "model6"))
     out = run(cfg)
     plan = read_exit_plan(out)
     assert plan["step"] == 6 and plan["exit_points"] == [4, 6, 10]
@@ -308,20 +290,20 @@ def test_ray_train_two_workers_checkpoint_and_resume(ray_local, tiny_dir, tmp_pa
 
 
 @pytest.mark.ray
-def test_missing_model_and_bad_corpus_are_config_errors(ray_local, tiny_dir, tmp_path):
+def test_missing_model_and_bad_corpus_are_config_errors(ray_local, tiny_model_dir, tmp_path):
     from workflows.finetune import run
 
     with pytest.raises(ConfigError, match="model.name .*nowhere"):
         run(tiny_run_config(tmp_path / "nowhere", tmp_path, max_steps=1))
     with pytest.raises(ConfigError, match="no such directory"):
-        run(tiny_run_config(tiny_dir, tmp_path, max_steps=1, data={"corpus": f"dir:{tmp_path / 'missing'}"}))
+        run(tiny_run_config(tiny_model_dir, tmp_path, max_steps=1, data={"corpus": f"dir:{tmp_path / 'missing'}"}))
 
 
 @pytest.mark.ray
-def test_more_cpus_than_the_cluster_has_is_a_clear_error(ray_local, tiny_dir, tmp_path):
+def test_more_cpus_than_the_cluster_has_is_a_clear_error(ray_local, tiny_model_dir, tmp_path):
     from workflows.finetune import run
 
-    cfg = tiny_run_config(tiny_dir, tmp_path, max_steps=1, cpus_per_worker=2.0)
+    cfg = tiny_run_config(tiny_model_dir, tmp_path, max_steps=1, cpus_per_worker=2.0)
     with pytest.raises(ConfigError, match="4 CPUs but Ray has 2"):
         run(cfg)
 

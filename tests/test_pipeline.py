@@ -7,28 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_tiny
+from conftest import save_tiny
 from greencode.config import validate, PipelineConfig
 
 pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("pipeline")
     model_dir = root / "base"
-    lm = make_tiny("llama", tokenizer=tokenizer)
-    lm.model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    save_tiny(model_dir, tokenizer)
     corpus = root / "corpus"
     corpus.mkdir()
     stdlib = Path(sysconfig.get_paths()["stdlib"])

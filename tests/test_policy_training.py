@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny
 
 from greencode.config import ExtractConfig, PolicyTrainConfig, PPOConfig, SweepConfig
 from greencode.env import observation_stats
@@ -23,26 +22,8 @@ TINY_PPO = {"total_env_steps": 300, "train_batch_size": 150, "minibatch_size": 5
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("tiny_model")
-    lm = make_tiny("llama", tokenizer=tokenizer)
-    lm.model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def shards(ray_local, model_dir, tmp_path_factory):
-    cfg = ExtractConfig(model={"name": str(model_dir), "device": "cpu"}, data={"max_files": 20}, num_samples=8,
+def shards(ray_local, tiny_model_dir, tmp_path_factory):
+    cfg = ExtractConfig(model={"name": str(tiny_model_dir), "device": "cpu"}, data={"max_files": 20}, num_samples=8,
                         samples_per_shard=2, tokens_per_sample=4, output_dir=str(tmp_path_factory.mktemp("shards")))
     return cfg, extract.run(cfg)
 
@@ -75,7 +56,7 @@ def trained(shards, tmp_path_factory):
     return train_cfg, train_policy.run(train_cfg)
 
 
-def test_ppo_reports_metrics_and_exports_a_policy(trained, model_dir):
+def test_ppo_reports_metrics_and_exports_a_policy(trained, tiny_model_dir):
     cfg, summary = trained
     metrics = summary["train"]
     assert metrics["env_steps"] >= TINY_PPO["total_env_steps"]
@@ -100,11 +81,11 @@ def test_exported_mlp_reproduces_rllib_logits(trained):
     torch.testing.assert_close(ExitPolicy.load(cfg.output_path)(hidden), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_generate_cli_gates_with_the_trained_policy(trained, model_dir, capsys):
+def test_generate_cli_gates_with_the_trained_policy(trained, tiny_model_dir, capsys):
     from workflows import generate
 
     cfg, _ = trained
-    generate.main(["--model", str(model_dir), "--gate", "policy", "--policy", cfg.output_path, "--threshold", "0.5",
+    generate.main(["--model", str(tiny_model_dir), "--gate", "policy", "--policy", cfg.output_path, "--threshold", "0.5",
                    "--prompt", "def add(a, b):", "--max-new-tokens", "3", "--json"])
     record = json.loads(capsys.readouterr().out)
     assert record["generated_tokens"] == 3 and 1 <= record["mean_layers"] <= 12
