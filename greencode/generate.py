@@ -125,6 +125,7 @@ class GatedGenerator:
         kwargs = adapter.layer_kwargs(h, pos, mask, cache)
 
         active = torch.ones(bsz, dtype=torch.bool, device=h.device) if active is None else active.clone()
+        n_active = int(active.sum())  # kept in step with `active`: no tensor reduction per layer
         exit_layers = torch.full((bsz,), num_layers, dtype=torch.long, device=h.device)
         logits: torch.Tensor | None = None
         have_logits = torch.zeros(bsz, dtype=torch.bool, device=h.device)
@@ -135,25 +136,26 @@ class GatedGenerator:
         all_rows = torch.arange(bsz, device=h.device)
 
         for i in range(num_layers):
-            if not active.any():
+            if n_active == 0:
                 if cache is not None:  # propagate K/V of the skipped layers from the exited states
                     for j in range(i, num_layers):
                         k, v = adapter.kv_projection(j, h, kwargs)
                         cache.update(k, v, j)
                 break
             out = adapter.run_layer(i, h, kwargs)
-            h = out if bool(active.all()) else torch.where(active[:, None, None], out, h)
+            h = out if n_active == bsz else torch.where(active[:, None, None], out, h)
             layer = i + 1
             if layer in collect:
                 states.append(h[:, -1])
             if layer in decisions:
                 t0 = time.perf_counter()
-                rows = all_rows if bool(active.all()) else active.nonzero().squeeze(1)
+                rows = all_rows if n_active == bsz else active.nonzero().squeeze(1)
                 leave, gate_logits = gate.exit_mask(h[:, -1] if rows is all_rows else h[rows, -1], layer, lm.decode)
                 if bool(leave.any()):
                     left = rows[leave]
                     exit_layers[left] = layer
                     active[left] = False
+                    n_active -= left.numel()
                     if gate_logits is not None:
                         if logits is None:
                             logits = gate_logits.new_empty(bsz, gate_logits.shape[-1])
