@@ -48,13 +48,37 @@ class ExitConfig(_Strict):
 
 
 class LiteLossConfig(_Strict):
-    """Weights of the LITE aggregate loss (METHOD §2)."""
+    """The LITE aggregate loss (METHOD §2): weights, what each exit learns, what one step decodes.
+
+    ``target``: ``dataset`` = next-token cross-entropy (METHOD §2); ``distill`` = KL to the frozen
+    starting model's final-layer distribution (self-distillation); ``mix`` = both, ``mix_share``
+    of it KL. Exits with weight 0 are never decoded; ``exit_sampling`` and ``position_fraction``
+    decode fewer exits / positions per step (the LM head at every exit is most of a step's cost).
+    """
 
     scheme: Literal["decaying", "uniform"] = "decaying"
     first_half_budget: float = Field(0.7, ge=0)
     second_half_budget: float = Field(0.2, ge=0)
     final_budget: float = Field(0.1, gt=0)
     decay: float = Field(0.9, gt=0)
+    target: Literal["dataset", "distill", "mix"] = "dataset"
+    mix_share: float = Field(0.5, ge=0, le=1, description="mix: share of the distillation term in each exit's loss")
+    temperature: float = Field(1.0, gt=0, description="distill/mix: softmax temperature of teacher and student (KL x T^2)")
+    anchor_weight: float = Field(0.0, ge=0, description="extra KL(teacher || final layer) added to the loss, any target")
+    exit_sampling: Literal["all", "rotational", "gradual"] = "all"
+    exits_per_step: int = Field(3, ge=1, description="rotational: exits decoded per step (weights scaled to stay unbiased)")
+    gradual_fraction: float = Field(0.5, gt=0, le=1, description="gradual: share of max_steps after which all exits are on")
+    position_fraction: float = Field(1.0, gt=0, le=1,
+                                     description="share of positions whose exit losses a step computes (final layer: all)")
+
+    @property
+    def distill_share(self) -> float:
+        """Share of the KL term in each exit's loss (0 = dataset labels only)."""
+        return {"dataset": 0.0, "distill": 1.0, "mix": self.mix_share}[self.target]
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.distill_share > 0 or self.anchor_weight > 0
 
 
 # --------------------------------------------------------------------------- gates + generation
