@@ -4,6 +4,8 @@
     .venv/bin/python -m benchmarks.lite_recipes --budget-s 400 --recipes demo-today,distill-deep
     .venv/bin/python -m benchmarks.lite_recipes --steps 30 --recipe 'mine: loss.target=mix optim.lr=1e-4'
     .venv/bin/python -m benchmarks.lite_recipes --timing 3                        # per-step cost only
+    .venv/bin/python -m benchmarks.lite_recipes --steps 60 --recipes distill-deep --save /tmp/recipes
+    .venv/bin/greencode eval --model /tmp/recipes/distill-deep --base-model embedded --gates full ...
 
 Every recipe starts from the same model (the embedded SmolLM2-135M unless ``--model``) and trains,
 in this process (no Ray), on the same data order: blocks of the stdlib's ``train`` split in a seeded
@@ -35,12 +37,14 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from greencode.atomic import atomic_path
 from greencode.config import DataConfig, ExitConfig, FinetuneConfig, ModelConfig, load_config, parse_overrides
-from greencode.data import load_corpus
+from greencode.data import SourceFile, load_corpus
 from greencode.modeling import EarlyExitModel, load_model
 from greencode.training import (
     BlockSampler,
@@ -50,7 +54,9 @@ from greencode.training import (
     build_objective,
     build_optimizer,
     build_scheduler,
+    exit_plan,
     exit_predictions,
+    save_model_dir,
 )
 
 log = logging.getLogger("benchmarks.lite_recipes")
@@ -140,12 +146,14 @@ class Data:
 
     def __init__(self, args: argparse.Namespace, tokenizer: Any) -> None:
         corpus = load_corpus(DataConfig(corpus=args.corpus, max_files=args.max_files, seed=args.seed))
-        key = lambda f: hashlib.sha1(f"{args.seed}:{f.path}".encode()).hexdigest()  # noqa: E731
-        self.train_files = sorted(corpus.split("train"), key=key)
+
+        def shuffled(files: list[SourceFile]) -> list[SourceFile]:  # the first blocks are not one package's files
+            return sorted(files, key=lambda f: hashlib.sha1(f"{args.seed}:{f.path}".encode()).hexdigest())
+
+        self.train_files = shuffled(corpus.split("train"))
         self.tokenizer, self.limit = tokenizer, args.max_train_blocks
         self._train: dict[int, BlockSet] = {}
-        val = build_blocks(sorted(corpus.split("validation"), key=key), tokenizer, args.val_seq_len,
-                           limit=args.val_blocks)
+        val = build_blocks(shuffled(corpus.split("validation")), tokenizer, args.val_seq_len, limit=args.val_blocks)
         self.val_batches = [val.batch(slice(i, i + 8), CPU) for i in range(0, len(val), 8)]
         log.info("%d train files, %d held-out blocks of %d tokens", len(self.train_files), len(val), args.val_seq_len)
 
@@ -180,6 +188,9 @@ def train(base: EarlyExitModel, recipe: Recipe, data: Data, args: argparse.Names
         stats = stepper.train_step(batches)
         times.append(time.perf_counter() - started)
         log.info("%s step %d: loss %.3f, %.1f s", recipe.name, len(times), stats.loss, times[-1])
+    if args.save:
+        with atomic_path(Path(args.save) / recipe.name, directory=True) as tmp:
+            save_model_dir(lm.model, lm.tokenizer, exit_plan(lm, cfg, len(times)), tmp)
     preds, targets = exit_predictions(lm, data.val_batches, "fp32")  # as served, and as the reference was
     agree = (preds == reference[-1]).double().mean(dim=1).tolist()
     return Result(recipe, len(times), sum(times), times, float((preds[-1] == targets).double().mean()),
@@ -245,6 +256,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--csv", default=None, help="also write the results here")
+    p.add_argument("--save", default=None, metavar="DIR",
+                   help="save each trained model as DIR/<recipe> (a model dir `greencode eval --model` loads)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

@@ -65,6 +65,8 @@ class LiteLossConfig(_Strict):
     mix_share: float = Field(0.5, ge=0, le=1, description="mix: share of the distillation term in each exit's loss")
     temperature: float = Field(1.0, gt=0, description="distill/mix: softmax temperature of teacher and student (KL x T^2)")
     anchor_weight: float = Field(0.0, ge=0, description="extra KL(teacher || final layer) added to the loss, any target")
+    exits_update_head: bool = Field(True, description="exit losses also train the shared LM head (METHOD §2); false: "
+                                    "only the layers learn from them and the head follows the final layer alone")
     exit_sampling: Literal["all", "rotational", "gradual"] = "all"
     exits_per_step: int = Field(3, ge=1, description="rotational: exits decoded per step (weights scaled to stay unbiased)")
     gradual_fraction: float = Field(0.5, gt=0, le=1, description="gradual: share of max_steps after which all exits are on")

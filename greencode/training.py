@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from greencode.atomic import atomic_path
@@ -130,7 +131,7 @@ class LiteObjective(nn.Module):
             exit_targets = targets if pick is None else targets[pick]
             exit_teacher = teacher_logp if teacher_logp is None or pick is None else teacher_logp[pick]
             for i, scale in schedule.items():
-                logits = self.lm.decode(gather_rows(out.hidden_states[i], exit_rows))  # Shape: [k, v]
+                logits = self._decode_exit(gather_rows(out.hidden_states[i], exit_rows))  # Shape: [k, v]
                 losses[i] = target_loss(logits, exit_targets, exit_teacher, share, cfg.temperature)
                 scales[i] = scale
         logits = self.lm.decode(gather_rows(out.hidden_states[-1], rows))  # Shape: [n, v]
@@ -142,6 +143,15 @@ class LiteObjective(nn.Module):
         if cfg.anchor_weight > 0:
             total = total + cfg.anchor_weight * kl
         return total, per_exit
+
+    def _decode_exit(self, hidden: torch.Tensor) -> torch.Tensor:
+        """An exit's logits; with ``exits_update_head`` off the LM head is used detached (no gradient to
+        it, and no weight-gradient matmul), so only the final layer shapes the head all exits share."""
+        if self.loss_cfg.exits_update_head:
+            return self.lm.decode(hidden)
+        head = self.lm.adapter.lm_head
+        bias = None if head.bias is None else head.bias.detach()
+        return F.linear(self.lm.adapter.final_norm(hidden), head.weight.detach(), bias)
 
     def _generator(self, step: int, micro: int) -> torch.Generator:
         """Position sampling seeded by (seed, step, micro-batch, rank): a resumed run draws the same positions."""

@@ -1,5 +1,6 @@
 """LITE loss (METHOD §2) and the cheaper-step estimators: exit schedules and position sampling."""
 
+import copy
 import math
 
 import pytest
@@ -151,3 +152,24 @@ def test_gradual_schedule_turns_exits_on_deepest_first():
 def test_unknown_schedule_is_refused():
     with pytest.raises(ValueError, match="exit sampling mode 'random'"):
         exit_schedule([0.1], 0, "random")
+
+
+def test_exits_can_leave_the_shared_head_to_the_final_layer():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from greencode.modeling import wrap_model
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=12, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=False)  # untied: the head's gradient is the head's own
+    start = LlamaForCausalLM(cfg)
+    ids = torch.randint(0, 500, (2, 12))
+    grads = {}
+    for update in (True, False):
+        lm = wrap_model(copy.deepcopy(start), None)
+        weights = [1.0] * len(lm.exit_points) + [0.0]  # only the exits count
+        objective(lm, weights, exits_update_head=update)(ids)[0].backward()
+        grads[update] = (lm.adapter.lm_head.weight.grad, lm.adapter.layers[0].mlp.up_proj.weight.grad)
+    (head_trained, layer_trained), (head_frozen, layer_frozen) = grads[True], grads[False]
+    assert head_trained.abs().sum() > 0 and (head_frozen is None or head_frozen.abs().sum() == 0)
+    torch.testing.assert_close(layer_frozen, layer_trained)  # the layers learn exactly as before
