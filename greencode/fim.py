@@ -117,14 +117,16 @@ def fim_format(tokenizer: Any) -> FimFormat:
     return fmt
 
 
-def fim_prompt_ids(tokenizer: Any, prefix: str, suffix: str, order: Order = "psm", preamble: str = "") -> list[int]:
+def fim_prompt_ids(tokenizer: Any, prefix: str, suffix: str, order: Order = "psm", preamble: str = "",
+                   fmt: FimFormat | None = None) -> list[int]:
     """Token ids of the FIM prompt for the text before (``prefix``) and after (``suffix``) the cursor.
 
     The prefix and suffix are encoded as plain text (sentinel spellings inside the user's code
     stay text); the ``preamble`` (context placed before the first sentinel, e.g. Qwen's
-    ``<|file_sep|>`` repo format) may carry special tokens.
+    ``<|file_sep|>`` repo format) may carry special tokens. Pass ``fmt`` (detected once, e.g. per
+    server replica) to skip detecting it again: building a large vocabulary dict costs per call.
     """
-    fmt = fim_format(tokenizer)
+    fmt = fmt or fim_format(tokenizer)
     if order not in ("psm", "spm"):
         raise ValueError(f"FIM order must be 'psm' or 'spm', got {order!r}")
     if order == "spm" and not fmt.spm:

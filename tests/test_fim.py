@@ -90,6 +90,7 @@ def test_psm_layout(smol_path, family):
     bos = [tok.convert_tokens_to_ids(DEEPSEEK_BOS)] if family == "deepseek" else []
     ids = fim_prompt_ids(tok, PREFIX, SUFFIX)
     assert ids == [*bos, p, *plain(tok, PREFIX), s, *plain(tok, SUFFIX), m]
+    assert fim_prompt_ids(tok, PREFIX, SUFFIX, fmt=detect_fim(tok)) == ids
 
 
 def test_starcoder_psm_golden_tokens(smol_path):
