@@ -1,7 +1,15 @@
 import pytest
 
-from greencode.config import (ConfigError, EvalConfig, FinetuneConfig, GateConfig, RewardConfig, load_config,
-                              parse_overrides, validate)
+from greencode.config import (
+    ConfigError,
+    EvalConfig,
+    FinetuneConfig,
+    GateConfig,
+    RewardConfig,
+    load_config,
+    parse_overrides,
+    validate,
+)
 
 
 def test_defaults_carry_method_numbers():
