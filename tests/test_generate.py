@@ -62,8 +62,8 @@ def coin_policy(lm, seed=0):
     return policy
 
 
-@pytest.mark.parametrize("gate_factory", [lambda lm: FullGate(), lambda lm: FixedGate(6), lambda lm: ConfidenceGate(1e-5),
-                                          lambda lm: PolicyGate(coin_policy(lm), 0.5)])
+@pytest.mark.parametrize("gate_factory", [lambda lm: FullGate(), lambda lm: FixedGate(6),
+                                          lambda lm: ConfidenceGate(1e-5), lambda lm: PolicyGate(coin_policy(lm), 0.5)])
 def test_batched_equals_per_sample(lm, gate_factory):
     gate = gate_factory(lm)
     gen = GatedGenerator(lm)
