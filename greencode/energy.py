@@ -34,7 +34,8 @@ class Measurement:
 class _RaplReader:
     """Package-level RAPL energy counters (microjoules, wrapping at max_energy_range_uj)."""
 
-    def __init__(self, root: Path = RAPL_ROOT) -> None:
+    def __init__(self, root: Path | None = None) -> None:
+        root = RAPL_ROOT if root is None else root  # read at call time, so tests can point it at a fake tree
         self.zones = []
         for zone in sorted(root.glob("intel-rapl:*")) if root.is_dir() else []:
             if zone.name.count(":") != 1:  # package zones only; sub-zones are inside them
