@@ -86,8 +86,6 @@ class JsonBodies:
 
 
 api.add_middleware(JsonBodies)
-
-
 errors.install(api)
 
 

@@ -42,6 +42,11 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def verbose() -> bool:
+    """Whether -v was given (setup_logging lets GreenCode's DEBUG lines through only then)."""
+    return logging.getLogger("greencode").isEnabledFor(logging.DEBUG)
+
+
 def comma_list(item: Callable[[str], Any] = str) -> Callable[[str], list[Any]]:
     """argparse type for ``a,b,c`` lists."""
 

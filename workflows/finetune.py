@@ -42,7 +42,7 @@ from greencode.training import (
     loss_weights,
 )
 from greencode.validation import validation_metrics
-from workflows.common import ConfigCommand, cli_errors, init_ray
+from workflows.common import ConfigCommand, cli_errors, init_ray, verbose
 
 log = logging.getLogger("greencode.finetune")
 
@@ -138,7 +138,7 @@ def prepare_data(cfg: FinetuneConfig) -> tuple[BlockSet, BlockSet]:
 def fit(cfg: FinetuneConfig):
     """Run (or resume) the TorchTrainer; returns its ``ray.train.Result``."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     check_config(cfg)
@@ -158,7 +158,9 @@ def fit(cfg: FinetuneConfig):
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=cfg.run_name, storage_path=storage.rsplit("/", 1)[0],
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             # Ray Train logs every rank's whole report at INFO: only with -v
+                             logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING")),
     )
     log.info("fine-tuning %s: %d worker(s), %d steps, run dir %s", cfg.model.name, cfg.num_workers, cfg.max_steps,
              storage)
