@@ -3,7 +3,7 @@
 One pydantic model per stage, all loaded from YAML and validated at the edge:
 unknown keys are rejected and every error names the offending field
 (``finetune.optim.lr: Input should be greater than 0``). Every number of
-METHOD.md lives here as a default, never as a constant in code.
+the method (docs/method.md) lives here as a default, never as a constant in code.
 """
 
 from __future__ import annotations
