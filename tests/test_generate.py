@@ -200,3 +200,26 @@ def test_energy_is_null_without_a_meter(lm, tmp_path, monkeypatch):
     monkeypatch.setattr("greencode.energy.RAPL_ROOT", tmp_path)  # no powercap zones, CPU model: no meter
     res = GatedGenerator(lm).generate([PROMPTS[0]], FullGate(), GREEDY)[0].to_dict()
     assert res["energy_j"] is None and res["time_s"] > 0 and res["mean_layers"] == lm.num_layers
+
+
+def test_prompts_get_no_bos_even_from_a_tokenizer_that_adds_one(tokenizer):
+    """Prompts are tokenized like the pipeline's data (greencode.tokens.encode): a tokenizer that adds BOS by
+    default (Llama 3 style) must not slip a token into generation that fine-tuning and shards never saw."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    from greencode.data import SourceFile, line_completion_samples
+    from greencode.tokens import encode
+
+    tok = copy.deepcopy(tokenizer)
+    bos = tok.convert_tokens_to_ids("<|im_start|>")
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<|im_start|> $A",
+                                                              special_tokens=[("<|im_start|>", bos)])
+    text = "def add(a, b):\n    return a + b\n" * 20
+    assert tok(text)["input_ids"][0] == bos  # the trap this test is about
+    ids = encode(tok, text)
+    assert bos not in ids
+    assert GatedGenerator(make_tiny("llama", tokenizer=tok)).encode([text]) == [ids]
+    [sample] = line_completion_samples([SourceFile("a.py", text, "python")], tok, 1)
+    assert sample.context_ids == ids[: len(sample.context_ids)]
