@@ -30,16 +30,21 @@ C = TypeVar("C", bound=BaseModel)
 def setup_logging(verbose: bool = False) -> None:
     """Quiet by default: GreenCode's own one-line reports (INFO) and everyone's warnings.
 
-    ``verbose`` (``-v``) shows GreenCode's DEBUG lines and the libraries' INFO lines too.
+    ``verbose`` (``-v``) shows GreenCode's DEBUG lines, the libraries' INFO lines and the
+    progress bars of model loading and saving. Also called inside Ray workers (whose root
+    logger Ray configures at INFO), so it sets levels rather than relying on basicConfig.
     """
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
     logging.getLogger("greencode").setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    if verbose:
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()
 
 
 def verbose() -> bool:

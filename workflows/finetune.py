@@ -42,7 +42,7 @@ from greencode.training import (
     loss_weights,
 )
 from greencode.validation import validation_metrics
-from workflows.common import ConfigCommand, cli_errors, init_ray, verbose
+from workflows.common import ConfigCommand, cli_errors, init_ray, setup_logging, verbose
 
 log = logging.getLogger("greencode.finetune")
 
@@ -154,12 +154,12 @@ def fit(cfg: FinetuneConfig):
             "train_blocks": ray.put(train),
             "val_blocks": ray.put(val),
             "tensorboard_dir": None if is_remote(storage) else f"{storage}/tensorboard",
+            "verbose": verbose(),
         },
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=cfg.run_name, storage_path=storage.rsplit("/", 1)[0],
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             # Ray Train logs every rank's whole report at INFO: only with -v
                              logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING")),
     )
     log.info("fine-tuning %s: %d worker(s), %d steps, run dir %s", cfg.model.name, cfg.num_workers, cfg.max_steps,
@@ -347,6 +347,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's worker function: everything it needs is in ``config`` (shared by Ray Train and Tune)."""
     import ray
 
+    setup_logging(config.get("verbose", False))  # Ray Train logs every rank's whole report at INFO otherwise
     recipe = LiteRecipe(FinetuneConfig.model_validate(config["cfg"]), ray.get(config["train_blocks"]),
                         ray.get(config["val_blocks"]), config.get("tensorboard_dir"))
     recipe.setup()
