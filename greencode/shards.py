@@ -224,7 +224,8 @@ def is_complete(path: str | Path) -> bool:
 def list_shards(directory: str | Path) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
-        raise ShardError(f"shard directory not found: {directory}")
+        raise ShardError(f"shard directory not found: {directory} (write it with `greencode extract --set "
+                         f"output_dir={directory}`)")
     paths = sorted(directory.glob(SHARD_GLOB))
     if not paths:
         raise ShardError(f"no shards ({SHARD_GLOB}) in {directory}: run `greencode extract` first")

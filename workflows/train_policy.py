@@ -196,6 +196,7 @@ def _finished(cfg: PolicyTrainConfig) -> dict[str, Any] | None:
 
 def run(cfg: PolicyTrainConfig) -> dict[str, Any]:
     """Train (or reuse) the policy, export it, score it on held-out shards; returns the summary."""
+    list_shards(cfg.shards_dir)  # missing shards: one clear error before Ray starts
     done = _finished(cfg)
     if done is not None:
         log.info("policy %s already trained; delete it to retrain", cfg.output_path)
