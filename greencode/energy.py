@@ -31,7 +31,7 @@ class Measurement:
     energy_j: float | None = None
 
 
-class _RaplReader:
+class RaplReader:
     """Package-level RAPL energy counters (microjoules, wrapping at max_energy_range_uj)."""
 
     def __init__(self, root: Path | None = None) -> None:
@@ -69,7 +69,7 @@ class EnergyMeter:
             self._zeus = self._make_zeus(self.device.index or 0)
             self.source = "zeus" if self._zeus else None
         else:
-            rapl = _RaplReader()
+            rapl = RaplReader()
             if rapl.zones:
                 self._rapl, self.source = rapl, "rapl"
         if self.source is None:
