@@ -222,10 +222,6 @@ class EarlyExitModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def refresh_fingerprint(self) -> None:
-        """Call after changing weights (fine-tuning) so policies are checked against the new model."""
-        self.fingerprint = model_fingerprint(self.model)
-
     def decode(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of any layer's hidden state through the single final norm + LM head."""
         return self.adapter.lm_head(self.adapter.final_norm(hidden))
@@ -371,6 +367,7 @@ def load_model(cfg: ModelConfig | None = None, exits: ExitConfig | None = None) 
 
 
 def wrap_model(model: nn.Module, tokenizer: Any, exits: ExitConfig | None = None) -> EarlyExitModel:
+    """An already-loaded model as an EarlyExitModel (tests build tiny ones); batches need a pad token."""
     adapter = adapter_for(model)  # fail on unsupported layouts before anything else
     exit_points = resolve_exit_points(len(adapter.layers), exits)
     if tokenizer is not None and tokenizer.pad_token_id is None:
