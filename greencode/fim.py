@@ -101,12 +101,21 @@ def detect_fim(tokenizer: Any) -> FimFormat | None:
     """The tokenizer's FIM tokens, or None when it has no complete set."""
     if tokenizer is None:
         return None
-    vocab = tokenizer.get_vocab()
     for fam in FAMILIES:
-        if all(t in vocab for t in fam.vocab):
-            p, s, m = (vocab[t] for t in fam.vocab)
-            return FimFormat(fam.name, p, s, m, fam.spm, vocab.get(fam.end) if fam.end else None)
+        ids = _token_ids(tokenizer, fam.vocab)
+        if ids is not None:
+            end = _token_ids(tokenizer, (fam.end,)) if fam.end else None
+            return FimFormat(fam.name, *ids, fam.spm, end[0] if end else None)
     return None
+
+
+def _token_ids(tokenizer: Any, tokens: tuple[str, ...]) -> list[int] | None:
+    """The ids of ``tokens`` if the vocabulary has every one (an unknown token maps to UNK, which maps back to
+    another string); a lookup per token, not the whole vocabulary as a dict (~0.1 s for 50k entries)."""
+    ids = tokenizer.convert_tokens_to_ids(list(tokens))
+    if any(i is None for i in ids) or tokenizer.convert_ids_to_tokens(ids) != list(tokens):
+        return None
+    return ids
 
 
 def fim_format(tokenizer: Any) -> FimFormat:
@@ -124,7 +133,7 @@ def fim_prompt_ids(tokenizer: Any, prefix: str, suffix: str, order: Order = "psm
     The prefix and suffix are encoded as plain text (sentinel spellings inside the user's code
     stay text); the ``preamble`` (context placed before the first sentinel, e.g. Qwen's
     ``<|file_sep|>`` repo format) may carry special tokens. Pass ``fmt`` (detected once, e.g. per
-    server replica) to skip detecting it again: building a large vocabulary dict costs per call.
+    server replica) to skip detecting it again.
     """
     fmt = fmt or fim_format(tokenizer)
     if order not in ("psm", "spm"):

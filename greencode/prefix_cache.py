@@ -18,15 +18,18 @@ Rules that keep reuse exact:
 - Positions come from the attention mask's cumsum, so a row's real tokens sit at positions
   ``0..n-1`` whatever its left padding: stored keys (rotary already applied for Llama-style
   models, learned positions added before the layers for OPT) are valid in any batch layout as
-  long as the prefix starts the row, which :func:`prefill_with_cache` guarantees.
+  long as the prefix starts the row, which :meth:`PrefixCache.reuse` guarantees.
 
 The cache is bounded by bytes: least recently used whole entries are evicted before an
 insert would exceed the budget, so it never holds more than its budget.
+
+:class:`greencode.generate.GatedGenerator` drives it: its prompt pass calls :meth:`~PrefixCache.reuse`
+and runs only the positions that were not loaded, then stores the prompts; the end of a stream
+stores each row's prompt and full-depth completion (:meth:`~PrefixCache.remember`).
 """
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -35,11 +38,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from greencode.gates import FullGate
-from greencode.generate import GatedGenerator, StepOutput
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -82,8 +80,8 @@ class PrefixCache:
     """Token sequences with their full-depth K/V, LRU by bytes, safe to share between threads.
 
     Bound to one model (``model_fingerprint``): K/V of other weights would silently give wrong
-    tokens, so :func:`prefill_with_cache` refuses a cache made for another model. Lookup is a
-    scan over the entries (a few hundred at realistic budgets: microseconds next to a layer).
+    tokens, so :meth:`check_model` refuses a model it was not made for. Lookup is a scan over
+    the entries (a few hundred at realistic budgets: microseconds next to a layer).
     """
 
     def __init__(self, budget_bytes: int, model_fingerprint: str) -> None:
@@ -177,8 +175,72 @@ class PrefixCache:
                                     len(self._entries), self._bytes, self.budget_bytes, self._evictions,
                                     self._rejected)
 
+    # ------------------------------------------------------------------ what a request reads and writes
 
-# --------------------------------------------------------------------------- which tokens may be stored
+    def check_model(self, model_fingerprint: str, model_config: Any) -> None:
+        """Refuse a model this cache cannot serve exactly: other weights, or sliding-window layers."""
+        from transformers import DynamicCache
+
+        if model_fingerprint != self.model_fingerprint:
+            raise ValueError(f"this prefix cache holds K/V of model {self.model_fingerprint}, not of the running model "
+                             f"{model_fingerprint}: make a new PrefixCache for it")
+        _layers(DynamicCache(config=model_config))
+
+    def reuse(self, cache: Any, encoded: Sequence[Sequence[int]]) -> tuple[int, list[int]]:
+        """Load the longest stored prefix of every row into the empty request ``cache``.
+
+        The rows are laid out as the generator's prompt pass lays them out: left-padded to the
+        longest. Returns ``(past, reused)``: the cache now holds the first ``past`` columns, so the
+        pass runs only the last ``width - past`` positions; ``reused[r]`` is how many of row
+        ``r``'s tokens came from here. Every row's last token is left to the pass (its logits start
+        decoding). All rows run ``S`` new positions (the longest remainder), right-aligned: a row
+        whose remainder is shorter recomputes a few more of its own tokens instead of leaving a
+        hole, so the batch stays plainly left-padded. Every looked-up prompt is counted in
+        :meth:`stats`.
+        """
+        if not encoded or any(len(p) == 0 for p in encoded):
+            raise ValueError("every prompt needs at least one token")
+        lengths = [len(p) for p in encoded]
+        matches = [self.longest_prefix(p) for p in encoded]
+        matched = [min(n, length - 1) for (n, _), length in zip(matches, lengths)]
+        new = max(length - m for length, m in zip(lengths, matched))  # S positions the pass runs
+        past = max(lengths) - new  # cached columns
+        reused = [max(0, length - new) for length in lengths]  # <= matched by the choice of S
+        for length, u in zip(lengths, reused):
+            self.record(length, u)
+        if past > 0:
+            # [layers, 2, B, kv_heads, past, head_dim], zeros under the padding (masked, and finite)
+            first = next(kv for (_, kv), u in zip(matches, reused) if u > 0)
+            layers, _, heads, _, head_dim = first.shape
+            kv = first.new_zeros((layers, 2, len(encoded), heads, past, head_dim))
+            for r, ((_, entry), u) in enumerate(zip(matches, reused)):
+                if u > 0:
+                    kv[:, :, r, :, past - u:] = entry[:, :, :, :u]
+            for i in range(layers):
+                cache.update(kv[i, 0], kv[i, 1], i)
+        return past, reused
+
+    def remember(self, cache: Any, attention_mask: torch.Tensor, rows: Sequence[Sequence[int] | None]) -> int:
+        """Store each row's full-depth tokens with their K/V from a left-padded batch ``cache``.
+
+        ``rows[r]`` are the tokens of row ``r`` whose K/V are full-depth, starting at the row's
+        first unpadded column (the prompt, possibly followed by :func:`full_depth_tokens` of its
+        completion); ``None`` skips the row. Returns how many rows were stored.
+        """
+        layers = _layers(cache)
+        width = layers[0].keys.shape[2]
+        starts = attention_mask.long().argmax(dim=1).tolist()  # first 1 of each (left-padded) row
+        stored = 0
+        for r, tokens in enumerate(rows):
+            if not tokens or self.covers(tokens):
+                continue
+            start, n = starts[r], len(tokens)
+            if start + n > width:
+                raise ValueError(f"row {r}: {n} tokens from column {start} exceed the cache's {width} positions")
+            kv = torch.stack([torch.stack((layer.keys[r, :, start:start + n], layer.values[r, :, start:start + n]))
+                              for layer in layers])  # a fresh tensor: never a view of the request's cache
+            stored += self.insert(tokens, kv)
+        return stored
 
 
 def full_depth_tokens(prompt: Sequence[int], completion: Sequence[int], layers_per_token: Sequence[int],
@@ -202,97 +264,3 @@ def _layers(cache: Any) -> list[Any]:
         raise ValueError("the prefix cache needs every layer to keep all positions; "
                          "this model's cache has sliding-window layers")
     return layers
-
-
-def remember(store: PrefixCache, cache: Any, attention_mask: torch.Tensor, rows: Sequence[Sequence[int] | None]) -> int:
-    """Store each row's full-depth tokens with their K/V from a left-padded batch ``cache``.
-
-    ``rows[r]`` are the tokens of row ``r`` whose K/V are full-depth, starting at the row's
-    first unpadded column (the prompt, possibly followed by :func:`full_depth_tokens` of its
-    completion); ``None`` skips the row. Returns how many rows were stored.
-    """
-    layers = _layers(cache)
-    width = layers[0].keys.shape[2]
-    starts = attention_mask.long().argmax(dim=1).tolist()  # first 1 of each (left-padded) row
-    stored = 0
-    for r, tokens in enumerate(rows):
-        if not tokens or store.covers(tokens):
-            continue
-        start, n = starts[r], len(tokens)
-        if start + n > width:
-            raise ValueError(f"row {r}: {n} tokens from column {start} exceed the cache's {width} positions")
-        kv = torch.stack([torch.stack((layer.keys[r, :, start:start + n], layer.values[r, :, start:start + n]))
-                          for layer in layers])  # a fresh tensor: never a view of the request's cache
-        stored += store.insert(tokens, kv)
-    return stored
-
-
-# --------------------------------------------------------------------------- prefill
-
-
-@dataclass
-class CachedPrefill:
-    """What a prompt pass hands to decoding, as a cold prefill would, plus what was reused."""
-
-    input_ids: torch.Tensor  # [B, W] the whole prompts, left-padded
-    attention_mask: torch.Tensor  # [B, W]
-    cache: Any  # DynamicCache of width W
-    output: StepOutput  # logits of the last position (all layers)
-    reused: list[int]  # per row: prompt tokens whose K/V came from the prefix cache
-
-
-@torch.no_grad()
-def prefill_with_cache(gen: GatedGenerator, store: PrefixCache, encoded: Sequence[Sequence[int]],
-                       collect_exit_states: bool = False, store_prompts: bool = True) -> CachedPrefill:
-    """Prompt pass that reuses each row's longest cached prefix and runs only the rest.
-
-    Equal (greedy tokens) to a cold pass over the same prompts. Every row's last prompt token
-    is always recomputed (its logits start decoding). The rows run their remaining tokens
-    together as ``S`` new positions (``S`` = the longest remainder), right-aligned: a row whose
-    remainder is shorter recomputes a few more of its own tokens instead of leaving a hole, so
-    the batch stays plainly left-padded (the padding would be computed anyway). With
-    ``store_prompts`` every prompt is stored right after the pass, so a request the client
-    cancels mid-completion still warms the cache for the next keystroke.
-    """
-    from transformers import DynamicCache
-
-    lm = gen.lm
-    if store.model_fingerprint != lm.fingerprint:
-        raise ValueError(f"this prefix cache holds K/V of model {store.model_fingerprint}, not of the running model "
-                         f"{lm.fingerprint}: make a new PrefixCache for it")
-    if not encoded or any(len(p) == 0 for p in encoded):
-        raise ValueError("every prompt needs at least one token")
-    device = lm.device
-    lengths = [len(p) for p in encoded]
-    matches = [store.longest_prefix(p) for p in encoded]
-    matched = [min(n, length - 1) for (n, _), length in zip(matches, lengths)]
-    new = max(length - m for length, m in zip(lengths, matched))  # S positions run this pass
-    width = max(lengths)
-    past = width - new  # C cached columns
-    reused = [max(0, length - new) for length in lengths]  # <= matched by the choice of S
-
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer is not None and lm.tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(encoded), width), pad, dtype=torch.long, device=device)
-    attn = torch.zeros((len(encoded), width), dtype=torch.long, device=device)
-    for r, p in enumerate(encoded):  # left padding, as the cold pass
-        ids[r, width - len(p):] = torch.tensor(p, device=device)
-        attn[r, width - len(p):] = 1
-
-    cache = DynamicCache(config=lm.model.config)
-    if past > 0:
-        # [layers, 2, B, kv_heads, C, head_dim], zeros under the padding (masked, and finite)
-        first = next(kv for (_, kv), u in zip(matches, reused) if u > 0)
-        layers, _, heads, _, head_dim = first.shape
-        kv = first.new_zeros((layers, 2, len(encoded), heads, past, head_dim))
-        for r, ((_, entry), u) in enumerate(zip(matches, reused)):
-            if u > 0:
-                kv[:, :, r, :, past - u:] = entry[:, :, :, :u]
-        for i in range(layers):
-            cache.update(kv[i, 0], kv[i, 1], i)
-    out = gen.step(ids[:, past:], attn, cache, FullGate(), collect_exit_states=collect_exit_states)
-
-    for length, u in zip(lengths, reused):
-        store.record(length, u)
-    if store_prompts:
-        remember(store, cache, attn, encoded)
-    return CachedPrefill(ids, attn, cache, out, reused)

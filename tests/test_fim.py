@@ -6,7 +6,7 @@ to a copy of it; Code Llama's SentencePiece-style tokenizer is a tiny CodeLlamaT
 as the released tokenizer.json is, whose own infilling encoder is the reference.
 """
 
-from functools import lru_cache
+from functools import cache
 
 import pytest
 from tokenizers import normalizers
@@ -32,7 +32,7 @@ def smol_path():
     return resolve_model_path(ModelConfig(name="embedded"))[0]
 
 
-@lru_cache(maxsize=None)  # built once per family; the tests only read them
+@cache  # built once per family; the tests only read them
 def byte_level(smol_path, family, extra=()):
     tok = AutoTokenizer.from_pretrained(smol_path)
     if family == "deepseek":  # DeepSeek-Coder's tokenizer puts its BOS before any text
@@ -96,7 +96,8 @@ def test_psm_layout(smol_path, family):
 def test_starcoder_psm_golden_tokens(smol_path):
     tok = byte_level(smol_path, "starcoder")
     ids = fim_prompt_ids(tok, "x = f(", ")\n")
-    assert tok.convert_ids_to_tokens(ids) == ["<fim_prefix>", "x", "Ġ=", "Ġf", "(", "<fim_suffix>", ")", "Ċ", "<fim_middle>"]
+    assert tok.convert_ids_to_tokens(ids) == ["<fim_prefix>", "x", "Ġ=", "Ġf", "(", "<fim_suffix>", ")", "Ċ",
+                                              "<fim_middle>"]
 
 
 @pytest.mark.parametrize("family", ["starcoder", "santacoder"])

@@ -1,4 +1,4 @@
-"""Prefix cache: exact reuse of full-depth prompt K/V, LRU within a byte budget, thread safety."""
+"""Prefix cache through the generator: exact reuse of full-depth K/V, LRU within a byte budget, threads."""
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -10,117 +10,119 @@ from conftest import make_tiny
 from greencode.config import GenerationConfig
 from greencode.gates import FixedGate, FullGate, Gate
 from greencode.generate import GatedGenerator
-from greencode.prefix_cache import PrefixCache, full_depth_tokens, prefill_with_cache, remember
+from greencode.prefix_cache import PrefixCache, full_depth_tokens
 
 NEW = 8
+GREEDY = GenerationConfig(max_new_tokens=NEW)
 
 
 @pytest.fixture(scope="module", params=["llama", "opt"])
-def gen(request):
-    return GatedGenerator(make_tiny(request.param, vocab_size=4096))
+def lm(request):
+    return make_tiny(request.param, vocab_size=4096)
 
 
 def tokens(seed, n):
     return torch.randint(5, 4000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def fresh(gen, budget=10**9):
-    return PrefixCache(budget, gen.lm.fingerprint)
+def fresh(lm, budget=10**9):
+    return PrefixCache(budget, lm.fingerprint)
 
 
-def decode(gen, pre, gate=None, n=NEW):
-    """Greedy tokens (and layers per token) from a prefill, through the generator's own step."""
-    attn, cache, out = pre.attention_mask, pre.cache, pre.output
-    ids, layers = [out.logits.argmax(-1)], [out.exit_layers]
-    for _ in range(n - 1):
-        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-        out = gen.step(ids[-1][:, None], attn, cache, gate or FullGate())
-        ids.append(out.logits.argmax(-1))
-        layers.append(out.exit_layers)
-    return torch.stack(ids, 1).tolist(), torch.stack(layers, 1).tolist(), attn
+def cached(lm, store):
+    return GatedGenerator(lm, prefix_cache=store)
 
 
-def cold(gen, prompts, n=NEW):
-    return [r.token_ids for r in gen.generate(prompts, FullGate(), GenerationConfig(max_new_tokens=n))]
+def cold(lm, prompts, gate=None, n=NEW):
+    return [r.token_ids for r in GatedGenerator(lm).generate(prompts, gate or FullGate(),
+                                                             GenerationConfig(max_new_tokens=n))]
 
 
-def test_reused_prefix_gives_the_cold_tokens(gen):
+def entry_bytes(lm, n):
+    probe = fresh(lm)
+    cached(lm, probe).prefill([tokens(999, n)], False)
+    return probe.stats().bytes_held
+
+
+def test_reused_prefix_gives_the_cold_tokens_and_logits(lm):
     base = tokens(0, 48)
-    store = fresh(gen)
-    prefill_with_cache(gen, store, [base[:40]])  # a cold pass stores the prompt
+    store = fresh(lm)
+    gen = cached(lm, store)
+    gen.prefill([base[:40]], False)  # the prompt pass stores the prompt
     prompt = base[:40] + tokens(1, 5)  # the next keystroke: same start, a few new tokens
-    warm = prefill_with_cache(gen, store, [prompt])
-    assert warm.reused == [40]
-    assert decode(gen, warm)[0] == cold(gen, [prompt])
+    warm = gen.prefill([prompt], False)
+    assert warm.cached_tokens == [40]
     reference = gen.step(warm.input_ids, warm.attention_mask, None, FullGate()).logits  # no cache at all
     torch.testing.assert_close(warm.output.logits, reference, rtol=0, atol=1e-4)
+    [result] = gen.generate([prompt], FullGate(), GREEDY)
+    assert result.cached_prompt_tokens == 44  # all but the last token: its logits start decoding
+    assert result.token_ids == cold(lm, [prompt])[0]
 
 
-def test_batch_rows_reuse_different_prefix_lengths(gen):
+def test_batch_rows_reuse_different_prefix_lengths(lm):
     a, b = tokens(2, 40), tokens(3, 30)
-    store = fresh(gen)
-    prefill_with_cache(gen, store, [a, b])
+    store = fresh(lm)
+    gen = cached(lm, store)
+    gen.prefill([a, b], False)
     prompts = [a + tokens(4, 3), b[:20] + tokens(5, 6), tokens(6, 4), a]
-    warm = prefill_with_cache(gen, store, prompts)
+    results = gen.generate(prompts, FullGate(), GREEDY)
     # The rows run their last S = 6 positions together (b's row has 6 new tokens): a row with a
     # shorter remainder recomputes a few more of its own tokens, the unmatched 4-token row is
     # left-padded among them, and a prompt equal to a stored one still recomputes its last token.
-    assert warm.reused == [37, 20, 0, 34]
-    assert decode(gen, warm)[0] == cold(gen, prompts)
+    assert [r.cached_prompt_tokens for r in results] == [37, 20, 0, 34]
+    assert [r.token_ids for r in results] == cold(lm, prompts)
     stats = store.stats()
     assert (stats.lookups, stats.hits, stats.reused_tokens) == (6, 3, 37 + 20 + 34)
     assert stats.prompt_tokens == 40 + 30 + 43 + 26 + 4 + 40
 
 
-def entry_bytes(gen, n):
-    probe = fresh(gen)
-    prefill_with_cache(gen, probe, [tokens(999, n)])
-    return probe.stats().bytes_held
-
-
-def test_concurrent_requests_share_the_cache_exactly(gen):
+def test_batched_and_concurrent_requests_with_overlapping_prefixes_are_exact(lm):
+    """Four threads share one cache too small for everything (evictions happen); some requests are batches."""
     base = tokens(7, 36)
-    store = fresh(gen, budget=3 * entry_bytes(gen, 36))  # room for about three prompts: evictions too
+    store = fresh(lm, budget=3 * entry_bytes(lm, 40))
     prompts = [base[: 20 + 2 * i] + tokens(100 + i, 1 + i % 3) for i in range(8)]
-    expected = cold(gen, prompts)
+    requests = [[prompts[i]] if i % 3 else [prompts[i], prompts[(i + 5) % 8]] for i in range(8)]
+    expected = [cold(lm, r) for r in requests]
     barrier = threading.Barrier(4)
 
     def request(i):
         if i < 4:
             barrier.wait()  # the first four start together
-        return decode(gen, prefill_with_cache(gen, store, [prompts[i]]))[0][0]
+        results = cached(lm, store).generate(requests[i], FullGate(), GREEDY)
+        assert store.stats().bytes_held <= store.budget_bytes
+        return [r.token_ids for r in results], [r.cached_prompt_tokens for r in results]
 
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(request, range(8)))
-    assert got == expected
+    assert [ids for ids, _ in got] == expected
+    assert sum(sum(reused) for _, reused in got) > 0
     stats = store.stats()
-    assert stats.hits > 0 and stats.bytes_held <= stats.budget_bytes
+    assert stats.evictions > 0 and stats.bytes_held <= stats.budget_bytes
 
 
-def test_entries_are_never_changed_by_the_requests_that_reuse_them(gen):
-    store = fresh(gen)
+def test_entries_are_never_changed_by_the_requests_that_reuse_them(lm):
+    store = fresh(lm)
+    gen = cached(lm, store)
     base = tokens(8, 30)
-    prefill_with_cache(gen, store, [base])
-    snapshot = store.longest_prefix(base)[1].clone()
-    warm = prefill_with_cache(gen, store, [base + tokens(9, 2)], store_prompts=False)
+    gen.prefill([base], False)
+    entry = store.longest_prefix(base)[1]
+    snapshot = entry.clone()
+    warm = gen.prefill([base + tokens(9, 2)], False)  # reuses the entry, then stores its longer prompt
     for layer in warm.cache.layers:  # even code that writes the request's cache in place
         layer.keys.zero_()
         layer.values.fill_(float("nan"))
-    assert torch.equal(store.longest_prefix(base)[1], snapshot)
-    warm = prefill_with_cache(gen, store, [base + tokens(10, 3)], store_prompts=False)
-    decode(gen, warm)  # update() on every layer
+    longer = store.longest_prefix(base)[1]
+    assert torch.equal(entry, snapshot) and torch.equal(longer[:, :, :, :30], snapshot)
+    warm = gen.prefill([base + tokens(10, 3)], False)
+    attn = torch.cat([warm.attention_mask, torch.ones_like(warm.attention_mask[:, :1])], dim=1)
+    gen.step(warm.output.logits.argmax(-1)[:, None], attn, warm.cache, FullGate())  # update() on every layer
     warm.cache.crop(-3)
-    assert torch.equal(store.longest_prefix(base)[1], snapshot)
+    assert torch.equal(entry, snapshot) and torch.equal(longer[:, :, :, :30], snapshot)
 
 
-def test_budget_is_never_exceeded_and_lru_entries_go_first(gen):
-    lm = gen.lm
-    sizes = {}
-
+def test_budget_is_never_exceeded_and_lru_entries_go_first(lm):
     def insert(store, seed, n):
-        kv = torch.randn(lm.num_layers, 2, 2, n, 16)
-        sizes[seed] = kv.numel() * 4
-        return store.insert(tokens(seed, n), kv)
+        return store.insert(tokens(seed, n), torch.randn(lm.num_layers, 2, 2, n, 16))
 
     one = lm.num_layers * 2 * 2 * 10 * 16 * 4  # bytes of a 10-token entry
     store = PrefixCache(3 * one + one // 2, lm.fingerprint)
@@ -137,21 +139,23 @@ def test_budget_is_never_exceeded_and_lru_entries_go_first(gen):
     assert not PrefixCache(0, lm.fingerprint).insert(tokens(1, 1), torch.zeros(lm.num_layers, 2, 2, 1, 16))
 
 
-def test_prefill_fills_the_cache_past_its_budget(gen):
-    prompts = [tokens(20 + i, 24) for i in range(6)]
-    store = fresh(gen, budget=2 * entry_bytes(gen, 24))
-    for p in prompts:
-        prefill_with_cache(gen, store, [p])
+def test_generation_fills_the_cache_past_its_budget_and_never_holds_more(lm):
+    store = fresh(lm, budget=2 * entry_bytes(lm, 24 + NEW - 1))
+    gen = cached(lm, store)
+    for i in range(6):
+        gen.generate([tokens(20 + i, 24)], FullGate(), GREEDY)
         assert store.stats().bytes_held <= store.budget_bytes
-    assert store.stats().entries == 2 and store.stats().evictions == 4
+    stats = store.stats()
+    assert stats.entries == 2 and stats.evictions == 4 and stats.bytes_held > stats.budget_bytes // 2
 
 
-def test_covered_and_extended_sequences_are_stored_once(gen):
-    store = fresh(gen)
+def test_covered_and_extended_sequences_are_stored_once(lm):
+    store = fresh(lm)
+    gen = cached(lm, store)
     base = tokens(30, 20)
-    prefill_with_cache(gen, store, [base[:10]])
-    prefill_with_cache(gen, store, [base])  # extends the first: replaces it
-    prefill_with_cache(gen, store, [base[:15]])  # covered by the second: nothing new
+    gen.prefill([base[:10]], False)
+    gen.prefill([base], False)  # extends the first: replaces it
+    gen.prefill([base[:15]], False)  # covered by the second: nothing new
     stats = store.stats()
     assert stats.entries == 1
     assert stats.bytes_held == store.longest_prefix(base)[1].numel() * 4
@@ -180,63 +184,73 @@ class ExitAtStep(Gate):
 
 
 @pytest.mark.parametrize("gate_name", ["fixed", "mixed"])
-def test_propagated_kv_is_never_stored(gen, gate_name):
-    lm = gen.lm
+def test_propagated_kv_is_never_stored(lm, gate_name):
     gate = FixedGate(4) if gate_name == "fixed" else ExitAtStep(4, lm.exit_points[0])
     prompt = tokens(40, 20)
-    store = fresh(gen)
-    pre = prefill_with_cache(gen, store, [prompt])
-    ids, layers, attn = decode(gen, pre, gate, n=10)
-    keep = full_depth_tokens(prompt, ids[0], layers[0], lm.num_layers)
-    remember(store, pre.cache, attn, [keep])
+    store = fresh(lm)
+    [result] = cached(lm, store).generate([prompt], gate, GenerationConfig(max_new_tokens=10))
+    ids, layers = result.token_ids, result.layers_per_token
     first_exit = 1 if gate_name == "fixed" else 4  # index of the first token an exited step produced
-    assert layers[0][first_exit] < lm.num_layers and set(layers[0][:first_exit]) == {lm.num_layers}
-    assert len(keep) == len(prompt) + first_exit - 1
-    assert store.longest_prefix(prompt + ids[0])[0] == len(keep)
+    assert layers[first_exit] < lm.num_layers and set(layers[:first_exit]) == {lm.num_layers}
+    kept = len(prompt) + first_exit - 1
+    assert store.longest_prefix(prompt + ids)[0] == kept
     # what was left out really differs from the full model's K/V: storing it would not be exact
-    full = prefill_with_cache(gen, fresh(gen), [prompt + ids[0]]).cache.layers[-1].keys[0, :, len(keep)]
-    ours = pre.cache.layers[-1].keys[0, :, len(keep)]
-    assert not torch.allclose(full, ours, atol=1e-3)
+    gen = GatedGenerator(lm)
+    full = gen.prefill([prompt + ids], False).cache.layers[-1].keys[0, :, kept]
+    pre = gen.prefill([prompt], False)
+    attn = pre.attention_mask
+    replay = FixedGate(4) if gate_name == "fixed" else ExitAtStep(4, lm.exit_points[0])
+    for token in ids[: kept - len(prompt) + 1]:  # feed the completion back as the gated run did
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+        gen.step(torch.tensor([[token]]), attn, pre.cache, replay)
+    assert not torch.allclose(full, pre.cache.layers[-1].keys[0, :, kept], atol=1e-3)
 
 
-def test_full_gate_completion_is_stored_and_reused_exactly(gen):
-    lm = gen.lm
+def test_full_gate_completion_is_stored_and_reused_exactly(lm):
     prompt = tokens(50, 16)
-    store = fresh(gen)
-    pre = prefill_with_cache(gen, store, [prompt])
-    ids, layers, attn = decode(gen, pre)
-    remember(store, pre.cache, attn, [full_depth_tokens(prompt, ids[0], layers[0], lm.num_layers)])
-    accepted = prompt + ids[0] + tokens(51, 2)  # the user took the suggestion and typed on
-    warm = prefill_with_cache(gen, store, [accepted])
-    assert warm.reused == [len(prompt) + NEW - 1]
-    assert decode(gen, warm)[0] == cold(gen, [accepted])
+    store = fresh(lm)
+    gen = cached(lm, store)
+    [first] = gen.generate([prompt], FullGate(), GREEDY)
+    accepted = prompt + first.token_ids + tokens(51, 2)  # the user took the suggestion and typed on
+    [again] = gen.generate([accepted], FullGate(), GREEDY)
+    assert again.cached_prompt_tokens == len(prompt) + NEW - 1  # the last completion token was never fed back
+    assert again.token_ids == cold(lm, [accepted])[0]
 
 
-def test_clear_errors(gen):
+def test_kv_mode_none_and_no_cache_leave_the_store_alone(lm):
+    store = fresh(lm)
+    gen = cached(lm, store)
+    [result] = gen.generate([tokens(60, 12)], FullGate(), GenerationConfig(max_new_tokens=3, kv_mode="none"))
+    assert result.cached_prompt_tokens == 0 and store.stats().lookups == 0 and store.stats().entries == 0
+
+
+def test_clear_errors(lm):
     with pytest.raises(ValueError, match="budget_bytes"):
         PrefixCache(-1, "x")
-    with pytest.raises(ValueError, match="another model|not of the running model"):
-        prefill_with_cache(gen, PrefixCache(10, "some-other-model"), [[1, 2]])
+    with pytest.raises(ValueError, match="not of the running model"):
+        GatedGenerator(lm, prefix_cache=PrefixCache(10, "some-other-model"))
     with pytest.raises(ValueError, match="at least one token"):
-        prefill_with_cache(gen, fresh(gen), [[1], []])
+        cached(lm, fresh(lm)).prefill([[1], []], False)
     with pytest.raises(ValueError, match="kv must be"):
-        fresh(gen).insert([1, 2, 3], torch.zeros(2, 2, 1, 2, 4))
+        fresh(lm).insert([1, 2, 3], torch.zeros(2, 2, 1, 2, 4))
 
 
 @pytest.mark.integration
-def test_embedded_model_typing_session_is_exact(embedded):
-    """20 held-out stdlib files: a request served from the cache gives the cold request's tokens."""
+def test_embedded_model_cached_requests_return_the_cold_tokens(embedded):
+    """20 held-out stdlib files through the real generator path: after the previous keystroke's
+    request, a request served from the prefix cache returns exactly the tokens of a cold request
+    (greedy, full gate)."""
     from greencode.config import DataConfig
     from greencode.data import load_corpus
 
-    gen = GatedGenerator(embedded)
-    tok = embedded.tokenizer
     files = [f for f in load_corpus(DataConfig(corpus="stdlib")).split("test") if len(f.text) > 800][:20]
     assert len(files) == 20
-    before = [tok(f.text[:150])["input_ids"] for f in files]  # short prompts keep the test at seconds
-    typed = [tok(f.text[:153])["input_ids"] for f in files]  # three more characters
-    store = PrefixCache(2**30, embedded.fingerprint)
-    prefill_with_cache(gen, store, before)
-    warm = prefill_with_cache(gen, store, typed)
-    assert all(r > 0 for r in warm.reused)
-    assert decode(gen, warm, n=6)[0] == cold(gen, typed, n=6)
+    before = [f.text[:150] for f in files]  # short prompts keep the test at seconds
+    typed = [f.text[:153] for f in files]  # three more characters
+    cfg = GenerationConfig(max_new_tokens=6)
+    gen = GatedGenerator(embedded, prefix_cache=PrefixCache(2**30, embedded.fingerprint))
+    gen.generate(before, FullGate(), cfg)
+    warm = gen.generate(typed, FullGate(), cfg)
+    assert all(r.cached_prompt_tokens > 0 for r in warm)
+    cold_results = GatedGenerator(embedded).generate(typed, FullGate(), cfg)
+    assert [r.token_ids for r in warm] == [r.token_ids for r in cold_results]
