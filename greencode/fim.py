@@ -65,7 +65,7 @@ FAMILIES = (
     _Family("deepseek", ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"), spm=False),
 )
 
-_NO_FIM = ("fill-in-the-middle needs a model whose tokenizer has FIM tokens (StarCoder <fim_prefix>, Qwen2.5-Coder "
+NO_FIM = ("fill-in-the-middle needs a model whose tokenizer has FIM tokens (StarCoder <fim_prefix>, Qwen2.5-Coder "
            "<|fim_prefix|>, Code Llama <PRE>, DeepSeek-Coder <｜fim▁begin｜>) and this model's tokenizer has none: "
            "send the prompt without a suffix, or serve a code model with FIM tokens")
 
@@ -84,6 +84,7 @@ class FimFormat:
     middle_id: int
     spm: bool  # the family was trained with the suffix-first layout too
     end_id: int | None = None  # ends a fill besides the tokenizer's EOS (Code Llama's <EOT>)
+    text: tuple[str, str, str] = ("", "", "")  # the sentinels as clients write them (prefix, suffix, middle)
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ def detect_fim(tokenizer: Any) -> FimFormat | None:
         ids = _token_ids(tokenizer, fam.vocab)
         if ids is not None:
             end = _token_ids(tokenizer, (fam.end,)) if fam.end else None
-            return FimFormat(fam.name, *ids, fam.spm, end[0] if end else None)
+            return FimFormat(fam.name, *ids, fam.spm, end[0] if end else None, fam.text)
     return None
 
 
@@ -122,7 +123,7 @@ def fim_format(tokenizer: Any) -> FimFormat:
     """Like :func:`detect_fim`, but a model without FIM tokens is a :class:`FimUnsupportedError`."""
     fmt = detect_fim(tokenizer)
     if fmt is None:
-        raise FimUnsupportedError(_NO_FIM)
+        raise FimUnsupportedError(NO_FIM)
     return fmt
 
 

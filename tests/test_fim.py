@@ -10,37 +10,17 @@ from functools import cache
 
 import pytest
 from tokenizers import normalizers
-from transformers import AutoTokenizer, CodeLlamaTokenizer
+from transformers import CodeLlamaTokenizer
 
-from greencode.config import ModelConfig
+from conftest import DEEPSEEK_BOS, FIM_SENTINELS, fim_tokenizer
 from greencode.fim import FimParts, FimUnsupportedError, detect_fim, fim_format, fim_prompt_ids, parse_fim_prompt
-from greencode.modeling import resolve_model_path
 
-SENTINELS = {  # as the families' tokenizers spell them
-    "starcoder": ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
-    "santacoder": ("<fim-prefix>", "<fim-suffix>", "<fim-middle>"),
-    "qwen": ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),
-    "deepseek": ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),
-}
-DEEPSEEK_BOS = "<｜begin▁of▁sentence｜>"
+SENTINELS = FIM_SENTINELS
 PREFIX = "def area(r):\n    return "
 SUFFIX = "\n\nprint(area(2.0))\n"
 
 
-@pytest.fixture(scope="module")
-def smol_path():
-    return resolve_model_path(ModelConfig(name="embedded"))[0]
-
-
-@cache  # built once per family; the tests only read them
-def byte_level(smol_path, family, extra=()):
-    tok = AutoTokenizer.from_pretrained(smol_path)
-    if family == "deepseek":  # DeepSeek-Coder's tokenizer puts its BOS before any text
-        tok.add_special_tokens({"bos_token": DEEPSEEK_BOS})
-        tok.add_bos_token = True
-        tok.update_post_processor()
-    tok.add_special_tokens({"additional_special_tokens": [*SENTINELS[family], *extra]})
-    return tok
+byte_level = cache(fim_tokenizer)  # built once per family; the tests only read them
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +40,8 @@ def plain(tok, text):
 
 
 @pytest.mark.parametrize("family", sorted(SENTINELS))
-def test_detects_each_family(smol_path, family):
-    tok = byte_level(smol_path, family)
+def test_detects_each_family(family):
+    tok = byte_level(family)
     fmt = detect_fim(tok)
     assert fmt.family == family
     assert [fmt.prefix_id, fmt.suffix_id, fmt.middle_id] == tok.convert_tokens_to_ids(list(SENTINELS[family]))
@@ -84,8 +64,8 @@ def test_a_model_without_fim_tokens_is_refused_clearly(tokenizer):
 
 
 @pytest.mark.parametrize("family", sorted(SENTINELS))
-def test_psm_layout(smol_path, family):
-    tok = byte_level(smol_path, family)
+def test_psm_layout(family):
+    tok = byte_level(family)
     p, s, m = tok.convert_tokens_to_ids(list(SENTINELS[family]))
     bos = [tok.convert_tokens_to_ids(DEEPSEEK_BOS)] if family == "deepseek" else []
     ids = fim_prompt_ids(tok, PREFIX, SUFFIX)
@@ -93,27 +73,27 @@ def test_psm_layout(smol_path, family):
     assert fim_prompt_ids(tok, PREFIX, SUFFIX, fmt=detect_fim(tok)) == ids
 
 
-def test_starcoder_psm_golden_tokens(smol_path):
-    tok = byte_level(smol_path, "starcoder")
+def test_starcoder_psm_golden_tokens():
+    tok = byte_level("starcoder")
     ids = fim_prompt_ids(tok, "x = f(", ")\n")
     assert tok.convert_ids_to_tokens(ids) == ["<fim_prefix>", "x", "Ġ=", "Ġf", "(", "<fim_suffix>", ")", "Ċ",
                                               "<fim_middle>"]
 
 
 @pytest.mark.parametrize("family", ["starcoder", "santacoder"])
-def test_spm_layout(smol_path, family):
-    tok = byte_level(smol_path, family)
+def test_spm_layout(family):
+    tok = byte_level(family)
     p, s, m = tok.convert_tokens_to_ids(list(SENTINELS[family]))
     ids = fim_prompt_ids(tok, PREFIX, SUFFIX, order="spm")
     assert ids == [p, s, *plain(tok, SUFFIX), m, *plain(tok, PREFIX)]
 
 
 @pytest.mark.parametrize("family", ["qwen", "deepseek"])
-def test_spm_is_refused_for_psm_only_families(smol_path, family):
+def test_spm_is_refused_for_psm_only_families(family):
     with pytest.raises(FimUnsupportedError, match="'psm'"):
-        fim_prompt_ids(byte_level(smol_path, family), PREFIX, SUFFIX, order="spm")
+        fim_prompt_ids(byte_level(family), PREFIX, SUFFIX, order="spm")
     with pytest.raises(ValueError, match="'psm' or 'spm'"):
-        fim_prompt_ids(byte_level(smol_path, family), PREFIX, SUFFIX, order="pms")
+        fim_prompt_ids(byte_level(family), PREFIX, SUFFIX, order="pms")
 
 
 @pytest.mark.parametrize("prefix,suffix", [("def x(", ")\n return x"), (" a = [", "]"), ("f(", " + 1)")])
@@ -132,8 +112,8 @@ def test_codellama_golden_tokens(codellama):
 
 
 @pytest.mark.parametrize("family", sorted(SENTINELS))
-def test_sentinels_in_the_users_code_stay_text(smol_path, family):
-    tok = byte_level(smol_path, family)
+def test_sentinels_in_the_users_code_stay_text(family):
+    tok = byte_level(family)
     p, s, m = SENTINELS[family]
     ids = fim_prompt_ids(tok, f"MARKERS = ('{p}', '{s}', '{m}')\n", f"# {m}\n")
     for sentinel in SENTINELS[family]:
@@ -164,9 +144,9 @@ def test_client_formatted_spm_prompts_are_recognised():
     assert parse_fim_prompt(f"<PRE> <SUF>{AFTER} <MID> {BEFORE}") == FimParts(BEFORE, AFTER, "", "codellama", "spm")
 
 
-def test_a_recognised_prompt_is_rebuilt_with_the_models_own_tokens(smol_path):
+def test_a_recognised_prompt_is_rebuilt_with_the_models_own_tokens():
     """llm-vscode configured with StarCoder's sentinels, serving a Qwen-style model."""
-    qwen = byte_level(smol_path, "qwen", extra=("<|repo_name|>", "<|file_sep|>"))
+    qwen = byte_level("qwen", extra=("<|repo_name|>", "<|file_sep|>"))
     parts = parse_fim_prompt(f"<fim_prefix>{BEFORE}<fim_suffix>{AFTER}<fim_middle>")
     p, s, m = qwen.convert_tokens_to_ids(list(SENTINELS["qwen"]))
     assert fim_prompt_ids(qwen, parts.prefix, parts.suffix) == [p, *plain(qwen, BEFORE), s, *plain(qwen, AFTER), m]
