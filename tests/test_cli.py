@@ -56,15 +56,17 @@ def test_generate_with_policy_file(model_dir, tmp_path, capsys):
 
 
 def test_suffix_file_generates_in_the_fim_layout(tmp_path, capsys):
-    from greencode.config import GenerationConfig
+    from greencode.config import GenerationConfig, ModelConfig
     from greencode.fim import fim_prompt_ids
     from greencode.gates import FullGate
     from greencode.generate import GatedGenerator
+    from greencode.modeling import load_model
 
-    lm = make_tiny_qwen_fim()
+    saved = make_tiny_qwen_fim()
     d = tmp_path / "tiny-qwen-fim"
-    lm.model.save_pretrained(d)
-    lm.tokenizer.save_pretrained(d)
+    saved.model.save_pretrained(d)
+    saved.tokenizer.save_pretrained(d)
+    lm = load_model(ModelConfig(name=str(d)))  # as the command loads it
     (tmp_path / "before.py").write_text("def area(r):\n    return ")
     (tmp_path / "after.py").write_text("\n\nprint(area(2.0))\n")
     rec = generate(capsys, "--model", str(d), "--gate", "full", "--max-new-tokens", "6",
