@@ -1,7 +1,8 @@
-"""IDE typing sessions, in process: latency and time to first token with and without the prefix cache.
+"""IDE typing sessions: latency and time to first token with and without the prefix cache.
 
     .venv/bin/python benchmarks/ide_session.py [--model embedded] [--files 3] [--requests 24]
-        [--context-tokens 256] [--max-new-tokens 30] [--policy FILE] [--threshold 0.9]
+        [--context-tokens 256] [--max-new-tokens 30] [--policy FILE] [--threshold 0.9] [--threads 2]
+    .venv/bin/python benchmarks/ide_session.py --url http://127.0.0.1:8000 [--api-key KEY]   (a running server)
 
 What the replayed IDE sends (the choice, and where it comes from):
 
@@ -18,47 +19,54 @@ What the replayed IDE sends (the choice, and where it comes from):
   and moves forward 1-5 characters (seeded) per request, ``--requests`` requests per file.
   The default start, 216 tokens, makes the prompts grow towards the 256-token cap without
   reaching it (the prompt is the file from its top); a start beyond ``--context-tokens``
-  (e.g. 1024) replays a full, sliding window instead. Every request runs to its end (a
-  client that cancels still warms the cache: prompts are stored right after the prompt pass).
+  (e.g. 1024) replays a full, sliding window instead. Every request runs to its end.
 
-Each request runs twice back to back, cold (no cache) and warm (the session's cache, one per
-gate, kept across files), alternating which goes first, so the load of a shared machine hits
-both alike. Latency counts the prompt pass, decoding and storing into the cache; time to
-first token is the prompt pass. Both runs must give the same tokens (greedy; the prefix
-cache is exact): the count is printed. Decoding dominates a warm request, so the ratio
-depends on completion length: it is also printed for shorter caps, read off the same run's
-per-token times (a run capped at k tokens does exactly the work of this one's first k).
-Without ``--policy`` the policy gate runs a RANDOM-INIT ExitPolicy (its cost, not its
-quality: at T=0.9 it seldom exits).
+Each request runs twice back to back, cold (no prefix cache) and warm (with it), alternating
+which goes first, so the load of a shared machine hits both alike. In process, both go through
+``GatedGenerator.stream`` (the warm one on a generator holding the session's ``PrefixCache``,
+one per gate, kept across files): latency runs until its ``Finished`` event (prompt pass,
+decoding, storing into the cache), time to first token until its first token event. With
+``--url`` the same requests go to a running server's ``/v1/completions`` as SSE streams, the
+cold one with ``cache_prompt: false`` (the server's one cache serves every gate). Both runs of a
+request must give the same completion (greedy; the prefix cache is exact): the count is
+printed. Decoding dominates a warm request, so the ratio depends on completion length: it is
+also printed for shorter caps, read off the same run's token times (a run capped at k tokens
+does exactly the work of this one's first k). Without ``--policy`` the policy gate runs a
+RANDOM-INIT ExitPolicy (its cost, not its quality: at T=0.9 it seldom exits); with ``--url``
+the server's own policy (the gate is left out when it has none).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import random
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a script from anywhere
 
-from greencode.config import DataConfig, GateConfig, ModelConfig  # noqa: E402
+from greencode.config import DataConfig, GateConfig, GenerationConfig, ModelConfig  # noqa: E402
 from greencode.data import load_corpus  # noqa: E402
 from greencode.gates import FullGate, Gate, PolicyGate  # noqa: E402
-from greencode.generate import GatedGenerator  # noqa: E402
-from greencode.modeling import load_model  # noqa: E402
+from greencode.generate import Finished, GatedGenerator  # noqa: E402
+from greencode.modeling import load_model, load_tokenizer  # noqa: E402
 from greencode.policy import ExitPolicy  # noqa: E402
-from greencode.prefix_cache import PrefixCache, full_depth_tokens, prefill_with_cache, remember  # noqa: E402
+from greencode.prefix_cache import PrefixCache, PrefixCacheStats  # noqa: E402
+from greencode.tokens import encode  # noqa: E402
 
 log = logging.getLogger("greencode.bench.ide_session")
 
 
-def llm_ls_prompt(text: str, cursor: int, tokenizer, budget: int) -> str:
+def llm_ls_prompt(text: str, cursor: int, tokenizer: Any, budget: int) -> str:
     """llm-ls's prompt without FIM: lines above the cursor, nearest first, while their token counts fit."""
     start = text.rfind("\n", 0, cursor) + 1
     lines = [text[start:cursor]]
@@ -68,7 +76,7 @@ def llm_ls_prompt(text: str, cursor: int, tokenizer, budget: int) -> str:
         start = above
     kept, remaining = [], budget
     for line in lines:
-        n = len(tokenizer.encode(line, add_special_tokens=False))
+        n = len(encode(tokenizer, line))
         if n > remaining:
             break
         kept.append(line)
@@ -76,9 +84,10 @@ def llm_ls_prompt(text: str, cursor: int, tokenizer, budget: int) -> str:
     return "".join(reversed(kept))
 
 
-def session_cursors(text: str, tokenizer, start_tokens: int, requests: int, rng: random.Random) -> list[int] | None:
+def session_cursors(text: str, tokenizer: Any, start_tokens: int, requests: int,
+                    rng: random.Random) -> list[int] | None:
     """Cursor positions of one typing session, or None when the file is too short for it."""
-    ids = tokenizer(text, return_offsets_mapping=True)
+    ids = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
     if len(ids["input_ids"]) <= start_tokens:
         return None
     cursors = [ids["offset_mapping"][start_tokens][0]]
@@ -90,8 +99,9 @@ def session_cursors(text: str, tokenizer, start_tokens: int, requests: int, rng:
 @dataclass
 class Run:
     token_times_s: list[float]  # since the request started, when each new token was known
-    store_s: float  # storing prompt + completion into the cache at the end
-    tokens: list[int]
+    end_s: float  # since the request started, when it was over (after storing into the cache)
+    completion: list[int] | str  # token ids in process, text over HTTP
+    tokens: int
     reused: int
     prompt_tokens: int
 
@@ -100,33 +110,84 @@ class Run:
         return self.token_times_s[0]
 
     def latency_s(self, cap: int | None = None) -> float:
-        """End to end; with ``cap``, what a request capped at ``cap`` new tokens took (its first ``cap`` tokens)."""
-        return self.token_times_s[min(cap or len(self.tokens), len(self.tokens)) - 1] + self.store_s
+        """End to end; with ``cap``, what a request capped at ``cap`` new tokens took (its first ``cap`` tokens,
+        plus the same closing work)."""
+        if cap is None or cap >= len(self.token_times_s):
+            return self.end_s
+        return self.token_times_s[cap - 1] + (self.end_s - self.token_times_s[-1])
 
 
-def complete(gen: GatedGenerator, store: PrefixCache, prompt: list[int], gate: Gate, max_new: int,
-             keep: bool) -> Run:
-    """One single-line completion reusing ``store``; ``keep`` also stores its prompt and full-depth completion.
+class InProcess:
+    """The model in this process, through GatedGenerator.stream: one generator without a cache, one with the
+    session cache of each gate."""
 
-    A cold request passes an empty store (budget 0) and ``keep=False``: its prompt pass is the
-    generator's plain one.
-    """
-    lm, tok = gen.lm, gen.lm.tokenizer
-    t0 = time.perf_counter()
-    pre = prefill_with_cache(gen, store, [prompt], store_prompts=keep)
-    attn, out = pre.attention_mask, pre.output
-    ids, layers = [int(out.logits[0].argmax())], [int(out.exit_layers[0])]
-    times = [time.perf_counter() - t0]
-    while len(ids) < max_new and ids[-1] not in gen.eos_ids and "\n" not in tok.decode(ids):
-        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-        out = gen.step(torch.tensor([[ids[-1]]], device=lm.device), attn, pre.cache, gate)
-        ids.append(int(out.logits[0].argmax()))
-        layers.append(int(out.exit_layers[0]))
-        times.append(time.perf_counter() - t0)
-    t1 = time.perf_counter()
-    if keep:  # the completion's full-depth K/V too: a suggestion the user accepts is then cached
-        remember(store, pre.cache, attn, [full_depth_tokens(prompt, ids, layers, lm.num_layers)])
-    return Run(times, time.perf_counter() - t1, ids, pre.reused[0], len(prompt))
+    def __init__(self, lm: Any, gates: dict[str, Gate], cache_mb: float) -> None:
+        self.gates = gates
+        self.cold = GatedGenerator(lm)
+        self.stores = {name: PrefixCache(int(cache_mb * 2**20), lm.fingerprint) for name in gates}
+        self.warm = {name: GatedGenerator(lm, self.cold.meter, store) for name, store in self.stores.items()}
+
+    def complete(self, prompt: str, gate: str, cached: bool, cfg: GenerationConfig) -> Run:
+        gen = self.warm[gate] if cached else self.cold
+        times, t0 = [], time.perf_counter()
+        for item in gen.stream([prompt], self.gates[gate], cfg):
+            if isinstance(item, Finished):
+                end = time.perf_counter() - t0
+                [result] = item.results
+            else:
+                times.extend([time.perf_counter() - t0] * len(item))
+        return Run(times, end, result.token_ids, len(result.token_ids), result.cached_prompt_tokens,
+                   result.prompt_tokens)
+
+    def cache_stats(self, gate: str) -> PrefixCacheStats | None:
+        return self.stores[gate].stats()
+
+
+class OverHttp:
+    """A running GreenCode server: OpenAI completions as SSE, ``cache_prompt: false`` for the cold run."""
+
+    def __init__(self, url: str, api_key: str | None, tokenizer: Any) -> None:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=600)
+        self.tokenizer = tokenizer
+        self.health = self.client.get("/health").json()
+
+    def complete(self, prompt: str, gate: str, cached: bool, cfg: GenerationConfig) -> Run:
+        body = {"model": "greencode", "prompt": prompt, "max_tokens": cfg.max_new_tokens, "temperature": 0,
+                "stop": cfg.stop, "stream": True, "gate": gate, "cache_prompt": cached}
+        times, text, details, t0 = [], "", {}, time.perf_counter()
+        with self.client.stream("POST", "/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                raise SystemExit(f"{response.status_code} from the server: {response.read().decode()[:500]}")
+            for chunk in _sse(response.iter_lines()):
+                times.append(time.perf_counter() - t0)
+                text += chunk["choices"][0]["text"]
+                details = chunk.get("greencode", details)
+        end = time.perf_counter() - t0
+        tokens, reused = len(details.get("layers_per_token", times)), details.get("cached_prompt_tokens", 0)
+        return Run(times, end, text, tokens, reused, len(encode(self.tokenizer, prompt)))
+
+    def cache_stats(self, gate: str) -> PrefixCacheStats | None:
+        """The server's one cache (all gates), from /metrics."""
+        values: dict[str, float] = {}
+        for line in self.client.get("/metrics").text.splitlines():
+            if line.startswith("greencode_prefix_cache_") and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                key = name.split("{")[0].removeprefix("greencode_prefix_cache_").removesuffix("_total")
+                values[key] = values.get(key, 0.0) + float(value)
+        if not values:
+            return None
+        return PrefixCacheStats(*(int(values.get(k, 0)) for k in ("lookups", "hits", "prompt_tokens", "reused_tokens",
+                                                                  "entries", "bytes", "budget_bytes", "evictions",
+                                                                  "rejected")))
+
+
+def _sse(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
+    for line in lines:
+        if line.startswith("data: ") and line != "data: [DONE]":
+            yield json.loads(line[6:])
 
 
 @dataclass
@@ -142,9 +203,18 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
+def ratio(cell: Cell, q: float, cap: int | None = None) -> float:
+    """Cache on over cache off, at quantile ``q`` of the latency (of requests capped at ``cap`` tokens)."""
+    return pct([r.latency_s(cap) for r in cell.warm], q) / pct([r.latency_s(cap) for r in cell.cold], q)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="embedded", help="model.name (default: the embedded SmolLM2-135M)")
+    p.add_argument("--model", default="embedded",
+                   help="model.name (default: the embedded SmolLM2-135M); with --url, only its tokenizer is loaded "
+                        "(the server's model must use the same)")
+    p.add_argument("--url", help="a running GreenCode server instead of the model in this process")
+    p.add_argument("--api-key", help="--url: the server's API key")
     p.add_argument("--policy", help="ExitPolicy file; default: a RANDOM-INIT policy, clearly labelled")
     p.add_argument("--threshold", type=float, default=GateConfig().threshold, help="policy threshold T")
     p.add_argument("--files", type=int, default=3, help="held-out files, one typing session each")
@@ -154,8 +224,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the cursor starts after this many tokens of the file "
                         "(beyond --context-tokens: a full, sliding window)")
     p.add_argument("--max-new-tokens", type=int, default=30, help="single-line completions stop earlier, at a newline")
-    p.add_argument("--cache-mb", type=float, default=256.0, help="prefix cache budget per gate")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--cache-mb", type=float, default=256.0, help="in process: prefix cache budget per gate")
+    p.add_argument("--threads", type=int, default=2, help="in process: torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -165,23 +235,33 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
-    lm = load_model(ModelConfig(name=args.model))
-    tok = lm.tokenizer
-    gen = GatedGenerator(lm)
-    budget = min(args.context_tokens, getattr(lm.model.config, "max_position_embeddings", args.context_tokens)
-                 - args.max_new_tokens)
-    empty = PrefixCache(0, lm.fingerprint)
-
-    if args.policy:
-        policy = ExitPolicy.load(args.policy, hidden_size=lm.hidden_size, exit_points=lm.exit_points,
-                                 model_fingerprint=lm.fingerprint)
-        policy_label = f"policy file {args.policy}"
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, stop=["\n"])
+    backend: InProcess | OverHttp
+    if args.url:
+        tok = load_tokenizer(ModelConfig(name=args.model))
+        backend = OverHttp(args.url, args.api_key, tok)
+        positions = backend.health["context_limit"]
+        gate_names = ["full"] + (["policy"] if backend.health.get("policy") else [])
+        policy_label = f"the server's ({backend.health.get('policy') or 'none: gate left out'}), its default T"
+        where = f"server {args.url} ({backend.health['model']}, prefix cache "
+        where += f"{backend.health.get('prefix_cache_mb')} MiB, shared by the gates)"
     else:
-        policy = ExitPolicy(lm.hidden_size, exit_points=lm.exit_points, model_fingerprint=lm.fingerprint)
-        policy_label = "RANDOM-INIT policy (untrained: the gate's cost, not its quality)"
-    gates: dict[str, Gate] = {"full": FullGate(), f"policy(T={args.threshold})": PolicyGate(policy, args.threshold)}
-    stores = {name: PrefixCache(int(args.cache_mb * 2**20), lm.fingerprint) for name in gates}
-    cells = {name: Cell() for name in gates}
+        lm = load_model(ModelConfig(name=args.model))
+        tok = lm.tokenizer
+        positions = getattr(lm.model.config, "max_position_embeddings", args.context_tokens)
+        if args.policy:
+            policy = ExitPolicy.load_for(args.policy, lm)
+            policy_label = f"policy file {args.policy}"
+        else:
+            policy = ExitPolicy(lm.hidden_size, exit_points=lm.exit_points, model_fingerprint=lm.fingerprint)
+            policy_label = "RANDOM-INIT policy (untrained: the gate's cost, not its quality)"
+        gates: dict[str, Gate] = {"full": FullGate(), f"policy(T={args.threshold})": PolicyGate(policy, args.threshold)}
+        backend = InProcess(lm, gates, args.cache_mb)
+        gate_names = list(gates)
+        where = f"in process, {args.threads} torch threads, prefix cache {args.cache_mb:.0f} MiB per gate"
+        backend.complete("def f(x):\n    return", "full", False, cfg)  # warm-up
+    budget = min(args.context_tokens, positions - args.max_new_tokens)
+    cells = {name: Cell() for name in gate_names}
 
     rng = random.Random(args.seed)
     sessions = []
@@ -195,32 +275,32 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"only {len(sessions)} held-out files are long enough for {args.requests} requests "
                          f"from token {args.start_tokens}")
 
-    complete(gen, empty, tok("def f(x):\n    return")["input_ids"], FullGate(), 3, keep=False)  # warm-up
     t_start = time.perf_counter()
     for f, cursors in sessions:
         log.info("session on %s: %d requests", f.path, len(cursors))
         for i, cursor in enumerate(cursors):
-            prompt = tok(llm_ls_prompt(f.text, cursor, tok, budget))["input_ids"]
-            log.debug("request %d: %d prompt tokens", i, len(prompt))
-            for name, gate in gates.items():
-                order = (False, True) if i % 2 == 0 else (True, False)
-                for warm in order:
-                    store = stores[name] if warm else empty
-                    run = complete(gen, store, prompt, gate, args.max_new_tokens, keep=warm)
+            prompt = llm_ls_prompt(f.text, cursor, tok, budget)
+            for name in gate_names:
+                for warm in ((False, True) if i % 2 == 0 else (True, False)):
+                    run = backend.complete(prompt, name, warm, cfg)
                     (cells[name].warm if warm else cells[name].cold).append(run)
     wall = time.perf_counter() - t_start
+    report(args, cells, backend, sessions, budget, wall, where, policy_label)
 
+
+def report(args: argparse.Namespace, cells: dict[str, Cell], backend: InProcess | OverHttp, sessions: list[Any],
+           budget: int, wall: float, where: str, policy_label: str) -> None:
     requests = sum(len(c) for _, c in sessions)
-    prompt_lens = [r.prompt_tokens for r in cells["full"].cold]
-    new_tokens = [len(r.tokens) for r in cells["full"].cold]
-    print(f"\nIDE typing sessions: model {args.model} ({lm.num_layers} layers), {len(sessions)} held-out stdlib files "
-          f"x {args.requests} requests ({requests}), cursor +1-5 chars per request, {args.threads} torch threads, "
-          f"{wall / 60:.1f} min")
+    first = next(iter(cells.values()))
+    prompt_lens = [r.prompt_tokens for r in first.cold]
+    new_tokens = [r.tokens for r in first.cold]
+    print(f"\nIDE typing sessions: model {args.model}, {len(sessions)} held-out stdlib files x {args.requests} "
+          f"requests ({requests}), cursor +1-5 chars per request; {where}; {wall / 60:.1f} min")
     print(f"prompts: llm-ls lines above the cursor within {budget} tokens (mean {statistics.mean(prompt_lens):.0f}, "
           f"min {min(prompt_lens)}, max {max(prompt_lens)}); single-line completions: stop at a newline or "
-          f"{args.max_new_tokens} tokens, greedy (full gate: mean {statistics.mean(new_tokens):.1f} new tokens, "
-          f"median {statistics.median(new_tokens):.0f})")
-    print(f"policy gate: {policy_label}")
+          f"{args.max_new_tokens} tokens, greedy ({next(iter(cells))} gate: mean {statistics.mean(new_tokens):.1f} "
+          f"new tokens, median {statistics.median(new_tokens):.0f})")
+    print(f"policy gate: {policy_label}; lossless: not available in this build")
     print(f"{'gate':<16} {'cache':<5} {'p50 s':>7} {'p95 s':>7} {'ttft p50':>9} {'ttft p95':>9} {'reused':>7} "
           f"{'misses':>6}")
     for name, cell in cells.items():
@@ -235,20 +315,16 @@ def main(argv: list[str] | None = None) -> None:
     for name, cell in cells.items():
         ttft_on, ttft_off = [r.ttft_s for r in cell.warm], [r.ttft_s for r in cell.cold]
         paired = [w.latency_s() / c.latency_s() for w, c in zip(cell.warm, cell.cold)]
-        same = sum(w.tokens == c.tokens for w, c in zip(cell.warm, cell.cold))
+        same = sum(w.completion == c.completion for w, c in zip(cell.warm, cell.cold))
         by_cap = ", ".join(f"<={cap}: x{ratio(cell, .5, cap):.2f}" for cap in caps)
         print(f"{name}: cache on/off p50 latency x{ratio(cell, .5):.2f}, p95 x{ratio(cell, .95):.2f}, "
               f"p50 time to first token x{pct(ttft_on, .5) / pct(ttft_off, .5):.2f}, per-request latency ratio "
-              f"median x{statistics.median(paired):.2f}; same tokens {same}/{len(paired)}")
+              f"median x{statistics.median(paired):.2f}; same completion {same}/{len(paired)}")
         print(f"  p50 latency ratio by completion cap (new tokens): {by_cap}")
-        st = stores[name].stats()
-        print(f"  cache: {st.entries} entries, {st.bytes_held / 2**20:.1f} MiB held of {st.budget_bytes / 2**20:.0f}, "
-              f"{st.evictions} evictions, token hit rate {st.hit_rate:.1%}")
-
-
-def ratio(cell: Cell, q: float, cap: int | None = None) -> float:
-    """Cache on over cache off, at quantile ``q`` of the latency (of requests capped at ``cap`` tokens)."""
-    return pct([r.latency_s(cap) for r in cell.warm], q) / pct([r.latency_s(cap) for r in cell.cold], q)
+        st = backend.cache_stats(name)
+        if st is not None:
+            print(f"  cache: {st.entries} entries, {st.bytes_held / 2**20:.1f} MiB held of "
+                  f"{st.budget_bytes / 2**20:.0f}, {st.evictions} evictions, token hit rate {st.hit_rate:.1%}")
 
 
 if __name__ == "__main__":
