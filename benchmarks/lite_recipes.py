@@ -43,20 +43,17 @@ from typing import Any
 import torch
 
 from greencode.atomic import atomic_path
+from greencode.blocks import BlockSampler, BlockSet, build_blocks
+from greencode.checkpoints import exit_plan, save_model_dir
 from greencode.config import DataConfig, ExitConfig, FinetuneConfig, ModelConfig, load_config, parse_overrides
 from greencode.data import SourceFile, load_corpus
 from greencode.modeling import EarlyExitModel, load_model
 from greencode.training import (
-    BlockSampler,
-    BlockSet,
     LiteStepper,
-    build_blocks,
     build_objective,
     build_optimizer,
     build_scheduler,
-    exit_plan,
     exit_predictions,
-    save_model_dir,
 )
 
 log = logging.getLogger("benchmarks.lite_recipes")
@@ -291,7 +288,9 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for recipe in recipes:
         results.append(train(base, recipe, data, args, reference))
-        log.info("%s done: %d steps in %.0f s", recipe.name, results[-1].steps, results[-1].seconds)
+        r = results[-1]
+        log.info("%s done: %d steps in %.0f s; acc %.3f, final=base %.3f, exits %s", recipe.name, r.steps, r.seconds,
+                 r.acc, r.final_agree, " ".join(f"{a:.3f}" for a in r.exit_agree))
     limit = " and ".join(x for x in (f"{args.steps} steps" if args.steps else "",
                                      f"{args.budget_s:g} s" if args.budget_s else "") if x)
     print(f"\nLITE recipes: up to {limit} each, {targets.numel()} held-out positions "

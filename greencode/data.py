@@ -1,4 +1,4 @@
-"""Code corpora -> files, completion samples and training blocks (METHOD §3 and §6).
+"""Code corpora -> files and completion samples (METHOD §3 and §6).
 
 A corpus is a list of :class:`SourceFile` read from one source spec:
 
@@ -23,12 +23,13 @@ import random
 import re
 import sysconfig
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from greencode.config import DataConfig
+from greencode.tokens import encode
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +247,8 @@ def _space_between(prev: str, tok: str) -> bool:
     if tok in _NO_SPACE_BEFORE or prev in _NO_SPACE_AFTER:
         return False
     if tok in ("(", "["):  # a call or index sticks to its callee: f(x), a[i], g()(y)
-        return not (prev in (")", "]") or (prev[-1:].isalnum() or prev[-1:] == "_") and prev not in _KEYWORDS_BEFORE_PAREN)
+        callee = (prev[-1:].isalnum() or prev[-1:] == "_") and prev not in _KEYWORDS_BEFORE_PAREN
+        return not (prev in (")", "]") or callee)
     return True
 
 
@@ -379,26 +381,27 @@ class CompletionSample:
     target_ids: list[int]
     context_text: str
     target_text: str
-
-
-def encode(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of raw file text, without BOS/EOS (a file is data, not a chat turn)."""
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    suffix_text: str = ""  # fill-in-the-middle samples: the file after the target (the model sees it too)
 
 
 def _sample(tokenizer: Any, sample_id: str, src: SourceFile, ids: list[int], cut: int, context_cap: int,
-            target_tokens: int) -> CompletionSample:
+            target_tokens: int, suffix_tokens: int = 0) -> CompletionSample:
     context, target = ids[:cut][-context_cap:], ids[cut : cut + target_tokens]
+    suffix = ids[cut + target_tokens : cut + target_tokens + suffix_tokens]
     return CompletionSample(sample_id, src.path, src.lang, context, target,
-                            tokenizer.decode(context), tokenizer.decode(target))
+                            tokenizer.decode(context), tokenizer.decode(target),
+                            tokenizer.decode(suffix) if suffix else "")
 
 
 def line_completion_samples(files: Sequence[SourceFile], tokenizer: Any, num_samples: int, *,
                             context_fraction: float = 0.2, context_cap: int = 512, target_tokens: int = 15,
-                            min_file_tokens: int = 64, seed: int = 0) -> list[CompletionSample]:
+                            min_file_tokens: int = 64, seed: int = 0,
+                            suffix_tokens: int = 0) -> list[CompletionSample]:
     """METHOD §6: one sample per file (files in a seeded order): context = the first
     ``context_fraction`` of its tokens (the last ``context_cap`` of them), target = the
-    next ``target_tokens``. Files shorter than ``min_file_tokens`` are passed over."""
+    next ``target_tokens``. Files shorter than ``min_file_tokens`` are passed over.
+    ``suffix_tokens`` > 0 makes fill-in-the-middle samples: the target is then a span cut from
+    the file, and up to that many tokens after it are the sample's ``suffix_text``."""
     if not 0 < context_fraction < 1:
         raise ValueError(f"context_fraction must be in (0, 1), got {context_fraction}")
     order = sorted(files, key=lambda f: _hash_key(seed, f.path))
@@ -410,7 +413,8 @@ def line_completion_samples(files: Sequence[SourceFile], tokenizer: Any, num_sam
         if len(ids) < max(min_file_tokens, 2):
             continue
         cut = max(1, min(int(len(ids) * context_fraction), len(ids) - 1))
-        samples.append(_sample(tokenizer, f"{src.path}@{context_fraction}", src, ids, cut, context_cap, target_tokens))
+        samples.append(_sample(tokenizer, f"{src.path}@{context_fraction}", src, ids, cut, context_cap, target_tokens,
+                               suffix_tokens))
     if len(samples) < num_samples:
         log.warning("only %d of %d requested samples: too few files with >= %d tokens",
                     len(samples), num_samples, min_file_tokens)
@@ -448,23 +452,3 @@ def random_cut_samples(files: Sequence[SourceFile], tokenizer: Any, num_samples:
         samples.append(_sample(tokenizer, f"{len(samples)}:{src.path}@{cut}", src, ids, cut, context_cap,
                                RANDOM_CUT_TARGET))
     return samples
-
-
-def token_blocks(files: Iterable[SourceFile], tokenizer: Any, seq_len: int, *, pack: bool = True) -> Iterator[list[int]]:
-    """Fine-tuning input. ``pack``: files joined with EOS, cut into blocks of exactly ``seq_len``
-    (the incomplete tail is dropped). Otherwise one block per file (its tokens + EOS,
-    truncated to ``seq_len``; shorter blocks are padded by the caller)."""
-    if seq_len < 1:
-        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-    eos = tokenizer.eos_token_id
-    tail = [eos] if eos is not None else []
-    buffer: list[int] = []
-    for src in files:
-        ids = encode(tokenizer, src.text) + tail
-        if not pack:
-            yield ids[:seq_len]
-            continue
-        buffer.extend(ids)
-        while len(buffer) >= seq_len:
-            yield buffer[:seq_len]
-            buffer = buffer[seq_len:]

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny
 
+from conftest import make_tiny
+from greencode.blocks import BlockSet
 from greencode.config import ConfigError, FinetuneConfig, LiteLossConfig, validate
 from greencode.lite import distill_loss, teacher_log_probs
 from greencode.training import (
-    BlockSet,
     FrozenTeacher,
     LiteObjective,
     LiteStepper,
