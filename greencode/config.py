@@ -77,7 +77,8 @@ class LiteLossConfig(_Strict):
     gradual_fraction: float = Field(0.5, gt=0, le=1,
                                     description="gradual: share of max_steps after which all exits are on")
     position_fraction: float = Field(1.0, gt=0, le=1,
-                                     description="share of positions whose exit losses a step computes (final layer: all)")
+                                     description="share of positions whose exit losses a step computes "
+                                                 "(final layer: all)")
 
     @property
     def distill_share(self) -> float:

@@ -160,8 +160,9 @@ def test_exits_can_leave_the_shared_head_to_the_final_layer():
     from greencode.modeling import wrap_model
 
     torch.manual_seed(0)
+    # untied: the head's gradient is the head's own
     cfg = LlamaConfig(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=12,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)  # untied: the head's gradient is the head's own
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
     start = LlamaForCausalLM(cfg)
     ids = torch.randint(0, 500, (2, 12))
     grads = {}
