@@ -209,6 +209,32 @@ class FinetuneConfig(_Strict):
     seed: int = Field(0, description="seed of the model init and the data order")
 
 
+class LiteSweepConfig(_Strict):
+    """`greencode lite-sweep`: Ray Tune over the LITE loss, one Ray Train fine-tuning run per trial.
+
+    ``grid`` maps dotted FinetuneConfig keys (``loss.target``, ``optim.lr``, ...) to the values
+    tried; trials are their product. Every trial is scored on ``base``'s validation blocks
+    against the base model: final-layer next-token accuracy as a share of the base model's, and
+    the agreement of the exits at or past ``deep_from`` of the depth with the base model's final
+    prediction (the deep exits the gate uses most). The best trial is the one with the most deep
+    agreement among those keeping ``min_final_ratio`` of the base accuracy (the full-depth quality
+    the demo must keep; 0.96 of next-token accuracy tracked >= 0.95 of ROUGE-L/CodeBLEU).
+    """
+
+    base: FinetuneConfig = Field(default_factory=FinetuneConfig, description="every trial's fine-tuning settings")
+    grid: dict[str, list[Any]] = Field(
+        default_factory=lambda: {"loss.target": ["dataset", "distill"], "optim.lr": [3e-5, 1e-4]},
+        description="dotted FinetuneConfig key -> values tried (their product is the trials)")
+    deep_from: float = Field(0.5, ge=0, lt=1, description="exits deeper than this share of the layers are scored")
+    min_final_ratio: float = Field(0.96, ge=0, le=1.5,
+                                   description="a best trial keeps at least this share of the base final accuracy")
+    max_concurrent: int | None = Field(None, ge=1, description="trials at a time; None = as many as the CPUs fit")
+    storage_path: str = Field("runs/lite_sweep", description="Tune's storage (each trial's Ray Train run under it)")
+    name: str = Field("lite_sweep", description="the sweep's dir under storage_path; a rerun resumes it")
+    output_path: str = Field("runs/lite_sweep/best.yaml",
+                             description="the best settings as a `finetune:` block for --config")
+
+
 # --------------------------------------------------------------------------- shards + env + PPO
 
 
