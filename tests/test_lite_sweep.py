@@ -6,9 +6,9 @@ import csv
 
 import pytest
 import torch
-from test_finetune import tiny_run_config
 
 from greencode.config import ConfigError, LiteSweepConfig, PipelineConfig, load_config
+from test_finetune import tiny_run_config
 from workflows.lite_sweep import pick_best, score, trial_grid
 
 

@@ -32,7 +32,7 @@ import yaml
 
 from greencode.atomic import write_atomic, write_json
 from greencode.blocks import BlockSet
-from greencode.config import ConfigError, FinetuneConfig, LiteSweepConfig, set_dotted, validate
+from greencode.config import ConfigError, FinetuneConfig, LiteSweepConfig, set_dotted
 from greencode.scoring import pareto_front
 from workflows.common import ConfigCommand, cli_errors, init_ray
 
