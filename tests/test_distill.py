@@ -191,3 +191,18 @@ def test_kl_matches_torch_reference_on_random_logits():
     student, teacher = torch.randn(4, 9), torch.randn(4, 9)
     expected = F.kl_div(F.log_softmax(student, -1), F.softmax(teacher, -1), reduction="batchmean")
     torch.testing.assert_close(distill_loss(student, teacher_log_probs(teacher, 1.0), 1.0), expected)
+
+
+@pytest.mark.ray
+def test_distill_config_trains_under_ray_train_with_two_cpu_workers(ray_local, tiny_model_dir, tmp_path):
+    from greencode.checkpoints import read_exit_plan
+    from test_finetune import tiny_run_config
+    from workflows.finetune import fit, publish
+
+    cfg = tiny_run_config(tiny_model_dir, tmp_path, max_steps=2, checkpoint_every=2, val_every=2,
+                          loss={"target": "distill", "anchor_weight": 0.5})
+    result = fit(cfg)
+    assert result.metrics["train/ranks"] == 2 and math.isfinite(result.metrics["train/loss"])
+    assert all(math.isfinite(result.metrics[f"train/loss_l{k}"]) for k in (4, 6, 10, 12))
+    plan = read_exit_plan(publish(cfg, result))
+    assert plan["step"] == 2 and plan["loss"]["target"] == "distill"
