@@ -1,7 +1,7 @@
 """LITE recipes side by side: which keeps the final layer and teaches the deep exits most per CPU-second.
 
     .venv/bin/python -m benchmarks.lite_recipes --steps 40                        # every built-in recipe
-    .venv/bin/python -m benchmarks.lite_recipes --budget-s 400 --recipes demo-today,distill-deep
+    .venv/bin/python -m benchmarks.lite_recipes --budget-s 400 --recipes demo,old-demo,distill-deep
     .venv/bin/python -m benchmarks.lite_recipes --steps 30 --recipe 'mine: loss.target=mix optim.lr=1e-4'
     .venv/bin/python -m benchmarks.lite_recipes --timing 3                        # per-step cost only
     .venv/bin/python -m benchmarks.lite_recipes --steps 60 --recipes distill-deep --save /tmp/recipes
@@ -9,7 +9,7 @@
 
 Every recipe starts from the same model (the embedded SmolLM2-135M unless ``--model``) and trains,
 in this process (no Ray), on the same data order: blocks of the stdlib's ``train`` split in a seeded
-permutation (``greencode.training.BlockSampler``), until ``--steps`` optimizer steps or ``--budget-s``
+permutation (``greencode.blocks.BlockSampler``), until ``--steps`` optimizer steps or ``--budget-s``
 seconds of training, whichever comes first. It is then scored on held-out blocks of the
 ``validation`` split (never trained on), always cut at ``--val-seq-len``:
 
