@@ -17,7 +17,7 @@ from greencode.lite import (
     sample_rows,
     token_cross_entropy,
 )
-from greencode.training import LiteObjective
+from greencode.training import LiteObjective, MetricWindow, StepStats
 
 
 def objective(lm, weights=None, **loss):
@@ -174,3 +174,14 @@ def test_exits_can_leave_the_shared_head_to_the_final_layer():
     (head_trained, layer_trained), (head_frozen, layer_frozen) = grads[True], grads[False]
     assert head_trained.abs().sum() > 0 and (head_frozen is None or head_frozen.abs().sum() == 0)
     torch.testing.assert_close(layer_frozen, layer_trained)  # the layers learn exactly as before
+
+
+def test_metric_window_averages_each_exit_over_the_steps_that_decoded_it():
+    window = MetricWindow(3, torch.device("cpu"))
+    window.add(StepStats(1.0, [math.nan, 2.0, 5.0], 0.5, 10))  # exit 4 not sampled this step
+    window.add(StepStats(3.0, [1.0, 4.0, 7.0], 1.5, 10))
+    out = window.flush([4, 8, 12])
+    assert out["train/loss"] == 2.0 and out["train/loss_l4"] == 1.0 and out["train/loss_l8"] == 3.0
+    assert out["train/loss_l12"] == 6.0 and out["train/grad_norm"] == 1.0
+    window.add(StepStats(1.0, [math.nan, 1.0, 1.0], 0.0, 10))
+    assert math.isnan(window.flush([4, 8, 12])["train/loss_l4"])
