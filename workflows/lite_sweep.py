@@ -210,7 +210,9 @@ def run(cfg: LiteSweepConfig) -> dict[str, Any]:
     params = {k: best[k] for k in cfg.grid}
     write_atomic(cfg.output_path, "# written by greencode lite-sweep: the best trial's settings\n"
                  + yaml.safe_dump({"finetune": nested(params)}, sort_keys=False))
-    summary = {"best": params, "scores": {k: v for k, v in best.items() if k not in params},
+    untuned = score(reference["reference"], reference["targets"], reference["reference"], reference["layers"],
+                    cfg.deep_from)  # the starting point every trial is compared with
+    summary = {"best": params, "scores": {k: v for k, v in best.items() if k not in params}, "untuned": untuned,
                "best_yaml": str(Path(cfg.output_path).resolve()), "results_csv": str(out_dir / "results.csv"),
                "pareto_csv": str(out_dir / "pareto.csv"), "tensorboard": f"tensorboard --logdir {out_dir / 'trials'}",
                "trials": len(rows)}
