@@ -9,6 +9,7 @@ import pytest
 
 from conftest import save_tiny
 from greencode.config import validate, PipelineConfig
+from greencode.manifest import Manifest, StageIdentity
 
 pytestmark = pytest.mark.ray
 
@@ -62,8 +63,8 @@ def test_pipeline_end_to_end_then_resume(ray_local, tiny_setup):
     stages = manifest["stages"]
     assert {k: stages[k]["finished_at"] for k in done_before} == done_before
     assert set(stages) == {"finetune", "extract", "extract_heldout", "train_policy", "evaluate"}
-    assert all(s["status"] == "done" and s["artifacts"] for s in stages.values())
-    assert manifest["versions"]["torch"] and "config" in manifest
+    assert all(s["status"] == "done" and s["artifacts"] and s["config"] for s in stages.values())
+    assert stages["finetune"]["versions"]["torch"]
 
     report = root / "run" / "report"
     for name in ("results.json", "results.csv", "report.md", "quality_vs_layers.png"):
@@ -77,5 +78,6 @@ def test_pipeline_end_to_end_then_resume(ray_local, tiny_setup):
     # A changed artifact is noticed and its stage redone.
     policy = Path(outcome["plans"]["train_policy"].output_path)
     policy.unlink()
-    mf = pipeline.Manifest(root / "run" / "manifest.json", full)
-    assert not mf.finished("train_policy") and mf.finished("extract")
+    mf = Manifest(root / "run" / "manifest.json")
+    recorded = {k: StageIdentity(v["config"], v["inputs"]) for k, v in mf.stages.items()}
+    assert not mf.decide("train_policy", recorded["train_policy"]).reuse and mf.decide("extract", recorded["extract"]).reuse
