@@ -10,10 +10,11 @@ it is swapped in three renames, each of which leaves a complete artifact on disk
 2. ``tmp``  -> ``dest``        (the new one is live)
 3. ``.dest.old`` -> ``.dest.trash-*``, then deleted (never deleted under a name that could be trusted)
 
-A kill between 1 and 2 leaves only ``.dest.old``: :func:`recover_dir` (run before every swap and
-by readers that care) renames it back. A kill after 2 leaves both: the old one is deleted. Temp
-dirs of writers that died, and trash, are removed on the next swap. Swaps of one ``dest`` are
-serialised by a lock file ``.dest.lock`` beside it.
+A kill between 1 and 2 leaves only ``.dest.old``: :func:`recover` (run before every swap, and by
+the pipeline before it looks at a stage's outputs) renames it back. A kill after 2 leaves both: the
+old one is deleted. Temp files and dirs carry their writer's host and pid
+(``.dest.tmp-<host>-<pid>-*``), so those of writers that died are found and removed. Swaps of one
+``dest`` are serialised by a lock file ``.dest.lock`` beside it.
 """
 
 from __future__ import annotations
@@ -44,7 +45,27 @@ def _umask() -> int:
 
 
 def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())
+
+
+def _temp_prefix(dest: Path) -> str:
+    return f".{dest.name}.tmp-{_host()}-{os.getpid()}-"
+
+
+_TEMP = re.compile(r"^\..+\.tmp-(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-[^/]*$")
+
+
+def _dead_writers_temp(path: Path) -> bool:
+    """Whether ``path`` is a temp file/dir of a writer on this host that is no longer running."""
+    m = _TEMP.match(path.name)
+    return bool(m) and m["host"] == _host() and not pid_alive(int(m["pid"]))
+
+
+def _delete(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _side(dest: Path, kind: str) -> Path:
@@ -74,7 +95,7 @@ def _discard(path: Path, dest: Path) -> None:
 
 
 def _recover(dest: Path) -> None:
-    """The body of :func:`recover_dir`; the caller holds the swap lock."""
+    """The part of :func:`recover` beside ``dest``; the caller holds the swap lock."""
     old = _side(dest, "old")
     if old.exists():
         if dest.exists():
@@ -84,26 +105,26 @@ def _recover(dest: Path) -> None:
             log.warning("%s: restoring the previous version (a swap was interrupted before the new one was in)", dest)
             os.rename(old, dest)
         _fsync_dir(dest.parent)
-    host = _host()
     for leftover in dest.parent.glob(f".{glob.escape(dest.name)}.*"):
-        kind = leftover.name[len(dest.name) + 2:]
-        if kind.startswith("trash-"):
-            shutil.rmtree(leftover, ignore_errors=True)
-        elif kind.startswith(f"tmp-{host}-"):
-            pid = kind[len(f"tmp-{host}-"):].split("-", 1)[0]
-            if pid.isdigit() and not pid_alive(int(pid)):
-                log.info("%s: removing %s, left by a writer that died", dest, leftover.name)
-                shutil.rmtree(leftover, ignore_errors=True)
+        if leftover.name.startswith(f".{dest.name}.trash-") or _dead_writers_temp(leftover):
+            log.info("%s: removing %s, left by a writer that died", dest, leftover.name)
+            _delete(leftover)
 
 
-def recover_dir(dest: str | Path) -> Path:
-    """Finish or undo an interrupted directory swap of ``dest``; drop dead writers' temp dirs and trash."""
-    dest = Path(dest)
-    if dest.parent.is_dir() and any(p.name != _side(dest, "lock").name
-                                    for p in dest.parent.glob(f".{glob.escape(dest.name)}.*")):
-        with FileLock(_side(dest, "lock")):
-            _recover(dest)
-    return dest
+def recover(path: str | Path) -> Path:
+    """Finish or undo an interrupted swap of ``path``, and remove temp files and dirs that writers
+    which died left beside it or (for a directory) anywhere inside it."""
+    path = Path(path)
+    if path.parent.is_dir() and any(p.name != _side(path, "lock").name
+                                    for p in path.parent.glob(f".{glob.escape(path.name)}.*")):
+        with FileLock(_side(path, "lock")):
+            _recover(path)
+    if path.is_dir():
+        for leftover in sorted(path.rglob(".*.tmp-*")):
+            if leftover.exists() and _dead_writers_temp(leftover):
+                log.info("%s: removing %s, left by a writer that died", path, leftover.relative_to(path))
+                _delete(leftover)
+    return path
 
 
 def _swap_in(tmp: Path, dest: Path) -> None:
@@ -124,11 +145,11 @@ def atomic_path(dest: str | Path, *, directory: bool = False) -> Iterator[Path]:
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     if directory:
-        recover_dir(dest)
-        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-{_host()}-{os.getpid()}-"))
+        recover(dest)
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=_temp_prefix(dest)))
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; artifacts are shared data
     else:
-        fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+        fd, name = tempfile.mkstemp(dir=dest.parent, prefix=_temp_prefix(dest), suffix=".tmp")
         os.close(fd)
         tmp = Path(name)
         os.chmod(tmp, 0o666 & ~_umask())
@@ -150,7 +171,7 @@ def atomic_path(dest: str | Path, *, directory: bool = False) -> Iterator[Path]:
 
 def remove_path(path: str | Path) -> None:
     """Delete an artifact (file or dir) and any interrupted swap's old version of it, so that no
-    kill leaves part of it under its own name and :func:`recover_dir` cannot bring an old one back."""
+    kill leaves part of it under its own name and :func:`recover` cannot bring an old one back."""
     path = Path(path)
     if not path.parent.is_dir():
         return

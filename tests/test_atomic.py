@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from greencode.atomic import atomic_path, recover_dir, remove_path, write_json
+from greencode.atomic import atomic_path, recover, remove_path, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,7 +77,7 @@ def test_sigkill_at_each_step_of_a_directory_swap_leaves_a_recoverable_artifact(
     if kill_at == "aside":
         assert not dest.exists() and version_of(tmp_path / ".model.old") == "old"
 
-    recover_dir(dest)
+    recover(dest)
     assert version_of(dest) == KILL_POINTS[kill_at]
     assert debris(tmp_path, "model") == []  # old version, trash and the dead writer's temp dir are gone
 
@@ -98,10 +98,30 @@ def test_a_failed_write_keeps_the_old_directory_and_leaves_no_temp(tmp_path):
     assert version_of(dest) == "old" and debris(tmp_path, "model") == []
 
 
+def test_temp_files_of_writers_that_died_are_removed_from_inside_a_directory(tmp_path):
+    parts = tmp_path / "report" / "parts" / "full"
+    parts.mkdir(parents=True)
+    writer = r"""
+import os, signal, sys
+from greencode.atomic import atomic_path
+with atomic_path(sys.argv[1]) as tmp:
+    tmp.write_text('{"half": ')
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+    proc = subprocess.run([sys.executable, "-c", writer, str(parts / "b0.json")], cwd=REPO, timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    with atomic_path(parts / "b1.json") as live:  # a writer still at work keeps its temp file
+        assert len(list(parts.glob(".b0.json.tmp-*"))) == 1
+        recover(tmp_path / "report")
+        assert live.exists() and not list(parts.glob(".b0.json.tmp-*"))
+        live.write_text("{}")
+    assert sorted(p.name for p in parts.iterdir()) == ["b1.json"]
+
+
 def test_a_live_writers_temp_dir_is_left_alone(tmp_path):
     dest = tmp_path / "model"
     with atomic_path(dest, directory=True) as tmp:
-        recover_dir(dest)  # another caller recovering while this process is still writing
+        recover(dest)  # another caller recovering while this process is still writing
         assert tmp.is_dir()
         make_version(tmp / "v", "new")
     assert (dest / "v").is_dir()
@@ -124,7 +144,7 @@ def test_remove_path_also_drops_an_interrupted_swaps_old_version(tmp_path):
     make_version(dest, "new")
     make_version(tmp_path / ".model.old", "old")
     remove_path(dest)
-    recover_dir(dest)
+    recover(dest)
     assert not dest.exists() and debris(tmp_path, "model") == []
     remove_path(tmp_path / "absent")  # nothing to remove is fine
 

@@ -28,7 +28,8 @@ time.sleep(120)
 
 
 def hold(path: Path, kind: str) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(path), kind], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(path), kind], cwd=REPO, stdout=subprocess.PIPE,
+                            text=True)
     assert proc.stdout.readline().strip() == "held"
     return proc
 
@@ -48,8 +49,9 @@ def test_second_holder_of_a_run_dir_fails_at_once_then_takes_over_after_a_sigkil
         pass
     assert f"taking over the lock of pid {holder.pid}" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="greencode.locks"), RunDirLock(tmp_path):  # released cleanly: no warning
-        with pytest.raises(RunDirBusy, match=f"pid {os.getpid()}"):  # one holder at a time, in-process too
+    # released cleanly: no warning; and one holder at a time, in-process too
+    with caplog.at_level(logging.WARNING, logger="greencode.locks"), RunDirLock(tmp_path):
+        with pytest.raises(RunDirBusy, match=f"pid {os.getpid()}"):
             RunDirLock(tmp_path).acquire()
     assert "taking over" not in caplog.text
 

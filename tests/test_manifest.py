@@ -38,7 +38,8 @@ def finished(root: Path, ident: StageIdentity, stage: str = "evaluate") -> Manif
 def test_a_finished_stage_with_the_same_identity_and_artifacts_is_reused(run_dir):
     manifest = finished(run_dir, identity(run_dir))
     decision = manifest.decide("evaluate", identity(run_dir))
-    assert decision.reuse and decision.artifact_digests[str(run_dir / "policy.pt")] == tree_digest(run_dir / "policy.pt")
+    assert decision.reuse
+    assert decision.artifact_digests[str(run_dir / "policy.pt")] == tree_digest(run_dir / "policy.pt")
     record = manifest.stages["evaluate"]
     assert record["config"]["output_dir"] == "${run_dir}/report" and record["inputs"]["policy"] == "sha256:p1"
     assert set(record["artifacts"]) == {"${run_dir}/model", "${run_dir}/policy.pt"}

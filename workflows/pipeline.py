@@ -25,7 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from greencode.atomic import recover_dir, remove_path, write_json
+from greencode.atomic import recover, remove_path, write_json
 from greencode.config import (
     ModelConfig,
     PipelineConfig,
@@ -47,6 +47,7 @@ log = logging.getLogger("greencode.pipeline")
 
 PRESETS = ("demo", "paper")
 MANIFEST = "manifest.json"
+PROVENANCE = "provenance.json"  # in the report dir: the model and policy it evaluated, by digest
 
 
 def preset_path(name: str) -> Path:
@@ -140,15 +141,13 @@ def _stages(cfg: PipelineConfig, plans: dict[str, Any]) -> list[Stage]:
     return [s for s in out if s.name in wanted]
 
 
-PROVENANCE = "provenance.json"
-
-
 def _write_provenance(stage: Stage, identity: StageIdentity) -> None:
     """Name in the report dir the exact model and policy it evaluated, by content digest."""
     ev = stage.config
     write_json(Path(ev.output_dir) / PROVENANCE, {
         "model": {"name": ev.model.name, "digest": identity.inputs.get("model")},
-        "base_model": {"name": ev.base_model.name, "digest": identity.inputs.get("base_model")} if ev.base_model else None,
+        "base_model": ({"name": ev.base_model.name, "digest": identity.inputs.get("base_model")}
+                       if ev.base_model else None),
         "policy": {"path": ev.policy_path, "digest": identity.inputs.get("policy")} if ev.policy_path else None,
         "stage_identity": identity.digest,
     })
@@ -215,8 +214,8 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         stages = _stages(cfg, plans)
         digests: dict[str, str | None] = {}
         for i, stage in enumerate(stages, 1):
-            for path in stage.scratch:
-                recover_dir(path)
+            for path in stage.scratch:  # interrupted swaps, and temp files of writers that were killed
+                recover(path)
             identity = _identity(stage, root, digests)
             decision = manifest.decide(stage.name, identity)
             if decision.reuse:
@@ -248,7 +247,8 @@ def final_message(cfg: PipelineConfig, outcome: dict[str, Any]) -> str:
         report = Path(plans["evaluate"].output_dir)
         lines += ["", (report / "report.md").read_text().strip(), ""]
         provenance = json.loads((report / PROVENANCE).read_text())
-        lines += [f"evaluated: {role} {item.get('name') or item.get('path')} ({item['digest'] or 'a hub id: no local files to digest'})"
+        lines += [f"evaluated: {role} {item.get('name') or item.get('path')} "
+                  f"({item['digest'] or 'a hub id: no local files to digest'})"
                   for role, item in provenance.items() if isinstance(item, dict)]
         lines += [f"plots: {p}" for p in sorted(report.glob("*.png"))]
     model = plans["evaluate"].model.name
