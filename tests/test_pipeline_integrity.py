@@ -32,8 +32,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import save_tiny
 
+from conftest import save_tiny
 from greencode.config import PipelineConfig, validate
 from greencode.manifest import tree_digest
 
