@@ -11,6 +11,10 @@ keeps its stages.
 
 An unreadable manifest is set aside (``manifest.json.corrupt-<time>``) with a warning; the stages
 are then re-validated from their artifacts (each stage's own completeness checks) and recorded anew.
+
+The workflows guard their own work dirs the same way, with or without the pipeline
+(:func:`claim_work_dir`): a dir of checkpoints or shards records the identity it was made for, and a
+run with another identity refuses to resume from it (:class:`StaleWorkError`) instead of mixing them.
 """
 
 from __future__ import annotations
@@ -28,35 +32,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 from greencode.atomic import write_json
+from greencode.config import ConfigError
+from greencode.digests import tree_digest
 
 log = logging.getLogger(__name__)
 
 FORMAT = 2
 RUN_DIR = "${run_dir}"
+WORK_MARKER = ".greencode-work.json"  # in a work dir: the identity its contents were made for
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def tree_digest(path: str | Path) -> str:
-    """``sha256:<hex>`` over a file, or over every file under a dir (relative names, sizes, contents).
-
-    Names starting with '.' (temp files, locks) are left out; the result is the same on every machine.
-    """
-    path = Path(path)
-    h = hashlib.sha256()
-    if path.is_file():
-        files = [(path.name, path)]
-    else:
-        files = sorted((p.relative_to(path).as_posix(), p) for p in path.rglob("*")
-                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
-    for name, f in files:
-        h.update(name.encode() + b"\0" + f.stat().st_size.to_bytes(8, "little"))
-        with f.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return f"sha256:{h.hexdigest()}"
 
 
 def relative_to_run(value: Any, run_dir: Path) -> Any:
@@ -105,6 +92,36 @@ class StageIdentity:
         return out or ["identity format changed"]
 
 
+class StaleWorkError(ConfigError):
+    """A work dir holds another run's partial results; resuming from them would mix two runs."""
+
+    def __init__(self, path: Path, what: str, changes: list[str]) -> None:
+        self.path = path
+        super().__init__(f"{path} holds {what} of another run ({'; '.join(changes)}): delete it to start over, "
+                         "or rerun with the settings it was made with")
+
+
+def claim_work_dir(path: str | Path, identity: StageIdentity, what: str) -> Path:
+    """Record in ``path`` the identity its ``what`` (checkpoints, shards ...) belong to, or raise
+    StaleWorkError when it already holds work of another identity, or unrecorded work."""
+    path = Path(path)
+    marker = path / WORK_MARKER
+    if marker.is_file():
+        try:
+            record = json.loads(marker.read_text())
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and record.get("identity") == identity.digest:
+            return path
+        changes = identity.changes_from(record) if isinstance(record, dict) else ["its record is unreadable"]
+        raise StaleWorkError(path, what, changes)
+    if path.is_dir() and any(not p.name.startswith(".") for p in path.iterdir()):
+        raise StaleWorkError(path, what, ["no record of the settings it was made with"])
+    path.mkdir(parents=True, exist_ok=True)
+    write_json(marker, {"identity": identity.digest, "config": identity.config, "inputs": identity.inputs})
+    return path
+
+
 def _short(digest: str | None) -> str:
     return digest[:19] if digest else "none"
 
@@ -124,9 +141,10 @@ class Decision:
 
     ``start``: ``resume`` (an attempt with this identity was interrupted: keep its outputs and
     checkpoints), ``republish`` (its recorded artifacts went missing or changed: drop them, keep its
-    checkpoints), ``fresh`` (its identity changed, or it never ran here: drop outputs and
-    checkpoints), ``revalidate`` (the manifest was lost: the stage's own checks decide what on disk
-    is complete). ``same_inputs``: a fresh start whose inputs are those of the recorded run.
+    checkpoints), ``fresh`` (its identity changed, or it never ran here: drop its artifacts, and its
+    checkpoints unless ``same_inputs``, leaving those to the workflow's own check, claim_work_dir),
+    ``revalidate`` (the manifest was lost: the stage's own checks decide what on disk is complete).
+    ``same_inputs``: a fresh start whose inputs are those of the recorded run.
     """
 
     reuse: bool

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from greencode.manifest import Manifest, StageIdentity, relative_to_run, tree_digest
+from greencode.config import FinetuneConfig, PolicyTrainConfig, result_config
+from greencode.digests import tree_digest
+from greencode.manifest import WORK_MARKER, Manifest, StageIdentity, StaleWorkError, claim_work_dir, relative_to_run
 
 
 @pytest.fixture
@@ -130,3 +132,30 @@ def test_tree_digest_covers_names_sizes_and_contents_but_not_dotfiles(tmp_path):
     assert base != tree("c", {"x1": "2", "sub/y": "3"})  # the name/content boundary counts
     assert base != tree("d", {"x": "12", "sub/z": "3"})
     assert base == tree("e", {"x": "12", "sub/y": "3", ".x.tmp": "half-written", ".lock": ""})
+
+
+def test_result_config_leaves_out_only_what_never_changes_a_result():
+    cfg = FinetuneConfig(max_failures=3, num_workers=2, output_dir="/x", optim={"lr": 0.5})
+    out = result_config(cfg)
+    assert out["optim"]["lr"] == 0.5 and out["num_workers"] == 2  # data-parallel ranks change the data order
+    assert not {"max_failures", "output_dir", "storage_path", "checkpoint_every"} & set(out)
+    ppo = result_config(PolicyTrainConfig(ppo={"cpus_per_env_runner": 0.1, "checkpoint_every": 3}))["ppo"]
+    assert "cpus_per_env_runner" not in ppo and "checkpoint_every" not in ppo and "num_env_runners" in ppo
+
+
+def test_a_work_dir_is_claimed_once_and_refused_to_another_identity(tmp_path):
+    mine = StageIdentity({"optim": {"lr": 1e-3}}, {"model": "sha256:m1"})
+    work = claim_work_dir(tmp_path / "ckpt", mine, "checkpoints")
+    for root in (work, tmp_path / "unmarked"):
+        (root / "checkpoint_000001").mkdir(parents=True)
+        (root / "checkpoint_000001" / "weights").write_text("1")
+    assert claim_work_dir(work, mine, "checkpoints") == work  # the same run resumes
+    assert tree_digest(work) == tree_digest(tmp_path / "unmarked")  # the marker never enters an artifact's digest
+    with pytest.raises(StaleWorkError, match=r"holds checkpoints of another run \(config optim.lr: 0.001 -> 0.002\)"):
+        claim_work_dir(work, StageIdentity({"optim": {"lr": 2e-3}}, {"model": "sha256:m1"}), "checkpoints")
+    with pytest.raises(StaleWorkError, match="input model: sha256:m1 -> sha256:m2") as err:
+        claim_work_dir(work, StageIdentity({"optim": {"lr": 1e-3}}, {"model": "sha256:m2"}), "checkpoints")
+    assert err.value.path == work
+    (work / WORK_MARKER).unlink()  # work made before markers, or by another tool: never adopted silently
+    with pytest.raises(StaleWorkError, match="no record of the settings it was made with"):
+        claim_work_dir(work, mine, "checkpoints")

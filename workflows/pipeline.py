@@ -25,17 +25,17 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from greencode.atomic import recover, remove_path, write_json
-from greencode.config import ModelConfig, PipelineConfig, validate
+from greencode.atomic import recover, remove_path
+from greencode.config import ModelConfig, PipelineConfig, load_config, result_config, validate
+from greencode.digests import tree_digest
 from greencode.locks import RunDirBusy, RunDirLock
-from greencode.manifest import Decision, Manifest, StageIdentity, relative_to_run, tree_digest
-from workflows.common import ConfigCommand, cli_errors, init_ray
+from greencode.manifest import Decision, Manifest, StageIdentity, StaleWorkError, relative_to_run
+from greencode.modeling import model_digest
+from workflows.common import PRESETS, ConfigCommand, cli_errors, init_ray
 
 log = logging.getLogger("greencode.pipeline")
 
-PRESETS = ("demo", "paper")
 MANIFEST = "manifest.json"
-PROVENANCE = "provenance.json"  # in the report dir: the model and policy it evaluated, by digest
 
 
 def preset_path(name: str) -> Path:
@@ -43,6 +43,12 @@ def preset_path(name: str) -> Path:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return Path(str(resources.files("workflows") / "presets" / f"{name}.yaml"))
+
+
+def stage_preset(name: str, stage: str) -> dict[str, Any]:
+    """Preset ``name``'s config of one stage (``finetune``, ``extract``, ``train_policy``, ``sweep``,
+    ``evaluate``), as the pipeline would run it: what ``greencode <stage> --preset NAME`` starts from."""
+    return stage_configs(load_config(PipelineConfig, preset_path(name)))[stage].model_dump(mode="json")
 
 
 # --------------------------------------------------------------------------- stage plans
@@ -98,10 +104,10 @@ class Stage:
     run: Callable[[Any], Any]
     artifacts: list[Path]  # what a finished run leaves; their digests go into the manifest
     inputs: dict[str, Path | ModelConfig | None]  # role -> upstream artifact or external model, digested
-    scratch: list[Path]  # outputs and work dirs (checkpoints): dropped before a fresh start
-    # Work units keyed by their own content (evaluation parts): kept when only the stage config changed.
-    keyed_parts: bool = False
-    after: Callable[[Stage, StageIdentity], None] | None = None
+    # Work dirs the workflow resumes from (checkpoints, finished shards). The workflow records in them
+    # which identity they belong to and refuses another's (StaleWorkError); evaluation parts need no
+    # entry here, they are keyed by the contents they were computed from.
+    work: list[Path]
 
 
 def _stages(cfg: PipelineConfig, plans: dict[str, Any]) -> list[Stage]:
@@ -113,47 +119,26 @@ def _stages(cfg: PipelineConfig, plans: dict[str, Any]) -> list[Stage]:
     train_shards, heldout_shards = Path(plans["extract"].output_dir), Path(plans["extract_heldout"].output_dir)
     shards = {"train_shards": train_shards, "heldout_shards": heldout_shards}
     policy = Path(pol.output_path)
-    report = Path(ev.output_dir)
     out = [
         Stage("finetune", ft, finetune.run, [Path(ft.output_dir)], {"base_model": cfg.model},
-              [Path(ft.output_dir), Path(ft.storage_path)]),
+              [Path(ft.storage_path)]),
         Stage("extract", plans["extract"], extract.run, [train_shards], {"model": model}, [train_shards]),
         Stage("extract_heldout", plans["extract_heldout"], extract.run, [heldout_shards], {"model": model},
               [heldout_shards]),
-        Stage("train_policy", pol, train_policy.run, [policy], shards,
-              [policy, policy.with_suffix(".json"), Path(pol.storage_path)]),
-        Stage("sweep", plans["sweep"], sweep.run, [policy], shards,
-              [policy, policy.with_suffix(".json"), Path(plans["sweep"].storage_path)]),
-        Stage("evaluate", ev, evaluate.run, [report / "results.json", report / PROVENANCE],
+        Stage("train_policy", pol, train_policy.run, [policy, policy.with_suffix(".json")], shards,
+              [Path(pol.storage_path)]),
+        Stage("sweep", plans["sweep"], sweep.run, [policy], shards, [Path(plans["sweep"].storage_path)]),
+        Stage("evaluate", ev, evaluate.run, [Path(ev.output_dir) / "results.json"],
               {"model": model, "base_model": ev.base_model, "policy": Path(ev.policy_path) if ev.policy_path else None},
-              [report], keyed_parts=True, after=_write_provenance),
+              []),
     ]
     wanted = set(cfg.stages) | ({"extract_heldout"} if "extract" in cfg.stages else set())
     return [s for s in out if s.name in wanted]
 
 
-def _write_provenance(stage: Stage, identity: StageIdentity) -> None:
-    """Name in the report dir the exact model and policy it evaluated, by content digest."""
-    ev = stage.config
-    write_json(Path(ev.output_dir) / PROVENANCE, {
-        "model": {"name": ev.model.name, "digest": identity.inputs.get("model")},
-        "base_model": ({"name": ev.base_model.name, "digest": identity.inputs.get("base_model")}
-                       if ev.base_model else None),
-        "policy": {"path": ev.policy_path, "digest": identity.inputs.get("policy")} if ev.policy_path else None,
-        "stage_identity": identity.digest,
-    })
-
-
-def model_digest(model: ModelConfig) -> str | None:
-    """Content digest of an external model: the embedded GGUF, a local file or dir; None for a hub id."""
-    from greencode.modeling import embedded_gguf_path
-
-    path = embedded_gguf_path() if model.name == "embedded" else Path(model.name)
-    return tree_digest(path) if path.exists() else None
-
-
 def _identity(stage: Stage, root: Path, digests: dict[str, str | None]) -> StageIdentity:
-    """The stage's resolved config (run-dir relative) and its inputs' digests (cached in ``digests``)."""
+    """The stage's resolved config (run-dir relative, operational fields left out) and its inputs'
+    digests (cached in ``digests``)."""
     inputs: dict[str, str | None] = {}
     for role, source in stage.inputs.items():
         if source is None:
@@ -165,22 +150,40 @@ def _identity(stage: Stage, root: Path, digests: dict[str, str | None]) -> Stage
             else:
                 digests[key] = model_digest(source)
         inputs[role] = digests[key]
-    return StageIdentity(relative_to_run(stage.config.model_dump(mode="json"), root), inputs)
+    return StageIdentity(relative_to_run(result_config(stage.config), root), inputs)
+
+
+def _drop(stage: Stage, paths: list[Path], why: str) -> None:
+    for path in paths:
+        if path.exists():
+            log.info("%s: removing %s (%s)", stage.name, path, why)
+        remove_path(path)
 
 
 def _prepare(stage: Stage, decision: Decision) -> None:
-    """Drop what a stage must not start from: stale artifacts, or outputs and checkpoints of another identity."""
-    drop: list[Path] = []
+    """Drop what a stage must not start from: stale artifacts, and work made from other inputs.
+
+    Work made from the same inputs with other settings is left to the workflow's own check, which
+    keeps what still applies (a longer fine-tuning run continues from the shorter one's checkpoints).
+    """
     if decision.start == "republish":
-        drop = stage.artifacts
-    elif decision.start == "fresh":
-        drop = stage.artifacts if stage.keyed_parts and decision.same_inputs else stage.scratch
-    elif decision.start == "revalidate" and stage.keyed_parts:
-        drop = stage.scratch  # parts made with an unknown model or policy cannot be tied to this identity
-    for path in drop:
-        if path.exists():
-            log.info("%s: removing %s", stage.name, path)
-        remove_path(path)
+        _drop(stage, stage.artifacts, "changed since it was recorded")
+    if decision.start == "fresh":
+        _drop(stage, stage.artifacts, "of another identity")
+    if decision.start == "fresh" and not decision.same_inputs:
+        _drop(stage, stage.work, "made from other inputs")
+
+
+def _run_stage(stage: Stage) -> Any:
+    """Run the stage; when its workflow refuses a work dir of another identity, drop that dir and run once more."""
+    try:
+        return stage.run(stage.config)
+    except StaleWorkError as err:
+        if not any(err.path.resolve().is_relative_to(w.resolve()) for w in stage.work):
+            raise
+        log.info("%s: %s; removing it and starting over", stage.name, err)
+        remove_path(err.path)
+        return stage.run(stage.config)
 
 
 def _summary(result: Any) -> Any:
@@ -206,7 +209,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         stages = _stages(cfg, plans)
         digests: dict[str, str | None] = {}
         for i, stage in enumerate(stages, 1):
-            for path in stage.scratch:  # interrupted swaps, and temp files of writers that were killed
+            for path in stage.artifacts + stage.work:  # interrupted swaps, temp files of writers that were killed
                 recover(path)
             identity = _identity(stage, root, digests)
             decision = manifest.decide(stage.name, identity)
@@ -218,9 +221,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
             _prepare(stage, decision)
             manifest.begin(stage.name, identity)
             started = time.time()
-            result = stage.run(stage.config)
-            if stage.after is not None:
-                stage.after(stage, identity)
+            result = _run_stage(stage)
             missing = [str(p) for p in stage.artifacts if not p.exists()]
             if missing:
                 raise RuntimeError(f"stage {stage.name} finished without writing {', '.join(missing)}")
@@ -238,10 +239,9 @@ def final_message(cfg: PipelineConfig, outcome: dict[str, Any]) -> str:
     if "evaluate" in cfg.stages:
         report = Path(plans["evaluate"].output_dir)
         lines += ["", (report / "report.md").read_text().strip(), ""]
-        provenance = json.loads((report / PROVENANCE).read_text())
-        lines += [f"evaluated: {role} {item.get('name') or item.get('path')} "
-                  f"({item['digest'] or 'a hub id: no local files to digest'})"
-                  for role, item in provenance.items() if isinstance(item, dict)]
+        results = json.loads((report / "results.json").read_text())
+        lines += [f"evaluated: {role} {results[role]} ({digest or 'a hub id not in the local cache: no digest'})"
+                  for role, digest in results["digests"].items() if results.get(role)]
         lines += [f"plots: {p}" for p in sorted(report.glob("*.png"))]
     model = plans["evaluate"].model.name
     serve = f"greencode serve --model {model}"
