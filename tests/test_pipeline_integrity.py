@@ -1,12 +1,15 @@
-"""Failure injection on the tiny pipeline (real processes, real local Ray, one shared run dir).
+"""Failure injection on the tiny pipeline (real processes, real Ray, one shared run dir).
 
-``chain`` runs ``python -m workflows.pipeline`` four times on one run dir and SIGKILLs it (with every
-process it started) inside each stage in turn: finetune (after a Ray Train worker was SIGKILLed and
-training restarted from its checkpoint), extract (after its first shard), train_policy (after its
-first PPO iteration) and evaluate (after its first batch); a fifth run, in process, completes. Kills are
-triggered by what the stage writes (checkpoint registry, shard and part files, log lines), never by
-sleeping. The tests after it change the config or the artifacts of the finished run dir in process.
-Tests marked xfail(strict) need phase-2 code (issue 14) and say which.
+``chain`` runs ``python -m workflows.pipeline`` four times on one run dir, each run a separate process
+that joins this module's local Ray cluster (``RAY_ADDRESS``, as a job on a cluster does), and
+SIGKILLs it inside each stage in turn: finetune (after a Ray Train worker was SIGKILLed and training
+restarted from its checkpoint), extract (after its first shard), sweep (after its first trial finished
+and the second one checkpointed) and evaluate (after its first part). Ray ends a killed driver's
+workers; each kill waits until the cluster is idle again. A fifth run, in process, completes. Kills
+are triggered by what the stage writes (checkpoint registry, shard, trial and part files, log lines),
+never by sleeping. The tests after it change the config or the artifacts of the finished run dir in
+process. Sharing one Ray cluster saves a Ray start-up per run; this file replaces the end-to-end test
+of tests/test_pipeline.py (every stage, manifest, report files, skipping finished stages).
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -35,34 +37,37 @@ import yaml
 
 from conftest import save_tiny
 from greencode.config import PipelineConfig, validate
-from greencode.manifest import tree_digest
+from greencode.digests import tree_digest
 
 pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_STEPS = 4
+SWEEP_ALPHAS = (0.1, 0.25)  # one trial each, one at a time
 
 
-def pipeline_config(root: Path, **sections: dict[str, Any]) -> dict[str, Any]:
+def pipeline_config(root: Path, **sections: Any) -> dict[str, Any]:
     """The tiny pipeline's config as YAML data; ``sections`` are merged into it (``evaluate={...}``)."""
     data: dict[str, Any] = {
         "run_dir": str(root / "run"),
         "model": {"name": str(root / "base")},
         "data": {"corpus": f"dir:{root / 'corpus'}", "glob": "*.py", "val_fraction": 0.2, "test_fraction": 0.2,
                  "seed": 0},
-        "stages": ["finetune", "extract", "train_policy", "evaluate"],
+        "stages": ["finetune", "extract", "sweep", "evaluate"],
         "finetune": {"seq_len": 32, "batch_size": 2, "grad_accum": 1, "max_steps": MAX_STEPS, "num_workers": 1,
                      "cpus_per_worker": 0.5, "report_every": 1, "val_every": MAX_STEPS, "val_batches": 1,
                      "checkpoint_every": 1, "max_failures": 1, "optim": {"lr": 1e-3}},
         "extract": {"num_samples": 12, "samples_per_shard": 4, "tokens_per_sample": 4},
         "heldout_samples": 4,
         "policy": {"ppo": {"total_env_steps": 600, "train_batch_size": 200, "minibatch_size": 50, "num_epochs": 1,
-                           "num_env_runners": 1, "envs_per_env_runner": 1, "cpus_per_env_runner": 0.25}},
+                           "num_env_runners": 1, "envs_per_env_runner": 1, "cpus_per_env_runner": 0.25,
+                           "checkpoint_every": 1}},
+        "sweep": {"alpha": list(SWEEP_ALPHAS), "beta": [0.5], "gamma": [0.5], "max_concurrent": 1},
         "evaluate": {"num_samples": 4, "gates": ["full", "fixed", "policy"], "thresholds": [0.5], "batch_size": 2,
                      "num_workers": 1, "generation": {"max_new_tokens": 4}},
     }
     for name, values in sections.items():
-        data[name] = {**data[name], **values}
+        data[name] = {**data[name], **values} if isinstance(values, dict) else values
     return data
 
 
@@ -70,7 +75,7 @@ def pipeline_config(root: Path, **sections: dict[str, Any]) -> dict[str, Any]:
 
 
 def session_pids(sid: int) -> list[int]:
-    """Live processes of session ``sid`` (a pipeline started here and everything it started)."""
+    """Live processes of session ``sid`` (a pipeline started here and any process it forked itself)."""
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -82,12 +87,25 @@ def session_pids(sid: int) -> list[int]:
     return pids
 
 
+def wait_until_ray_is_idle(timeout: float = 60) -> None:
+    """Until every CPU of this module's Ray is free again: the killed driver's workers are gone."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0):
+        assert time.monotonic() < deadline, f"Ray still busy after the kill: {ray.available_resources()}"
+        time.sleep(0.1)
+
+
 class Attempt:
-    """One command in its own session, its output in a log file; ``kill()`` SIGKILLs the whole session."""
+    """One command in its own session, joined to this module's Ray, its output in a log file."""
 
     def __init__(self, argv: list[str], log_path: Path) -> None:
+        import ray
+
         self.log_path = log_path
-        env = {**os.environ, "RAY_ADDRESS": "local", "RAY_DEDUP_LOGS": "0", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "RAY_DEDUP_LOGS": "0",
+               "PYTHONUNBUFFERED": "1"}
         with log_path.open("w") as out:
             self.proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
                                          start_new_session=True, env=env)
@@ -107,7 +125,7 @@ class Attempt:
         raise AssertionError(f"no {what} after {timeout} s:\n{self.log()[-3000:]}")
 
     def kill(self) -> None:
-        """SIGKILL the process and every process of its session, and wait until they are gone."""
+        """SIGKILL the pipeline (and whatever it forked), then wait until Ray has ended its workers."""
         sid = self.proc.pid
         deadline = time.monotonic() + 30
         while (pids := session_pids(sid)) and time.monotonic() < deadline:
@@ -120,6 +138,7 @@ class Attempt:
             time.sleep(0.1)
         self.proc.wait(timeout=30)
         assert self.proc.returncode == -signal.SIGKILL
+        wait_until_ray_is_idle()
 
 
 def pipeline_argv(config_path: Path) -> list[str]:
@@ -142,6 +161,27 @@ def latest_checkpoint(run: Path) -> str | None:
         return None
     latest = snapshot.get("latest_checkpoint_result") or {}
     return latest.get("checkpoint_dir_name")
+
+
+def sweep_trials(run: Path) -> dict[float, Path]:
+    """The sweep's trial dirs by their alpha."""
+    trials = {}
+    for params in (run / "sweep" / "reward_sweep").glob("*/params.json"):
+        try:
+            trials[json.loads(params.read_text())["reward"]["alpha"]] = params.parent
+        except (OSError, ValueError, KeyError):
+            continue  # being written
+    return trials
+
+
+def sweep_restorable_mid_trial(run: Path) -> bool:
+    """The second trial has a checkpoint and Tune's experiment state was saved after it (what a
+    restore reads); the first trial finished before the second started (one trial at a time)."""
+    second = sweep_trials(run).get(SWEEP_ALPHAS[1])
+    checkpoints = list(second.glob("checkpoint_*")) if second else []
+    states = list((run / "sweep" / "reward_sweep").glob("experiment_state-*.json"))
+    return bool(checkpoints and states) and (max(s.stat().st_mtime for s in states)
+                                             > max(c.stat().st_mtime for c in checkpoints))
 
 
 def mtimes(paths) -> dict[str, int]:
@@ -198,11 +238,10 @@ def chain(tmp_path_factory, tokenizer, ray_local) -> Chain:
     c.second = {"returncode": second.returncode, "output": second.stdout + second.stderr,
                 "seconds": time.monotonic() - started, "first_alive": a.proc.poll() is None, "first_pid": a.proc.pid}
     a.wait_for(lambda: latest_checkpoint(run), "a registered checkpoint")
-    workers = re.findall(r"\(RayTrainWorker pid=(\d+)\)", a.log())
-    worker = int(workers[-1])
-    assert os.getsid(worker) == a.proc.pid  # a process this test started
+    worker = int(re.findall(r"\(RayTrainWorker pid=(\d+)\)", a.log())[-1])
+    assert "ray::" in Path(f"/proc/{worker}/cmdline").read_text()  # a Ray worker process of this test's Ray
     os.kill(worker, signal.SIGKILL)
-    a.wait_for(lambda: re.search(r"resumes at step \d", a.log()), "the restarted worker resuming")
+    a.wait_for(lambda: re.search(r"resuming at step \d", a.log()), "the restarted worker resuming")
     killed(a, "finetune", killed_worker=worker)
 
     # 2: extract, after its first shard
@@ -211,10 +250,12 @@ def chain(tmp_path_factory, tokenizer, ray_local) -> Chain:
     a.wait_for(first_shard.exists, "the first shard")
     killed(a, "extract", shard_mtime=mtimes([first_shard]))
 
-    # 3: train_policy, after its first PPO iteration
+    # 3: sweep, once its first trial has finished and the second one has checkpointed
     a = attempt()
-    a.wait_for(lambda: re.search(r"train_policy: iter 1 steps", a.log()), "the first PPO iteration")
-    killed(a, "train_policy")
+    a.wait_for(lambda: sweep_restorable_mid_trial(run), "a checkpoint of the second trial", timeout=400)
+    trials = sweep_trials(run)
+    killed(a, "sweep", first_trial=(trials[SWEEP_ALPHAS[0]] / "result.json").read_text(),
+           second_trial=(trials[SWEEP_ALPHAS[1]] / "result.json").read_text())
 
     # 4: evaluate, after its first batch
     a = attempt()
@@ -222,7 +263,7 @@ def chain(tmp_path_factory, tokenizer, ray_local) -> Chain:
     a.wait_for(lambda: parts.is_dir() and any(parts.rglob("*.json")), "the first evaluation part")
     killed(a, "evaluate", part_mtimes=mtimes(parts.rglob("*.json")))
 
-    # 5: completes (in this process: no fifth Ray start-up)
+    # 5: completes (in this process)
     from workflows import pipeline
 
     cfg = validate(PipelineConfig, pipeline_config(root))
@@ -253,7 +294,7 @@ def captured_logs() -> Iterator[list[str]]:
         logger.setLevel(level)
 
 
-def in_process_config(c: Chain, **sections: dict[str, Any]) -> PipelineConfig:
+def in_process_config(c: Chain, **sections: Any) -> PipelineConfig:
     return validate(PipelineConfig, pipeline_config(c.root, **sections))
 
 
@@ -270,7 +311,7 @@ def test_a_second_pipeline_on_the_same_run_dir_fails_at_once_naming_the_first(ch
 
 
 def test_a_killed_train_worker_restarts_from_its_checkpoint_and_reaches_the_step_count(chain):
-    pid, resumed = re.search(r"RayTrainWorker pid=(\d+)\)[^\n]*rank 0 resumes at step (\d+)", chain.logs[0]).groups()
+    pid, resumed = re.search(r"RayTrainWorker pid=(\d+)\)[^\n]*resuming at step (\d+)", chain.logs[0]).groups()
     assert int(pid) != chain.after_kill["finetune"]["killed_worker"]  # a new worker ...
     assert 1 <= int(resumed) < MAX_STEPS  # ... from the checkpoint: not from scratch, not after the end
     exit_plan = json.loads((chain.run / "model" / "exit_plan.json").read_text())
@@ -279,9 +320,10 @@ def test_a_killed_train_worker_restarts_from_its_checkpoint_and_reaches_the_step
 
 def test_sigkill_in_each_stage_then_rerun_completes_without_redoing_finished_stages(chain):
     final = stages_of(chain.run)
-    assert set(final) == {"finetune", "extract", "extract_heldout", "train_policy", "evaluate"}
-    assert all(rec["status"] == "done" for rec in final.values())
-    order = ["finetune", "extract", "train_policy", "evaluate"]
+    assert set(final) == {"finetune", "extract", "extract_heldout", "sweep", "evaluate"}
+    assert all(rec["status"] == "done" and rec["artifacts"] and rec["config"] for rec in final.values())
+    assert final["finetune"]["versions"]["torch"]
+    order = ["finetune", "extract", "sweep", "evaluate"]
     for i, killed in enumerate(order):
         seen = chain.after_kill[killed]["stages"]
         # nothing from the killed attempt is trusted: the stage is on record as unfinished ...
@@ -289,17 +331,17 @@ def test_sigkill_in_each_stage_then_rerun_completes_without_redoing_finished_sta
         # ... and every stage finished before the kill is never run again
         for done in order[:i]:
             assert seen[done]["status"] == "done" and seen[done]["finished_at"] == final[done]["finished_at"], done
-    completed_in = {1: ["finetune"], 2: ["extract", "extract_heldout"], 3: ["train_policy"], 4: ["evaluate"]}
+    completed_in = {1: ["finetune"], 2: ["extract", "extract_heldout"], 3: ["sweep"], 4: ["evaluate"]}
     for attempt, log in enumerate(chain.logs):
         for stage in [s for k, names in completed_in.items() if k < attempt for s in names]:
             assert f"] {stage}: done earlier" in log, (attempt + 1, stage)
         for stage in completed_in.get(attempt, []):
             assert f"] {stage} ... (" in log and f"] {stage} finished in" in log, (attempt + 1, stage)
     assert not chain.after_kill["finetune"]["model"]  # training never finished: no model published
-    assert not chain.after_kill["train_policy"]["policy"] and not chain.after_kill["evaluate"]["results"]
+    assert not chain.after_kill["sweep"]["policy"] and not chain.after_kill["evaluate"]["results"]
 
     # the killed stages resumed from their own finished work units
-    assert re.search(r"rank 0 resumes at step [1-9]", chain.logs[1])
+    assert re.search(r"resuming at step [1-9]", chain.logs[1])
     assert re.search(r"12 samples in 3 shards; [0-2] to write", chain.logs[2])
     assert mtimes(map(Path, chain.after_kill["extract"]["shard_mtime"])) == chain.after_kill["extract"]["shard_mtime"]
     assert mtimes(map(Path, chain.after_kill["evaluate"]["part_mtimes"])) == chain.after_kill["evaluate"]["part_mtimes"]
@@ -307,14 +349,32 @@ def test_sigkill_in_each_stage_then_rerun_completes_without_redoing_finished_sta
     # the final run wrote the whole report, says what it evaluated (by digest) and how to serve it,
     # and left no temp file or half-swapped artifact
     report = chain.run / "report"
-    for name in ("results.json", "results.csv", "report.md", "quality_vs_layers.png", "provenance.json"):
+    for name in ("results.json", "results.csv", "report.md", "quality_vs_layers.png"):
         assert (report / name).is_file(), name
     rows = json.loads((report / "results.json").read_text())["rows"]
     assert {r["family"] for r in rows} == {"base", "full", "fixed", "policy"}
     policy = chain.run / "policy" / "exit_policy.pt"
     assert f"evaluated: policy {policy} ({tree_digest(policy)})" in chain.final_output
+    assert f"evaluated: model {chain.run / 'model'} ({tree_digest(chain.run / 'model')})" in chain.final_output
     assert f"greencode serve --model {chain.run / 'model'} --policy {policy}" in chain.final_output
     assert debris(chain.run) == []
+
+
+def test_a_sweep_killed_midway_keeps_its_finished_trial_and_resumes_the_other(chain):
+    trials = sweep_trials(chain.run)
+    assert sorted(trials) == list(SWEEP_ALPHAS)  # each trial once: none started over under a new trial dir
+    killed = chain.after_kill["sweep"]
+    assert (trials[SWEEP_ALPHAS[0]] / "result.json").read_text() == killed["first_trial"]  # not run again
+    at_kill = [json.loads(line) for line in killed["second_trial"].splitlines()]
+    assert at_kill and at_kill[-1]["env_steps"] < 600  # the second trial was mid-way ...
+    assert "resuming the sweep in" in chain.logs[3]  # ... Tuner.restore picked it up ...
+    results = [json.loads(line) for line in (trials[SWEEP_ALPHAS[1]] / "result.json").read_text().splitlines()]
+    first_after = results[len(at_kill)]
+    assert first_after["iterations_since_restore"] == 1  # ... restored from its checkpoint ...
+    steps = [r["env_steps"] for r in results]
+    assert steps == sorted(set(steps)) and steps[-1] >= 600  # ... not from zero: no PPO iteration done twice
+    best = json.loads((chain.run / "sweep" / "reward_sweep" / "best.json").read_text())
+    assert best["trials"] == len(SWEEP_ALPHAS) and best["failed_trials"] == []
 
 
 # --------------------------------------------------------------------------- identity
@@ -322,6 +382,10 @@ def test_sigkill_in_each_stage_then_rerun_completes_without_redoing_finished_sta
 
 def finished_at(run: Path) -> dict[str, str]:
     return {k: v["finished_at"] for k, v in stages_of(run).items()}
+
+
+def changed(before: dict[str, str], after: dict[str, str]) -> set[str]:
+    return {k for k in after if after[k] != before.get(k)}
 
 
 def test_an_unchanged_config_reruns_nothing(chain, ray_local, caplog):
@@ -340,12 +404,14 @@ def test_changed_thresholds_rerun_only_evaluate_and_keep_its_finished_parts(chai
     before = finished_at(chain.run)
     parts = mtimes((chain.run / "report" / "parts").rglob("*.json"))
     pipeline.run(in_process_config(chain, evaluate={"thresholds": [0.5, 0.9]}))
-    after = finished_at(chain.run)
-    assert {k for k in after if after[k] != before[k]} == {"evaluate"}
+    assert changed(before, finished_at(chain.run)) == {"evaluate"}
     rows = json.loads((chain.run / "report" / "results.json").read_text())["rows"]
     assert sorted(r["param"] for r in rows if r["family"] == "policy") == [0.5, 0.9]
     assert mtimes(map(Path, parts)) == parts  # the unchanged settings were not recomputed
     assert stages_of(chain.run)["evaluate"]["config"]["thresholds"] == [0.5, 0.9]
+
+
+RETRAINED = {"stages": ["finetune", "extract", "train_policy", "evaluate"], "evaluate": {"thresholds": [0.5, 0.9]}}
 
 
 def test_a_retrained_policy_reruns_evaluate_and_the_report_names_its_digest(chain, ray_local):
@@ -354,15 +420,15 @@ def test_a_retrained_policy_reruns_evaluate_and_the_report_names_its_digest(chai
     policy = chain.run / "policy" / "exit_policy.pt"
     old = tree_digest(policy)
     before = finished_at(chain.run)
-    cfg = in_process_config(chain, evaluate={"thresholds": [0.5, 0.9]}, policy={"seed": 1})
+    cfg = in_process_config(chain, **RETRAINED)  # the policy now comes from train_policy instead of the sweep
     outcome = pipeline.run(cfg)
-    after = finished_at(chain.run)
-    assert {k for k in after if after[k] != before[k]} == {"train_policy", "evaluate"}
+    assert changed(before, finished_at(chain.run)) == {"train_policy", "evaluate"}
     new = tree_digest(policy)
     assert new != old
-    provenance = json.loads((chain.run / "report" / "provenance.json").read_text())
-    assert provenance["policy"] == {"path": str(policy), "digest": new}
-    assert provenance["model"]["digest"] == tree_digest(chain.run / "model")
+    results = json.loads((chain.run / "report" / "results.json").read_text())
+    assert results["digests"] == {"model": tree_digest(chain.run / "model"),
+                                  "base_model": tree_digest(chain.root / "base"), "policy": new}
+    assert f"policy `{new}`" in (chain.run / "report" / "report.md").read_text()
     assert stages_of(chain.run)["evaluate"]["inputs"]["policy"] == new
     assert new in pipeline.final_message(cfg, outcome)
 
@@ -370,94 +436,38 @@ def test_a_retrained_policy_reruns_evaluate_and_the_report_names_its_digest(chai
 def test_a_corrupt_manifest_is_set_aside_and_the_stages_revalidated_from_their_artifacts(chain, ray_local, caplog):
     from workflows import pipeline
 
-    cfg = in_process_config(chain, evaluate={"thresholds": [0.5, 0.9]}, policy={"seed": 1})
+    cfg = in_process_config(chain, **RETRAINED)
     kept = {name: tree_digest(chain.run / name) for name in ("model", "shards/train", "policy/exit_policy.pt")}
+    parts = mtimes((chain.run / "report" / "parts").rglob("*.json"))
     (chain.run / "manifest.json").write_text('{"format": 2, "stages": {"finetune": {"sta')
     with caplog.at_level(logging.INFO):
         pipeline.run(cfg)
     aside = list(chain.run.glob("manifest.json.corrupt-*"))
     assert len(aside) == 1 and aside[0].read_text().startswith('{"format": 2')
     assert f"set aside as {aside[0].name}; every stage is re-validated from its artifacts" in caplog.text
-    # complete artifacts were re-validated, not rebuilt; the report (parts of unknown origin) was redone
+    # complete artifacts were re-validated by their workflows' own checks, not rebuilt; evaluation parts
+    # are keyed by the contents they came from, so the report was rebuilt from them without generating
     assert {name: tree_digest(chain.run / name) for name in kept} == kept
     assert "already trained for" in caplog.text and "is complete" in caplog.text and "already trained;" in caplog.text
+    assert mtimes(map(Path, parts)) == parts
     stages = stages_of(chain.run)
     assert all(rec["status"] == "done" for rec in stages.values()) and len(stages) == 5
     assert stages["evaluate"]["inputs"]["policy"] == kept["policy/exit_policy.pt"]
 
 
-# --------------------------------------------------------------------------- phase 2
+def test_a_nan_in_a_shard_stops_train_policy_before_ray_work_naming_file_row_and_column(chain, tmp_path):
+    from workflows import train_policy
 
-
-@pytest.mark.xfail(strict=True, reason="phase 2 (issue 14): Tune trials checkpointed, a killed sweep resumed "
-                                       "with Tuner.restore")
-def test_a_sweep_killed_midway_does_not_rerun_its_finished_trials(chain, tmp_path):
-    run = chain.run
-    sets = [f"base.shards_dir={run}/shards/train", f"base.eval_shards_dir={run}/shards/heldout",
-            f"base.output_path={tmp_path}/best.pt", f"base.storage_path={tmp_path}/rllib",
-            f"storage_path={tmp_path}/sweep", "alpha=[0.1, 0.25]", "beta=[0.5]", "gamma=[0.5]", "max_concurrent=1",
-            "base.ppo.total_env_steps=200", "base.ppo.train_batch_size=200", "base.ppo.minibatch_size=50",
-            "base.ppo.num_epochs=1", "base.ppo.num_env_runners=1", "base.ppo.envs_per_env_runner=1",
-            "base.ppo.cpus_per_env_runner=0.25"]
-    experiment = tmp_path / "sweep" / "reward_sweep"
-
-    def finished_trials() -> list[Path]:
-        return sorted(p.parent for p in experiment.glob("*/checkpoint_*")) if experiment.is_dir() else []
-
-    def trials() -> list[Path]:
-        return list(experiment.glob("*/params.json"))
-
-    argv = ["-m", "workflows.sweep", *[x for s in sets for x in ("--set", s)]]
-    first = Attempt(argv, tmp_path / "sweep1.log")
-    # one trial at a time: the second one starting means the first has finished
-    first.wait_for(lambda: len(trials()) == 2 and finished_trials(), "the second trial")
-    first.kill()
-    done = {p: (p / "result.json").read_text() for p in finished_trials()}
-
-    rerun = Attempt(argv, tmp_path / "sweep2.log")
-    rerun.wait_for(lambda: rerun.proc.poll() is not None or len(trials()) > 2, "the end of the rerun or a new trial")
-    if rerun.proc.poll() is None:  # a trial that had finished is being run again: no need to wait for the rest
-        rerun.kill()
-    params = sorted(json.loads(p.read_text())["reward"]["alpha"] for p in trials())
-    assert params == [0.1, 0.25]  # each trial once: none started over under a new trial dir
-    for trial, results in done.items():
-        assert (trial / "result.json").read_text() == results  # not run again
-    assert rerun.proc.returncode == 0 and json.loads((experiment / "best.json").read_text())["trials"] == 2
-
-
-@pytest.fixture
-def shard_with(tmp_path):
-    """A valid shard rewritten by plain pyarrow with one bad value (as bit rot or a foreign writer would)."""
-    from greencode.shards import ShardMeta, build_table, write_shard
-
-    meta = ShardMeta(exit_points=[2, 4], hidden_size=3, num_layers=6, model_fingerprint="f")
-    rng = np.random.default_rng(0)
-    rows = [{"sample_id": "s0", "token_index": t, "hidden": rng.normal(size=(2, 3)), "exit_predictions": [1, 2],
-             "final_token": 2, "dataset_token": -1, "optimal_exit": 1} for t in range(4)]
-    path = write_shard(build_table(meta, rows), tmp_path / "shard-00000.parquet")
-
-    def corrupt(column: str, row: int, value: Any) -> Path:
-        table = pq.read_table(path)
-        values = table.column(column).to_pylist()
-        if column == "hidden":
-            values[row] = [value, *values[row][1:]]
-        else:
-            values[row] = value
-        table = table.set_column(table.schema.get_field_index(column), table.schema.field(column),
-                                 pa.array(values, table.schema.field(column).type))
-        pq.write_table(table, path)
-        return path
-
-    return corrupt
-
-
-@pytest.mark.xfail(strict=True, reason="phase 2 (issue 14): shard validation rejects NaN/inf and nulls naming the "
-                                       "file, row and column")
-@pytest.mark.parametrize("column, value", [("hidden", float("nan")), ("hidden", float("inf")), ("final_token", None)])
-def test_a_shard_with_a_nan_inf_or_null_is_rejected_naming_file_row_and_column(shard_with, column, value):
-    from greencode.shards import ShardError, read_shard
-
-    path = shard_with(column, 2, value)
-    with pytest.raises(ShardError) as err:
-        read_shard(path)
-    assert str(path) in str(err.value) and "row 2" in str(err.value) and column in str(err.value)
+    shards = tmp_path / "shards"
+    shutil.copytree(chain.run / "shards" / "train", shards)
+    bad = shards / "shard-00001.parquet"
+    table = pq.read_table(bad)
+    hidden = table.column("hidden").to_pylist()
+    hidden[3] = [float("nan"), *hidden[3][1:]]
+    field_index = table.schema.get_field_index("hidden")
+    pq.write_table(table.set_column(field_index, table.schema.field("hidden"),
+                                    pa.array(hidden, table.schema.field("hidden").type)), bad)
+    with pytest.raises(SystemExit, match=re.escape(f"error: {bad}: row 3, column hidden: NaN or inf")):
+        train_policy.main(["--set", f"shards_dir={shards}", "--set", f"output_path={tmp_path / 'p.pt'}",
+                           "--set", f"storage_path={tmp_path / 'rllib'}"])
+    assert not (tmp_path / "p.pt").exists() and not (tmp_path / "rllib").exists()
