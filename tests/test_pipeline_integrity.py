@@ -39,11 +39,13 @@ from conftest import save_tiny
 from greencode.config import PipelineConfig, validate
 from greencode.digests import tree_digest
 
-pytestmark = pytest.mark.ray
+# The chain is one fixture (about 9-10 min at load 4-20 on the shared 2-core machine): past the suite default.
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(1200)]
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_STEPS = 4
 SWEEP_ALPHAS = (0.1, 0.25)  # one trial each, one at a time
+PPO_STEPS = 400  # two PPO iterations of 200 per trial: the kill falls between them
 
 
 def pipeline_config(root: Path, **sections: Any) -> dict[str, Any]:
@@ -59,7 +61,7 @@ def pipeline_config(root: Path, **sections: Any) -> dict[str, Any]:
                      "checkpoint_every": 1, "max_failures": 1, "optim": {"lr": 1e-3}},
         "extract": {"num_samples": 12, "samples_per_shard": 4, "tokens_per_sample": 4},
         "heldout_samples": 4,
-        "policy": {"ppo": {"total_env_steps": 600, "train_batch_size": 200, "minibatch_size": 50, "num_epochs": 1,
+        "policy": {"ppo": {"total_env_steps": PPO_STEPS, "train_batch_size": 200, "minibatch_size": 50, "num_epochs": 1,
                            "num_env_runners": 1, "envs_per_env_runner": 1, "cpus_per_env_runner": 0.25,
                            "checkpoint_every": 1}},
         "sweep": {"alpha": list(SWEEP_ALPHAS), "beta": [0.5], "gamma": [0.5], "max_concurrent": 1},
@@ -366,13 +368,13 @@ def test_a_sweep_killed_midway_keeps_its_finished_trial_and_resumes_the_other(ch
     killed = chain.after_kill["sweep"]
     assert (trials[SWEEP_ALPHAS[0]] / "result.json").read_text() == killed["first_trial"]  # not run again
     at_kill = [json.loads(line) for line in killed["second_trial"].splitlines()]
-    assert at_kill and at_kill[-1]["env_steps"] < 600  # the second trial was mid-way ...
+    assert at_kill and at_kill[-1]["env_steps"] < PPO_STEPS  # the second trial was mid-way ...
     assert "resuming the sweep in" in chain.logs[3]  # ... Tuner.restore picked it up ...
     results = [json.loads(line) for line in (trials[SWEEP_ALPHAS[1]] / "result.json").read_text().splitlines()]
     first_after = results[len(at_kill)]
     assert first_after["iterations_since_restore"] == 1  # ... restored from its checkpoint ...
     steps = [r["env_steps"] for r in results]
-    assert steps == sorted(set(steps)) and steps[-1] >= 600  # ... not from zero: no PPO iteration done twice
+    assert steps == sorted(set(steps)) and steps[-1] >= PPO_STEPS  # ... not from zero: no PPO iteration done twice
     best = json.loads((chain.run / "sweep" / "reward_sweep" / "best.json").read_text())
     assert best["trials"] == len(SWEEP_ALPHAS) and best["failed_trials"] == []
 
