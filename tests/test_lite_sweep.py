@@ -29,6 +29,9 @@ def test_best_keeps_the_final_layer_before_it_counts_agreement():
             {"final_acc_ratio": 0.99, "deep_agree_base": 0.3}]
     assert pick_best(rows, 0.96) is rows[1]
     assert pick_best(rows, 1.0) is rows[2]  # none keeps it: the one that keeps most
+    nan = [{"final_acc_ratio": float("nan"), "deep_agree_base": 0.1},
+           {"final_acc_ratio": float("nan"), "deep_agree_base": 0.2}]
+    assert pick_best(nan, 0.96) is nan[1] and pick_best(nan[::-1], 0.96) is nan[1]  # order-free
 
 
 def test_grid_errors_name_the_key():

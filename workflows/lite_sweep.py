@@ -145,12 +145,15 @@ def trial(config: dict[str, Any], val_blocks: BlockSet, reference: dict[str, Any
 
 def pick_best(rows: list[dict[str, Any]], min_final_ratio: float) -> dict[str, Any]:
     """Most deep agreement among trials keeping ``min_final_ratio``; else the one keeping the most accuracy."""
+    def num(value: float) -> float:  # NaN (a base model that predicts nothing right) ranks last
+        return -math.inf if math.isnan(value) else value
+
     kept = [r for r in rows if r[FINAL] >= min_final_ratio]
     if kept:
-        return max(kept, key=lambda r: r[SCORE])
+        return max(kept, key=lambda r: (num(r[SCORE]), num(r[FINAL])))
     log.warning("no trial keeps %.2f of the base final accuracy: the best is the one that keeps the most",
                 min_final_ratio)
-    return max(rows, key=lambda r: r[FINAL])
+    return max(rows, key=lambda r: (num(r[FINAL]), num(r[SCORE])))
 
 
 def run(cfg: LiteSweepConfig) -> dict[str, Any]:
@@ -198,6 +201,7 @@ def run(cfg: LiteSweepConfig) -> dict[str, Any]:
         params = result.config["trial"]["params"]
         rows.append({**params, **{k: v for k, v in result.metrics.items() if k == SCORE or k == FINAL or k in (
             "final_acc", "base_final_acc", "final_agree_base", "steps", "model_dir") or k.startswith("agree_base_l")}})
+    rows.sort(key=lambda r: trial_key({k: r[k] for k in cfg.grid}))  # one order, fresh or restored
     front = pareto_front(_col(rows, FINAL), -_col(rows, SCORE))
     for row, on in zip(rows, front):
         row["pareto"] = bool(on)
