@@ -1,0 +1,405 @@
+"""Lossless mode: self-speculative decoding whose drafts are chosen by the gate (issue 11).
+
+The output is the full model's (greedy: token for token; sampling: in distribution), but most
+tokens are drafted by the first layers of the same model and then verified by the rest in one
+pass over several tokens, as in LayerSkip, with the draft depth chosen per token by the gate.
+
+A *round* starts from the last emitted token x0 and a cache that holds the full model's K/V for
+every earlier position.
+
+- Draft: x0 runs layer by layer; at the gate's decision layers the gate may exit it; the exited
+  hidden state goes through the single LM head and gives the draft token, which is fed next,
+  and so on while the gate keeps exiting, up to the sequence's current maximum draft length
+  (:func:`draft_length`, adapted per sequence to its recent acceptance rate). A token the gate
+  does not exit ends the round: for x0 that is just a full-depth token (its cache is exact, so
+  its prediction is the full model's); a later token stops after the gate's last decision
+  layer, since its deeper layers are recomputed by the verification anyway.
+- Which K/V are exact: with per-token draft depths k_i, token i's state (and K/V) at layer j is
+  the full model's only if every earlier token of the round also ran layer j, i.e. for
+  j <= m_i = min(k_0..k_i). Skipped layers get K/V lazily, projected from the exited state
+  (what ``kv_mode='propagate'`` does in :mod:`greencode.generate`), only when a deeper draft
+  token of the same round is about to attend to them.
+- Verify: layer by layer from min(m), the tokens with m_i < j (a suffix, m being
+  non-increasing) are recomputed at layer j, each entering at layer m_i + 1 from the exact state
+  it had at layer m_i in the draft; the cache of layer j is first cut back to the exact prefix.
+  The last draft, never fed to the draft, enters at layer 1 and yields the bonus token. With a
+  fixed gate this is exactly LayerSkip (reuse layers 1..k, recompute k+1..L).
+- Accept: greedy keeps the longest prefix of drafts the full model agrees with and then takes
+  the full model's token (a correction, or the bonus after the last draft); sampling uses
+  speculative sampling (accept with min(1, p/q), else resample from norm(max(0, p - q))), with
+  p and q under the same temperature / top-p rule as :meth:`GatedGenerator._pick`. The cache is
+  cut back to the accepted tokens.
+
+Batches are generated one row at a time (IDE requests are batch 1): each row gets its own cache,
+draft length, timing and energy window.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from pydantic import Field, model_validator
+
+from greencode.config import GenerationConfig, _Strict
+from greencode.energy import EnergyMeter
+from greencode.gates import FullGate, Gate
+from greencode.generate import GatedGenerator, GenerationResult, TokenEvent, _Row
+from greencode.modeling import EarlyExitModel
+
+
+class SpeculativeConfig(_Strict):
+    """Draft length of lossless mode, adapted per sequence to its recent acceptance rate.
+
+    The n-th token of a round is drafted only while the estimated chance that all n drafts are
+    accepted, acceptance**n, stays >= ``continue_probability`` (and the gate keeps exiting).
+    """
+
+    min_draft: int = Field(1, ge=1, description="fewest tokens a round may draft")
+    max_draft: int = Field(8, ge=1, description="most tokens a round may draft")
+    initial_acceptance: float = Field(0.8, ge=0, le=1, description="acceptance rate assumed before the first round")
+    acceptance_decay: float = Field(0.5, ge=0, lt=1, description="weight of the past in the running acceptance rate")
+    continue_probability: float = Field(0.3, gt=0, lt=1, description="draft the n-th token while acceptance**n >= this")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> SpeculativeConfig:
+        if self.min_draft > self.max_draft:
+            raise ValueError("min_draft must be <= max_draft")
+        return self
+
+
+def draft_length(acceptance: float, cfg: SpeculativeConfig) -> int:
+    """Largest n with acceptance**n >= cfg.continue_probability, within [min_draft, max_draft]."""
+    if acceptance >= 1:
+        return cfg.max_draft
+    if acceptance <= 0:
+        return cfg.min_draft
+    n = math.floor(math.log(cfg.continue_probability) / math.log(acceptance))
+    return max(cfg.min_draft, min(cfg.max_draft, n))
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The distribution :meth:`GatedGenerator._pick` samples from (temperature, then top-p), normalised."""
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the top token
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def accept_or_resample(p: torch.Tensor, q: torch.Tensor, token: int, rng: torch.Generator | None) -> int | None:
+    """Speculative sampling of one draft ``token`` drawn from q, against the target p ([V] distributions).
+
+    Returns None when the draft is accepted (probability min(1, p/q)), else a token drawn from
+    norm(max(0, p - q)); either way the emitted token is distributed as p.
+    """
+    u = float(torch.rand((), generator=rng, device=p.device))
+    if u * float(q[token]) < float(p[token]):
+        return None
+    residual = (p - q).clamp_(min=0)
+    if float(residual.sum()) <= 0:  # p == q up to rounding: the rejection came from rounding, draw from p
+        residual = p
+    return int(torch.multinomial(residual, 1, generator=rng))
+
+
+@dataclass
+class SpeculativeResult(GenerationResult):
+    """A GenerationResult whose ``layers_per_token`` count every layer computed (draft + verification).
+
+    Token i is charged the layers run at the position that predicted it, in the draft and in the
+    verification; the work of drafts that were rejected (or cut off by a stop) is charged to the
+    round's last emitted token, so ``mean_layers`` is the layers computed per emitted token and can
+    exceed ``num_layers`` when drafts are rejected. K/V projections of skipped layers are not counted.
+    ``speculative`` holds the round statistics (see :class:`SpeculativeStats`).
+    """
+
+    speculative: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SpeculativeStats:
+    """Counters of one row's rounds; ``as_dict`` is the ``speculative`` field of its result."""
+
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    depth_sum: int = 0  # exit layers of the drafts
+    passes: int = 0  # sequential layer calls (a verification call over many tokens counts once)
+    draft_time_s: float = 0.0
+    verify_time_s: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "rounds": self.rounds,
+            "drafted_tokens": self.drafted,
+            "accepted_tokens": self.accepted,
+            "acceptance_rate": self.accepted / self.drafted if self.drafted else None,
+            "mean_draft_depth": self.depth_sum / self.drafted if self.drafted else None,
+            "layer_passes": self.passes,
+            "draft_time_s": self.draft_time_s,
+            "verify_time_s": self.verify_time_s,
+        }
+
+
+@dataclass
+class _Fed:
+    """One token of a round, as the verification needs it."""
+
+    token: int
+    exact: int  # m: its state is the full model's up to this layer (0 = not run yet: enters at the embedding)
+    state: torch.Tensor  # [1, 1, H] its state at layer `exact`
+    ran: int = 0  # layers it ran in the draft
+    exit_state: torch.Tensor | None = None  # [1, 1, H] where it left the draft (source of lazily projected K/V)
+    draft_probs: torch.Tensor | None = None  # q of the next token (sampling only)
+
+
+@dataclass
+class RowState:
+    """The decoding state of one row: its cache and how much of it is exact."""
+
+    cache: Any  # DynamicCache
+    length: int  # positions whose K/V are the full model's, at every layer
+    filled: list[int]  # entries per layer (>= length while a round drafts)
+    acceptance: float  # running acceptance rate of its drafts
+
+
+class LosslessGenerator(GatedGenerator):
+    """Lossless (self-speculative) generation over the same :class:`EarlyExitModel` and gates."""
+
+    def __init__(self, lm: EarlyExitModel, meter: EnergyMeter | None = None, config: SpeculativeConfig | None = None) -> None:
+        super().__init__(lm, meter)
+        self.config = config or SpeculativeConfig()
+
+    # ------------------------------------------------------------------ one row
+
+    @torch.no_grad()
+    def prefill(self, prompt: list[int]) -> tuple[RowState, torch.Tensor]:
+        """Run the prompt through all layers: the row's state and the logits of its first token [1, V]."""
+        from transformers import DynamicCache
+
+        lm = self.lm
+        ids = torch.tensor([prompt], device=lm.device)
+        cache = DynamicCache(config=lm.model.config)
+        out = self.step(ids, torch.ones_like(ids), cache, FullGate())
+        seq = RowState(cache, len(prompt), [len(prompt)] * lm.num_layers, self.config.initial_acceptance)
+        return seq, out.logits
+
+    def _fill(self, seq: RowState, layer: int, fed: list[_Fed], upto: int) -> None:
+        """Give layer ``layer`` K/V for the round's tokens before index ``upto`` that skipped it."""
+        lo = seq.filled[layer] - seq.length
+        h = torch.cat([f.exit_state for f in fed[lo:upto]], dim=1)
+        pos = torch.arange(seq.filled[layer], seq.length + upto, device=h.device)[None]
+        k, v = self.lm.adapter.kv_projection(layer, h, self.lm.adapter.layer_kwargs(h, pos, None, None))
+        seq.cache.update(k, v, layer)
+        seq.filled[layer] = seq.length + upto
+
+    def _draft_token(self, seq: RowState, fed: list[_Fed], token: int, gate: Gate, decisions: frozenset[int],
+                     last_decision: int, prefix_exact: int) -> tuple[_Fed, torch.Tensor | None, float]:
+        """Feed ``token`` as the round's next token: (its record, exit logits [1, V] or None, gate seconds).
+
+        Logits are None only for a later token the gate did not exit (it stops at ``last_decision``).
+        """
+        lm, adapter = self.lm, self.lm.adapter
+        t = len(fed)
+        pos = seq.length + t
+        position_ids = torch.tensor([[pos]], device=lm.device)
+        h = adapter.embed(torch.tensor([[token]], device=lm.device), position_ids)
+        kwargs = adapter.layer_kwargs(h, position_ids, None, seq.cache)
+        filled = seq.filled
+        exact_state = h
+        gate_time = 0.0
+        for i in range(lm.num_layers):
+            if filled[i] < pos:
+                self._fill(seq, i, fed, t)
+            h = adapter.run_layer(i, h, kwargs)
+            filled[i] += 1
+            layer = i + 1
+            if layer == prefix_exact:
+                exact_state = h
+            if layer in decisions:
+                t0 = time.perf_counter()
+                leave, logits = gate.exit_mask(h[:, -1], layer, lm.decode)
+                gate_time += time.perf_counter() - t0
+                if bool(leave[0]):
+                    exact = min(layer, prefix_exact)
+                    record = _Fed(token, exact, h if exact == layer else exact_state, layer, h)
+                    return record, (logits if logits is not None else lm.decode(h[:, -1])).float(), gate_time
+                if t > 0 and layer == last_decision:
+                    return _Fed(token, prefix_exact, exact_state, layer), None, gate_time
+        exact = min(lm.num_layers, prefix_exact)
+        record = _Fed(token, exact, h if exact == lm.num_layers else exact_state, lm.num_layers, h)
+        return record, lm.decode(h[:, -1]).float(), gate_time
+
+    def _verify(self, seq: RowState, fed: list[_Fed]) -> torch.Tensor:
+        """Full-model logits [T, V] at the round's T tokens, recomputing only their inexact layers."""
+        from transformers.masking_utils import create_causal_mask
+
+        lm, adapter, cache = self.lm, self.lm.adapter, seq.cache
+        base, n = seq.length, len(fed)
+        exact = [f.exact for f in fed]  # non-increasing
+        h: torch.Tensor | None = None
+        kwargs: dict[str, Any] = {}
+        start = n  # the suffix fed[start:] is being recomputed
+        for i in range(exact[-1], lm.num_layers):  # 0-based layer i: tokens with exact <= i need it
+            enter = start
+            while enter > 0 and exact[enter - 1] <= i:
+                enter -= 1
+            layer_cache = cache.layers[i]
+            extra = layer_cache.get_seq_length() - (base + enter)
+            if extra:
+                layer_cache.crop(-extra)
+            if enter < start:
+                new = torch.cat([f.state for f in fed[enter:start]], dim=1)
+                h = new if h is None else torch.cat([new, h], dim=1)
+                start = enter
+                pos = torch.arange(base + start, base + n, device=h.device)[None]
+                mask = create_causal_mask(config=lm.model.config, inputs_embeds=h, attention_mask=None,
+                                          past_key_values=cache, position_ids=pos, layer_idx=i)
+                kwargs = adapter.layer_kwargs(h, pos, mask, cache)
+            h = adapter.run_layer(i, h, kwargs)
+        seq.filled = [base + n] * lm.num_layers
+        return lm.decode(h[0]).float()
+
+    def truncate(self, seq: RowState, length: int) -> None:
+        """Cut every layer's cache back to ``length`` exact positions."""
+        for layer_cache in seq.cache.layers:
+            extra = layer_cache.get_seq_length() - length
+            if extra:
+                layer_cache.crop(-extra)
+        seq.length = length
+        seq.filled = [length] * self.lm.num_layers
+
+    @torch.no_grad()
+    def round(self, seq: RowState, token: int, gate: Gate, budget: int, cfg: GenerationConfig,
+              rng: torch.Generator | None, stats: SpeculativeStats) -> tuple[list[int], list[int], float]:
+        """One draft-and-verify round from the emitted ``token``: (new tokens, layers charged to each, gate seconds).
+
+        ``budget`` caps the drafts (the round emits at most budget + 1 tokens); 0 runs one full-depth token.
+        """
+        lm = self.lm
+        num_layers = lm.num_layers
+        decisions = frozenset(gate.decision_layers(lm.exit_points, num_layers)) if budget else frozenset()
+        last_decision = max(decisions, default=num_layers)
+        sample = cfg.temperature > 0
+        fed: list[_Fed] = []
+        gate_time = 0.0
+        t0 = time.perf_counter()
+        while True:
+            prefix_exact = fed[-1].exact if fed else num_layers
+            record, logits, spent = self._draft_token(seq, fed, token, gate, decisions, last_decision, prefix_exact)
+            gate_time += spent
+            fed.append(record)
+            stats.passes += record.ran
+            if logits is None or record.ran == num_layers:  # the gate kept it: the round ends here
+                break
+            stats.depth_sum += record.ran
+            if sample:
+                record.draft_probs = sampling_probs(logits[0], cfg.temperature, cfg.top_p)
+                token = int(torch.multinomial(record.draft_probs, 1, generator=rng))
+            else:
+                token = int(logits[0].argmax())
+            if len(fed) == budget:  # the last draft enters the verification at the embedding
+                pos = torch.tensor([[seq.length + len(fed)]], device=lm.device)
+                fed.append(_Fed(token, 0, lm.adapter.embed(torch.tensor([[token]], device=lm.device), pos)))
+                break
+        stats.rounds += 1
+        t1 = time.perf_counter()
+        stats.draft_time_s += t1 - t0
+        if len(fed) == 1:  # x0 ran all layers on an exact cache: the full model's token, nothing to verify
+            self.truncate(seq, seq.length + 1)
+            return [int(self._pick(logits, cfg, rng)[0])], [num_layers], gate_time
+
+        verified = self._verify(seq, fed)
+        stats.passes += num_layers - fed[-1].exact
+        drafts = len(fed) - 1
+        out: list[int] = []
+        if sample:
+            p = sampling_probs(verified, cfg.temperature, cfg.top_p)
+            for t in range(drafts):
+                resampled = accept_or_resample(p[t], fed[t].draft_probs, fed[t + 1].token, rng)
+                if resampled is not None:
+                    out.append(resampled)
+                    break
+                out.append(fed[t + 1].token)
+            else:
+                out.append(int(torch.multinomial(p[drafts], 1, generator=rng)))
+        else:
+            predicted = verified.argmax(dim=-1).tolist()
+            t = 0
+            while t < drafts and fed[t + 1].token == predicted[t]:
+                out.append(predicted[t])
+                t += 1
+            out.append(predicted[t])
+        accepted = len(out) - 1
+        self.truncate(seq, seq.length + accepted + 1)
+        stats.drafted += drafts
+        stats.accepted += accepted
+        stats.verify_time_s += time.perf_counter() - t1
+        decay = self.config.acceptance_decay
+        seq.acceptance = decay * seq.acceptance + (1 - decay) * accepted / drafts
+
+        # token i is predicted at fed[i]; the work of the positions after the last emitted one is charged to it
+        work = [f.ran + num_layers - f.exact for f in fed]
+        layers = work[: len(out)]
+        layers[-1] += sum(work[len(out) :])
+        return out, layers, gate_time
+
+    # ------------------------------------------------------------------ generation loop
+
+    @torch.no_grad()
+    def stream(
+        self,
+        prompts: Sequence[str] | Sequence[Sequence[int]],
+        gate: Gate,
+        cfg: GenerationConfig | None = None,
+        results: list[GenerationResult] | None = None,
+        collect_exit_states: bool = False,
+    ) -> Iterator[list[TokenEvent]]:
+        """Yield the tokens of each round, row after row; ``results`` (if given) then holds one
+        :class:`SpeculativeResult` per prompt."""
+        cfg = cfg or GenerationConfig()
+        if cfg.kv_mode != "propagate":
+            raise ValueError("lossless decoding verifies drafts against the KV cache: generation.kv_mode must be 'propagate'")
+        if collect_exit_states:
+            raise ValueError("lossless decoding does not record exit states (extract shards with the plain generator)")
+        encoded = self.encode(prompts)
+        if not encoded or any(len(p) == 0 for p in encoded):
+            raise ValueError("every prompt needs at least one token")
+        rng = torch.Generator(device=self.lm.device).manual_seed(cfg.seed) if cfg.seed is not None else None
+        for r, prompt in enumerate(encoded):
+            row, stats = _Row(len(prompt)), SpeculativeStats(passes=self.lm.num_layers)  # the first token's
+            gate_time = 0.0
+            with self.meter.measure() as measured:
+                seq, logits = self.prefill(prompt)
+                event = self._record(row, r, int(self._pick(logits, cfg, rng)[0]), self.lm.num_layers, cfg)
+                yield [event]
+                while row.finish_reason is None:
+                    budget = min(draft_length(seq.acceptance, self.config), cfg.max_new_tokens - len(row.ids) - 1)
+                    tokens, layers, spent = self.round(seq, row.ids[-1], gate, budget, cfg, rng, stats)
+                    gate_time += spent
+                    events = []
+                    for token, cost in zip(tokens, layers):
+                        if row.finish_reason is not None:  # cut off by a stop: its work goes to the last token kept
+                            row.layers[-1] += cost
+                            continue
+                        events.append(self._record(row, r, token, cost, cfg))
+                    yield events
+            if results is not None:
+                results.append(SpeculativeResult(
+                    text=row.text,
+                    token_ids=row.ids,
+                    layers_per_token=row.layers,
+                    finish_reason=row.finish_reason or "length",
+                    prompt_tokens=row.prompt_len,
+                    num_layers=self.lm.num_layers,
+                    time_s=measured.time_s,
+                    gate_time_s=gate_time,
+                    energy_j=measured.energy_j,
+                    speculative=stats.as_dict() | {"layers_computed": sum(row.layers)},
+                ))
