@@ -167,10 +167,9 @@ def print_table(tallies: dict[str, Tally], base: float) -> None:
     for t in tallies.values():
         accept = t.accepted / t.drafted if t.drafted else None
         depth = t.depth_sum / t.drafted if t.drafted else None
-        per = (lambda v: None if v is None else v / t.tokens)  # noqa: E731
+        passes, layers, energy = (None if v is None else v / t.tokens for v in (t.passes, t.layers, t.energy_j))
         print(f"{t.name:<34}{t.tok_s:>8.2f}{t.tok_s / base:>7.2f}{fmt(accept, '.2f'):>8}{fmt(depth, '.1f'):>7}"
-              f"{fmt(per(t.passes), '.1f'):>8}{fmt(per(t.layers), '.1f'):>8}{t.same / t.tokens:>7.3f}"
-              f"{fmt(per(t.energy_j), '.3f'):>8}")
+              f"{fmt(passes, '.1f'):>8}{fmt(layers, '.1f'):>8}{t.same / t.tokens:>7.3f}{fmt(energy, '.3f'):>8}")
 
 
 def held_out_prompts(lm: EarlyExitModel, n: int, context_cap: int) -> list[list[int]]:

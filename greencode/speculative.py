@@ -179,7 +179,7 @@ class LosslessGenerator(GatedGenerator):
     # ------------------------------------------------------------------ one row
 
     @torch.no_grad()
-    def prefill(self, prompt: list[int]) -> tuple[RowState, torch.Tensor]:
+    def prefill_row(self, prompt: list[int]) -> tuple[RowState, torch.Tensor]:
         """Run the prompt through all layers: the row's state and the logits of its first token [1, V]."""
         from transformers import DynamicCache
 
@@ -376,7 +376,7 @@ class LosslessGenerator(GatedGenerator):
             row, stats = _Row(len(prompt)), SpeculativeStats(passes=self.lm.num_layers)  # the first token's
             gate_time = 0.0
             with self.meter.measure() as measured:
-                seq, logits = self.prefill(prompt)
+                seq, logits = self.prefill_row(prompt)
                 event = self._record(row, r, int(self._pick(logits, cfg, rng)[0]), self.lm.num_layers, cfg)
                 yield [event]
                 while row.finish_reason is None:
