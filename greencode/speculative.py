@@ -9,11 +9,12 @@ every earlier position.
 
 - Draft: x0 runs layer by layer; at the gate's decision layers the gate may exit it; the exited
   hidden state goes through the single LM head and gives the draft token, which is fed next,
-  and so on while the gate keeps exiting, up to the sequence's current maximum draft length
-  (:func:`draft_length`, adapted per sequence to its recent acceptance rate). A token the gate
-  does not exit ends the round: for x0 that is just a full-depth token (its cache is exact, so
-  its prediction is the full model's); a later token stops after the gate's last decision
-  layer, since its deeper layers are recomputed by the verification anyway.
+  and so on while the gate keeps exiting, up to the row's current draft length
+  (:func:`draft_length`: the most expected tokens per unit of work, from the row's running
+  acceptance rate and draft depth; 0 while its drafts keep failing, until it tries again).
+  A token the gate does not exit ends the round: for x0 that is just a full-depth token (its
+  cache is exact, so its prediction is the full model's); a later token stops after the gate's
+  last decision layer, since its deeper layers are recomputed by the verification anyway.
 - Which K/V are exact: with per-token draft depths k_i, token i's state (and K/V) at layer j is
   the full model's only if every earlier token of the round also ran layer j, i.e. for
   j <= m_i = min(k_0..k_i). Skipped layers get K/V lazily, projected from the exited state
@@ -22,8 +23,9 @@ every earlier position.
 - Verify: layer by layer from min(m), the tokens with m_i < j (a suffix, m being
   non-increasing) are recomputed at layer j, each entering at layer m_i + 1 from the exact state
   it had at layer m_i in the draft; the cache of layer j is first cut back to the exact prefix.
-  The last draft, never fed to the draft, enters at layer 1 and yields the bonus token. With a
-  fixed gate this is exactly LayerSkip (reuse layers 1..k, recompute k+1..L).
+  A round that ends at the draft length has one draft token the draft loop never ran: it enters
+  at the embedding, and its prediction is the bonus token. With a fixed gate this is exactly
+  LayerSkip (reuse layers 1..k, recompute k+1..L).
 - Accept: greedy keeps the longest prefix of drafts the full model agrees with and then takes
   the full model's token (a correction, or the bonus after the last draft); sampling uses
   speculative sampling (accept with min(1, p/q), else resample from norm(max(0, p - q))), with
@@ -36,7 +38,6 @@ draft length, timing and energy window.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -53,17 +54,16 @@ from greencode.modeling import EarlyExitModel
 
 
 class SpeculativeConfig(_Strict):
-    """Draft length of lossless mode, adapted per sequence to its recent acceptance rate.
+    """Draft length of lossless mode, adapted per sequence to its recent acceptance rate (see :func:`draft_length`)."""
 
-    The n-th token of a round is drafted only while the estimated chance that all n drafts are
-    accepted, acceptance**n, stays >= ``continue_probability`` (and the gate keeps exiting).
-    """
-
-    min_draft: int = Field(1, ge=1, description="fewest tokens a round may draft")
+    min_draft: int = Field(0, ge=0, description="fewest tokens a round may draft (0: a row whose drafts keep "
+                           "failing stops drafting and decodes full-depth tokens)")
     max_draft: int = Field(8, ge=1, description="most tokens a round may draft")
     initial_acceptance: float = Field(0.8, ge=0, le=1, description="acceptance rate assumed before the first round")
-    acceptance_decay: float = Field(0.5, ge=0, lt=1, description="weight of the past in the running acceptance rate")
-    continue_probability: float = Field(0.3, gt=0, lt=1, description="draft the n-th token while acceptance**n >= this")
+    acceptance_decay: float = Field(0.5, ge=0, lt=1, description="weight of the past in the running acceptance rate "
+                                    "and draft depth")
+    recovery: float = Field(0.1, ge=0, le=1, description="after a round without drafts the running acceptance rate "
+                            "moves this share of the way back to initial_acceptance, so a row tries drafting again")
 
     @model_validator(mode="after")
     def _bounds(self) -> SpeculativeConfig:
@@ -72,14 +72,20 @@ class SpeculativeConfig(_Strict):
         return self
 
 
-def draft_length(acceptance: float, cfg: SpeculativeConfig) -> int:
-    """Largest n with acceptance**n >= cfg.continue_probability, within [min_draft, max_draft]."""
-    if acceptance >= 1:
-        return cfg.max_draft
-    if acceptance <= 0:
-        return cfg.min_draft
-    n = math.floor(math.log(cfg.continue_probability) / math.log(acceptance))
-    return max(cfg.min_draft, min(cfg.max_draft, n))
+def draft_length(acceptance: float, depth: float, num_layers: int, head_cost: float, cfg: SpeculativeConfig) -> int:
+    """The cap n in [min_draft, max_draft] on a round's drafts with the most expected tokens per unit of work.
+
+    With per-draft acceptance a, a round of n drafts emits 1 + a + ... + a^n tokens on average (the
+    accepted drafts and the full model's token after them) for n draft passes of ``depth`` layers +
+    the LM head and one verification of about ``num_layers`` + the LM head (``head_cost``, in layers);
+    n = 0 is one full-depth token. Ties go to the shorter round.
+    """
+    full = num_layers + head_cost
+    rates, expected = [1.0 / full], 1.0
+    for n in range(1, cfg.max_draft + 1):
+        expected += acceptance**n
+        rates.append(expected / (n * (depth + head_cost) + full))
+    return max(range(cfg.min_draft, cfg.max_draft + 1), key=lambda n: (rates[n], -n))
 
 
 def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -114,8 +120,9 @@ class SpeculativeResult(GenerationResult):
 
     Token i is charged the layers run at the position that predicted it, in the draft and in the
     verification; the work of drafts that were rejected (or cut off by a stop) is charged to the
-    round's last emitted token, so ``mean_layers`` is the layers computed per emitted token and can
-    exceed ``num_layers`` when drafts are rejected. K/V projections of skipped layers are not counted.
+    round's last emitted token. So ``mean_layers`` is the layers computed per emitted token: never
+    below ``num_layers`` (self-speculation saves sequential layer passes, not arithmetic), above it
+    when drafts are rejected. K/V projections of skipped layers are not counted.
     ``speculative`` holds the round statistics (see :class:`SpeculativeStats`).
     """
 
@@ -167,14 +174,27 @@ class RowState:
     length: int  # positions whose K/V are the full model's, at every layer
     filled: list[int]  # entries per layer (>= length while a round drafts)
     acceptance: float  # running acceptance rate of its drafts
+    depth: float | None = None  # running mean depth of its drafts (None before the first)
 
 
 class LosslessGenerator(GatedGenerator):
     """Lossless (self-speculative) generation over the same :class:`EarlyExitModel` and gates."""
 
-    def __init__(self, lm: EarlyExitModel, meter: EnergyMeter | None = None, config: SpeculativeConfig | None = None) -> None:
+    def __init__(self, lm: EarlyExitModel, meter: EnergyMeter | None = None,
+                 config: SpeculativeConfig | None = None) -> None:
         super().__init__(lm, meter)
         self.config = config or SpeculativeConfig()
+        # the LM head's cost in decoder layers, by weight count: one token's pass reads every weight once
+        layer_weights = sum(p.numel() for p in lm.adapter.layers[0].parameters())
+        self.head_cost = lm.adapter.lm_head.weight.numel() / layer_weights
+
+    def budget(self, seq: RowState, gate: Gate, remaining: int) -> int:
+        """Drafts the row's next round may make: its adaptive draft length, leaving room for the last token."""
+        first_exit = min(gate.decision_layers(self.lm.exit_points, self.lm.num_layers), default=None)
+        if first_exit is None or remaining < 2:
+            return 0
+        depth = seq.depth if seq.depth is not None else first_exit
+        return min(draft_length(seq.acceptance, depth, self.lm.num_layers, self.head_cost, self.config), remaining - 1)
 
     # ------------------------------------------------------------------ one row
 
@@ -311,8 +331,10 @@ class LosslessGenerator(GatedGenerator):
         stats.rounds += 1
         t1 = time.perf_counter()
         stats.draft_time_s += t1 - t0
+        spec = self.config
         if len(fed) == 1:  # x0 ran all layers on an exact cache: the full model's token, nothing to verify
             self.truncate(seq, seq.length + 1)
+            seq.acceptance += spec.recovery * (spec.initial_acceptance - seq.acceptance)
             return [int(self._pick(logits, cfg, rng)[0])], [num_layers], gate_time
 
         verified = self._verify(seq, fed)
@@ -341,8 +363,10 @@ class LosslessGenerator(GatedGenerator):
         stats.drafted += drafts
         stats.accepted += accepted
         stats.verify_time_s += time.perf_counter() - t1
-        decay = self.config.acceptance_decay
+        decay = spec.acceptance_decay
         seq.acceptance = decay * seq.acceptance + (1 - decay) * accepted / drafts
+        depth = sum(f.ran for f in fed[:drafts]) / drafts
+        seq.depth = depth if seq.depth is None else decay * seq.depth + (1 - decay) * depth
 
         # token i is predicted at fed[i]; the work of the positions after the last emitted one is charged to it
         work = [f.ran + num_layers - f.exact for f in fed]
@@ -380,7 +404,7 @@ class LosslessGenerator(GatedGenerator):
                 event = self._record(row, r, int(self._pick(logits, cfg, rng)[0]), self.lm.num_layers, cfg)
                 yield [event]
                 while row.finish_reason is None:
-                    budget = min(draft_length(seq.acceptance, self.config), cfg.max_new_tokens - len(row.ids) - 1)
+                    budget = self.budget(seq, gate, cfg.max_new_tokens - len(row.ids))
                     tokens, layers, spent = self.round(seq, row.ids[-1], gate, budget, cfg, rng, stats)
                     gate_time += spent
                     events = []
