@@ -16,8 +16,8 @@ sees); EOS is ignored so every row makes exactly --max-new-tokens tokens per pro
 
 The best k of each fixed row is picked first by a probe (the first --probe-prompts prompts,
 --probe-tokens tokens) over --fixed-layers (default: every exit point); the probe table is printed.
-Prompts are run one after another with every row in turn, so a busy machine slows all rows alike:
-compare the ratios of one run, not tokens/s across runs.
+Prompts are run one after another with every row in turn (a different row first on each prompt), so
+a busy machine slows all rows alike: compare the ratios of one run, not tokens/s across runs.
 
 Columns: tokens/s; ratio to HF `generate`; acceptance = accepted / drafted tokens; mean draft depth
 (exit layer of the drafts); layer passes = sequential decoder-layer calls per token (a verification
@@ -148,13 +148,16 @@ def greencode_runner(gen: GatedGenerator, gate: Gate, cfg: GenerationConfig) -> 
     return run
 
 
-def measure(rows: dict[str, Runner], prompts: list[list[int]], reference: Runner) -> dict[str, Tally]:
-    """Every row on every prompt, prompt by prompt; the reference row's tokens are what `same` compares to."""
+def measure(rows: dict[str, Runner], prompts: list[list[int]], reference: str) -> dict[str, Tally]:
+    """Every row on every prompt, prompt by prompt, starting one row later on each prompt so no row
+    always runs first on a machine whose load drifts; `same` compares to the reference row's tokens."""
     tallies = {name: Tally(name) for name in rows}
-    for prompt in prompts:
-        ref = reference(prompt)
-        for name, run in rows.items():
-            tallies[name].add(ref if run is reference else run(prompt), ref.tokens)
+    names = list(rows)
+    for i, prompt in enumerate(prompts):
+        order = names[i % len(names):] + names[: i % len(names)]
+        outcomes = {name: rows[name](prompt) for name in order}
+        for name in names:
+            tallies[name].add(outcomes[name], outcomes[reference].tokens)
     return tallies
 
 
@@ -187,7 +190,7 @@ def best_fixed_layers(lm: EarlyExitModel, meter: EnergyMeter, lossless: Lossless
     for k in layers:
         rows[hf_rows[k]] = hf_runner(lm, meter, n, early_exit=k)
         rows[lossless_rows[k]] = greencode_runner(lossless, FixedGate(k), cfg)
-    tallies = measure(rows, prompts, rows["HF generate"])
+    tallies = measure(rows, prompts, "HF generate")
     print(f"\n== probe: {len(prompts)} prompts x {n} tokens ==")
     print_table(tallies, tallies["HF generate"].tok_s)
     return (max(layers, key=lambda k: tallies[hf_rows[k]].tok_s),
@@ -244,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         gate = PolicyGate(policy, args.threshold)
         rows[f"lossless policy(T={args.threshold})"] = greencode_runner(lossless, gate, cfg)
         rows[f"lossy policy(T={args.threshold})"] = greencode_runner(plain, gate, cfg)
-    tallies = measure(rows, prompts, rows["HF generate"])
+    tallies = measure(rows, prompts, "HF generate")
     print(f"\n== {len(prompts)} held-out prompts x {args.max_new_tokens} tokens, batch 1 ==")
     print_table(tallies, tallies["HF generate"].tok_s)
     print(f"\n(total {time.perf_counter() - t0:.0f} s; timings are wall clock on this machine, noisy when it is shared)")
