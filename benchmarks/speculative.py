@@ -130,7 +130,8 @@ def hf_runner(lm: EarlyExitModel, meter: EnergyMeter, n: int, early_exit: int | 
             out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
                                     min_new_tokens=n, pad_token_id=pad, **extra)
         depth = counts["drafted"] * (early_exit or 0)
-        return Outcome(out[0, len(prompt):].tolist(), m.time_s, m.energy_j, counts["drafted"], counts["accepted"], depth)
+        tokens = out[0, len(prompt):].tolist()
+        return Outcome(tokens, m.time_s, m.energy_j, counts["drafted"], counts["accepted"], depth)
 
     return run
 
@@ -140,7 +141,8 @@ def greencode_runner(gen: GatedGenerator, gate: Gate, cfg: GenerationConfig) -> 
         r = gen.generate([prompt], gate, cfg)[0]
         spec = getattr(r, "speculative", None)
         if spec is None:  # the plain generator: one pass per layer a token ran
-            return Outcome(r.token_ids, r.time_s, r.energy_j, passes=sum(r.layers_per_token), layers=sum(r.layers_per_token))
+            layers = sum(r.layers_per_token)
+            return Outcome(r.token_ids, r.time_s, r.energy_j, passes=layers, layers=layers)
         depth = (spec["mean_draft_depth"] or 0.0) * spec["drafted_tokens"]
         return Outcome(r.token_ids, r.time_s, r.energy_j, spec["drafted_tokens"], spec["accepted_tokens"], depth,
                        spec["layer_passes"], spec["layers_computed"])
@@ -166,7 +168,8 @@ def fmt(value: float | None, spec: str) -> str:
 
 
 def print_table(tallies: dict[str, Tally], base: float) -> None:
-    print(f"{'setting':<34}{'tok/s':>8}{'x HF':>7}{'accept':>8}{'depth':>7}{'passes':>8}{'layers':>8}{'same':>7}{'J/tok':>8}")
+    print(f"{'setting':<34}{'tok/s':>8}{'x HF':>7}{'accept':>8}{'depth':>7}{'passes':>8}{'layers':>8}{'same':>7}"
+          f"{'J/tok':>8}")
     for t in tallies.values():
         accept = t.accepted / t.drafted if t.drafted else None
         depth = t.depth_sum / t.drafted if t.drafted else None
@@ -250,7 +253,8 @@ def main(argv: list[str] | None = None) -> None:
     tallies = measure(rows, prompts, "HF generate")
     print(f"\n== {len(prompts)} held-out prompts x {args.max_new_tokens} tokens, batch 1 ==")
     print_table(tallies, tallies["HF generate"].tok_s)
-    print(f"\n(total {time.perf_counter() - t0:.0f} s; timings are wall clock on this machine, noisy when it is shared)")
+    print(f"\n(total {time.perf_counter() - t0:.0f} s; timings are wall clock on this machine, "
+          "noisy when it is shared)")
 
 
 if __name__ == "__main__":

@@ -32,8 +32,15 @@ every earlier position.
   p and q under the same temperature / top-p rule as :meth:`GatedGenerator._pick`. The cache is
   cut back to the accepted tokens.
 
-Batches are generated one row at a time (IDE requests are batch 1): each row gets its own cache,
-draft length, timing and energy window.
+The shortlist (``speculative.shortlist``): a greedy draft only needs an argmax, so drafts without
+gate logits are decoded over a shortlist of the vocabulary (the first token ids, which byte-level
+BPE gives to its most frequent merges, plus every token of the prompt); a draft outside the
+shortlist is simply rejected. Verification always uses the full LM head, so the output is unchanged.
+
+A batch shares one prompt pass (:meth:`GatedGenerator.prefill`, so a prefix cache or the
+evaluator's replay serves lossless requests too); its rows are then decoded one after another
+(IDE requests are batch 1), each with its own cache slice and draft length. As in the plain
+generator, time and energy cover the whole batch and energy is split evenly over its rows.
 """
 
 from __future__ import annotations
@@ -41,50 +48,32 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
-from pydantic import Field, model_validator
 
-from greencode.config import GenerationConfig, _Strict
-from greencode.energy import EnergyMeter
-from greencode.gates import FullGate, Gate
-from greencode.generate import GatedGenerator, GenerationResult, TokenEvent, _Row
-from greencode.modeling import EarlyExitModel
+from greencode.config import GenerationConfig, SpeculativeConfig
+from greencode.gates import Gate
+from greencode.generate import Finished, GatedGenerator, GenerationResult, Prefill, TokenEvent, _Row
 
 
-class SpeculativeConfig(_Strict):
-    """Draft length of lossless mode, adapted per sequence to its recent acceptance rate (see :func:`draft_length`)."""
-
-    min_draft: int = Field(0, ge=0, description="fewest tokens a round may draft (0: a row whose drafts keep "
-                           "failing stops drafting and decodes full-depth tokens)")
-    max_draft: int = Field(8, ge=1, description="most tokens a round may draft")
-    initial_acceptance: float = Field(0.8, ge=0, le=1, description="acceptance rate assumed before the first round")
-    acceptance_decay: float = Field(0.5, ge=0, lt=1, description="weight of the past in the running acceptance rate "
-                                    "and draft depth")
-    recovery: float = Field(0.1, ge=0, le=1, description="after a round without drafts the running acceptance rate "
-                            "moves this share of the way back to initial_acceptance, so a row tries drafting again")
-
-    @model_validator(mode="after")
-    def _bounds(self) -> SpeculativeConfig:
-        if self.min_draft > self.max_draft:
-            raise ValueError("min_draft must be <= max_draft")
-        return self
-
-
-def draft_length(acceptance: float, depth: float, num_layers: int, head_cost: float, cfg: SpeculativeConfig) -> int:
+def draft_length(acceptance: float, depth: float, num_layers: int, head_cost: float, cfg: SpeculativeConfig,
+                 draft_head_cost: float | None = None) -> int:
     """The cap n in [min_draft, max_draft] on a round's drafts with the most expected tokens per unit of work.
 
     With per-draft acceptance a, a round of n drafts emits 1 + a + ... + a^n tokens on average (the
     accepted drafts and the full model's token after them) for n draft passes of ``depth`` layers +
-    the LM head and one verification of about ``num_layers`` + the LM head (``head_cost``, in layers);
-    n = 0 is one full-depth token. Ties go to the shorter round.
+    a head call (``draft_head_cost``, in layers: less over a shortlist; default ``head_cost``) and one
+    verification of about ``num_layers`` + the LM head (``head_cost``); n = 0 is one full-depth token.
+    Ties go to the shorter round.
     """
+    draft = depth + (head_cost if draft_head_cost is None else draft_head_cost)
     full = num_layers + head_cost
     rates, expected = [1.0 / full], 1.0
     for n in range(1, cfg.max_draft + 1):
         expected += acceptance**n
-        rates.append(expected / (n * (depth + head_cost) + full))
+        rates.append(expected / (n * draft + full))
     return max(range(cfg.min_draft, cfg.max_draft + 1), key=lambda n: (rates[n], -n))
 
 
@@ -167,6 +156,29 @@ class _Fed:
 
 
 @dataclass
+class Shortlist:
+    """What greedy drafts are decoded over: the first ``size`` token ids plus the other tokens of the
+    prompt and of the completion so far (code repeats its identifiers)."""
+
+    size: int  # ids [0, size) ...
+    extra: torch.Tensor  # ... and these ([K] ids >= size)
+    extra_weight: torch.Tensor  # [K, H] their LM-head rows
+
+    @property
+    def count(self) -> int:
+        return self.size + self.extra.numel()
+
+    def add(self, tokens: list[int], weight: torch.Tensor) -> None:
+        """Take in the emitted ``tokens`` it lacks (``weight``: the LM head's weight)."""
+        known = set(self.extra.tolist())
+        new = sorted({t for t in tokens if t >= self.size and t not in known})
+        if new:
+            ids = torch.tensor(new, dtype=torch.long, device=self.extra.device)
+            self.extra = torch.cat([self.extra, ids])
+            self.extra_weight = torch.cat([self.extra_weight, weight[ids]])
+
+
+@dataclass
 class RowState:
     """The decoding state of one row: its cache and how much of it is exact."""
 
@@ -175,40 +187,75 @@ class RowState:
     filled: list[int]  # entries per layer (>= length while a round drafts)
     acceptance: float  # running acceptance rate of its drafts
     depth: float | None = None  # running mean depth of its drafts (None before the first)
+    shortlist: Shortlist | None = None  # greedy drafts without gate logits are decoded over it
 
 
 class LosslessGenerator(GatedGenerator):
-    """Lossless (self-speculative) generation over the same :class:`EarlyExitModel` and gates."""
+    """A :class:`GatedGenerator` that also decodes losslessly: ``generation.lossless`` picks the mode.
 
-    def __init__(self, lm: EarlyExitModel, meter: EnergyMeter | None = None,
-                 config: SpeculativeConfig | None = None) -> None:
-        super().__init__(lm, meter)
-        self.config = config or SpeculativeConfig()
-        # the LM head's cost in decoder layers, by weight count: one token's pass reads every weight once
-        layer_weights = sum(p.numel() for p in lm.adapter.layers[0].parameters())
-        self.head_cost = lm.adapter.lm_head.weight.numel() / layer_weights
+    Streams whose config has ``lossless`` are self-speculative (drafted by ``gate``, verified by the
+    full model); the others are the plain gated generation this class inherits. So one generator
+    (and its prefix cache, meter, prompt replay) serves both kinds of request.
+    """
 
-    def budget(self, seq: RowState, gate: Gate, remaining: int) -> int:
+    @cached_property
+    def head_cost(self) -> float:
+        """The LM head's cost in decoder layers, by weight count: one token's pass reads every weight once."""
+        layer_weights = sum(p.numel() for p in self.lm.adapter.layers[0].parameters())
+        return self.lm.adapter.lm_head.weight.numel() / layer_weights
+
+    def budget(self, seq: RowState, gate: Gate, remaining: int, spec: SpeculativeConfig) -> int:
         """Drafts the row's next round may make: its adaptive draft length, leaving room for the last token."""
         first_exit = min(gate.decision_layers(self.lm.exit_points, self.lm.num_layers), default=None)
         if first_exit is None or remaining < 2:
             return 0
         depth = seq.depth if seq.depth is not None else first_exit
-        return min(draft_length(seq.acceptance, depth, self.lm.num_layers, self.head_cost, self.config), remaining - 1)
+        draft_head = self.head_cost
+        if seq.shortlist is not None and not gate.makes_logits:
+            draft_head *= seq.shortlist.count / self.lm.adapter.lm_head.weight.shape[0]
+        n = draft_length(seq.acceptance, depth, self.lm.num_layers, self.head_cost, spec, draft_head)
+        return min(n, remaining - 1)
 
     # ------------------------------------------------------------------ one row
 
-    @torch.no_grad()
-    def prefill_row(self, prompt: list[int]) -> tuple[RowState, torch.Tensor]:
-        """Run the prompt through all layers: the row's state and the logits of its first token [1, V]."""
+    def row_state(self, pre: Prefill, row: int, prompt: list[int], cfg: GenerationConfig) -> RowState:
+        """Row ``row`` of a prompt pass as a one-row decoding state (its cache without the left padding)."""
         from transformers import DynamicCache
 
-        lm = self.lm
-        ids = torch.tensor([prompt], device=lm.device)
-        cache = DynamicCache(config=lm.model.config)
-        out = self.step(ids, torch.ones_like(ids), cache, FullGate())
-        seq = RowState(cache, len(prompt), [len(prompt)] * lm.num_layers, self.config.initial_acceptance)
-        return seq, out.logits
+        cache, n = pre.cache, len(prompt)
+        bsz, width = pre.input_ids.shape
+        if bsz > 1 or width != n:
+            cache = DynamicCache(config=self.lm.model.config)
+            for i, layer in enumerate(pre.cache.layers):
+                cache.update(layer.keys[row : row + 1, :, width - n :], layer.values[row : row + 1, :, width - n :], i)
+        spec = cfg.speculative
+        shortlist = self.shortlist(prompt, spec.shortlist) if cfg.temperature == 0 and spec.shortlist else None
+        return RowState(cache, n, [n] * self.lm.num_layers, spec.initial_acceptance, shortlist=shortlist)
+
+    def shortlist(self, prompt: list[int], size: int) -> Shortlist | None:
+        """The shortlist of a prompt; None when it would cover the whole vocabulary anyway."""
+        weight = self.lm.adapter.lm_head.weight
+        if size >= weight.shape[0]:
+            return None
+        extra = torch.tensor(sorted({t for t in prompt if t >= size}), dtype=torch.long, device=weight.device)
+        return Shortlist(size, extra, weight[extra])
+
+    def _shortlist_pick(self, shortlist: Shortlist, hidden: torch.Tensor) -> int:
+        """Greedy draft token of ``hidden`` ([1, 1, H] at an exit) over the shortlist."""
+        head = self.lm.adapter.lm_head
+        x = self.lm.adapter.final_norm(hidden)[0, -1]
+        top = x @ head.weight[: shortlist.size].T
+        if getattr(head, "bias", None) is not None:
+            top = top + head.bias[: shortlist.size]
+        best, best_id = top.max(dim=-1)
+        if shortlist.extra.numel():
+            rest = shortlist.extra_weight @ x
+            if getattr(head, "bias", None) is not None:
+                rest = rest + head.bias[shortlist.extra]
+            other, other_at = rest.max(dim=-1)
+            if float(other) > float(best):
+                return int(shortlist.extra[other_at])
+        return int(best_id)
 
     def _fill(self, seq: RowState, layer: int, fed: list[_Fed], upto: int) -> None:
         """Give layer ``layer`` K/V for the round's tokens before index ``upto`` that skipped it."""
@@ -221,10 +268,9 @@ class LosslessGenerator(GatedGenerator):
 
     def _draft_token(self, seq: RowState, fed: list[_Fed], token: int, gate: Gate, decisions: frozenset[int],
                      last_decision: int, prefix_exact: int) -> tuple[_Fed, torch.Tensor | None, float]:
-        """Feed ``token`` as the round's next token: (its record, exit logits [1, V] or None, gate seconds).
-
-        Logits are None only for a later token the gate did not exit (it stops at ``last_decision``).
-        """
+        """Feed ``token`` as the round's next token: (its record, the gate's logits [1, V] if it made any,
+        gate seconds). The record's ``exit_state`` is None only for a later token the gate did not exit
+        (it stops at ``last_decision``); a first token the gate did not exit ran every layer."""
         lm, adapter = self.lm, self.lm.adapter
         t = len(fed)
         pos = seq.length + t
@@ -248,13 +294,11 @@ class LosslessGenerator(GatedGenerator):
                 gate_time += time.perf_counter() - t0
                 if bool(leave[0]):
                     exact = min(layer, prefix_exact)
-                    record = _Fed(token, exact, h if exact == layer else exact_state, layer, h)
-                    return record, (logits if logits is not None else lm.decode(h[:, -1])).float(), gate_time
+                    return _Fed(token, exact, h if exact == layer else exact_state, layer, h), logits, gate_time
                 if t > 0 and layer == last_decision:
                     return _Fed(token, prefix_exact, exact_state, layer), None, gate_time
         exact = min(lm.num_layers, prefix_exact)
-        record = _Fed(token, exact, h if exact == lm.num_layers else exact_state, lm.num_layers, h)
-        return record, lm.decode(h[:, -1]).float(), gate_time
+        return _Fed(token, exact, h if exact == lm.num_layers else exact_state, lm.num_layers, h), None, gate_time
 
     def _verify(self, seq: RowState, fed: list[_Fed]) -> torch.Tensor:
         """Full-model logits [T, V] at the round's T tokens, recomputing only their inexact layers."""
@@ -295,6 +339,18 @@ class LosslessGenerator(GatedGenerator):
         seq.length = length
         seq.filled = [length] * self.lm.num_layers
 
+    def _next_draft(self, seq: RowState, record: _Fed, gate_logits: torch.Tensor | None, cfg: GenerationConfig,
+                    rng: torch.Generator | None) -> int:
+        """The token drafted from ``record``'s exit state: from the gate's logits when it made them, else from
+        the shortlist (greedy) or the full head; a sampled draft keeps its distribution q for the accept test."""
+        if gate_logits is None and cfg.temperature == 0 and seq.shortlist is not None:
+            return self._shortlist_pick(seq.shortlist, record.exit_state)
+        logits = (gate_logits if gate_logits is not None else self.lm.decode(record.exit_state[:, -1])).float()
+        if cfg.temperature == 0:
+            return int(logits[0].argmax())
+        record.draft_probs = sampling_probs(logits[0], cfg.temperature, cfg.top_p)
+        return int(torch.multinomial(record.draft_probs, 1, generator=rng))
+
     @torch.no_grad()
     def round(self, seq: RowState, token: int, gate: Gate, budget: int, cfg: GenerationConfig,
               rng: torch.Generator | None, stats: SpeculativeStats) -> tuple[list[int], list[int], float]:
@@ -312,18 +368,15 @@ class LosslessGenerator(GatedGenerator):
         t0 = time.perf_counter()
         while True:
             prefix_exact = fed[-1].exact if fed else num_layers
-            record, logits, spent = self._draft_token(seq, fed, token, gate, decisions, last_decision, prefix_exact)
+            record, gate_logits, spent = self._draft_token(seq, fed, token, gate, decisions, last_decision,
+                                                           prefix_exact)
             gate_time += spent
             fed.append(record)
             stats.passes += record.ran
-            if logits is None or record.ran == num_layers:  # the gate kept it: the round ends here
+            if record.exit_state is None or record.ran == num_layers:  # the gate kept it: the round ends here
                 break
             stats.depth_sum += record.ran
-            if sample:
-                record.draft_probs = sampling_probs(logits[0], cfg.temperature, cfg.top_p)
-                token = int(torch.multinomial(record.draft_probs, 1, generator=rng))
-            else:
-                token = int(logits[0].argmax())
+            token = self._next_draft(seq, record, gate_logits, cfg, rng)
             if len(fed) == budget:  # the last draft enters the verification at the embedding
                 pos = torch.tensor([[seq.length + len(fed)]], device=lm.device)
                 fed.append(_Fed(token, 0, lm.adapter.embed(torch.tensor([[token]], device=lm.device), pos)))
@@ -331,10 +384,11 @@ class LosslessGenerator(GatedGenerator):
         stats.rounds += 1
         t1 = time.perf_counter()
         stats.draft_time_s += t1 - t0
-        spec = self.config
+        spec = cfg.speculative
         if len(fed) == 1:  # x0 ran all layers on an exact cache: the full model's token, nothing to verify
             self.truncate(seq, seq.length + 1)
             seq.acceptance += spec.recovery * (spec.initial_acceptance - seq.acceptance)
+            logits = lm.decode(fed[0].exit_state[:, -1]).float()
             return [int(self._pick(logits, cfg, rng)[0])], [num_layers], gate_time
 
         verified = self._verify(seq, fed)
@@ -360,6 +414,8 @@ class LosslessGenerator(GatedGenerator):
             out.append(predicted[t])
         accepted = len(out) - 1
         self.truncate(seq, seq.length + accepted + 1)
+        if seq.shortlist is not None:
+            seq.shortlist.add(out, lm.adapter.lm_head.weight)
         stats.drafted += drafts
         stats.accepted += accepted
         stats.verify_time_s += time.perf_counter() - t1
@@ -382,30 +438,37 @@ class LosslessGenerator(GatedGenerator):
         prompts: Sequence[str] | Sequence[Sequence[int]],
         gate: Gate,
         cfg: GenerationConfig | None = None,
-        results: list[GenerationResult] | None = None,
         collect_exit_states: bool = False,
-    ) -> Iterator[list[TokenEvent]]:
-        """Yield the tokens of each round, row after row; ``results`` (if given) then holds one
-        :class:`SpeculativeResult` per prompt."""
+    ) -> Iterator[list[TokenEvent] | Finished]:
+        """:meth:`GatedGenerator.stream`, lossless when ``cfg.lossless``: one prompt pass for the batch, then
+        the rounds of each row in turn (each yield is one round's tokens of one row); the final
+        :class:`Finished` holds one :class:`SpeculativeResult` per prompt."""
         cfg = cfg or GenerationConfig()
+        if not cfg.lossless:
+            yield from super().stream(prompts, gate, cfg, collect_exit_states)
+            return
         if cfg.kv_mode != "propagate":
-            raise ValueError("lossless decoding verifies drafts against the KV cache: generation.kv_mode must be 'propagate'")
+            raise ValueError("lossless decoding verifies drafts against the KV cache: generation.kv_mode must be "
+                             "'propagate'")
         if collect_exit_states:
             raise ValueError("lossless decoding does not record exit states (extract shards with the plain generator)")
         encoded = self.encode(prompts)
         if not encoded or any(len(p) == 0 for p in encoded):
             raise ValueError("every prompt needs at least one token")
+        num_layers = self.lm.num_layers
         rng = torch.Generator(device=self.lm.device).manual_seed(cfg.seed) if cfg.seed is not None else None
-        for r, prompt in enumerate(encoded):
-            row, stats = _Row(len(prompt)), SpeculativeStats(passes=self.lm.num_layers)  # the first token's
-            gate_time = 0.0
-            with self.meter.measure() as measured:
-                seq, logits = self.prefill_row(prompt)
-                event = self._record(row, r, int(self._pick(logits, cfg, rng)[0]), self.lm.num_layers, cfg)
-                yield [event]
+        rows = [_Row(len(p)) for p in encoded]
+        stats = [SpeculativeStats(passes=num_layers) for _ in encoded]  # the first token's pass
+        gate_time = 0.0
+        with self.meter.measure() as measured:
+            pre = self.prefill(encoded, False)
+            first = self._pick(pre.output.logits, cfg, rng)
+            for r, (prompt, row) in enumerate(zip(encoded, rows)):
+                seq = self.row_state(pre, r, prompt, cfg)
+                yield [self._record(row, r, int(first[r]), num_layers, cfg)]
                 while row.finish_reason is None:
-                    budget = self.budget(seq, gate, cfg.max_new_tokens - len(row.ids))
-                    tokens, layers, spent = self.round(seq, row.ids[-1], gate, budget, cfg, rng, stats)
+                    budget = self.budget(seq, gate, cfg.max_new_tokens - len(row.ids), cfg.speculative)
+                    tokens, layers, spent = self.round(seq, row.ids[-1], gate, budget, cfg, rng, stats[r])
                     gate_time += spent
                     events = []
                     for token, cost in zip(tokens, layers):
@@ -414,16 +477,20 @@ class LosslessGenerator(GatedGenerator):
                             continue
                         events.append(self._record(row, r, token, cost, cfg))
                     yield events
-            if results is not None:
-                results.append(SpeculativeResult(
-                    text=row.text,
-                    token_ids=row.ids,
-                    layers_per_token=row.layers,
-                    finish_reason=row.finish_reason or "length",
-                    prompt_tokens=row.prompt_len,
-                    num_layers=self.lm.num_layers,
-                    time_s=measured.time_s,
-                    gate_time_s=gate_time,
-                    energy_j=measured.energy_j,
-                    speculative=stats.as_dict() | {"layers_computed": sum(row.layers)},
-                ))
+
+        share = measured.energy_j / len(rows) if measured.energy_j is not None else None
+        yield Finished([
+            SpeculativeResult(
+                text=row.text,
+                token_ids=row.ids,
+                layers_per_token=row.layers,
+                finish_reason=row.finish_reason or "length",
+                prompt_tokens=row.prompt_len,
+                num_layers=num_layers,
+                time_s=measured.time_s,
+                gate_time_s=gate_time,
+                energy_j=share,
+                speculative=s.as_dict() | {"layers_computed": sum(row.layers)},
+            )
+            for row, s in zip(rows, stats)
+        ])
