@@ -10,10 +10,14 @@ Routes (see docs/serving.md): TGI ``/generate``,
 
 Non-streaming requests go through Serve batching: requests that arrive together
 and share gate + sampling settings run as one batch, each row still exiting on
-its own. Model work runs on one worker thread per replica so the event loop keeps
-accepting (and batching) requests; a client that disconnects cancels its request,
+its own. Each replica keeps a prefix cache (``prefix_cache_mb``): a request reuses
+the full-depth keys/values of the longest prompt prefix an earlier one stored.
+Fill-in-the-middle requests get the served model's own FIM layout (prompts.py). Model
+work runs on one worker thread per replica so the event loop keeps accepting (and
+batching) requests; a client that disconnects cancels its request,
 which stops a stream after the current token and a batch once all its rows are gone.
-Request bodies are in schemas.py, response shapes in formats.py, errors in errors.py.
+Request bodies are in schemas.py, prompt token ids in prompts.py, response shapes in formats.py,
+errors in errors.py.
 """
 
 
@@ -42,11 +46,12 @@ from greencode.gates import build_gate
 from greencode.generate import Finished, GatedGenerator, GenerationResult, TokenEvent
 from greencode.modeling import EarlyExitModel, load_model
 from greencode.policy import ExitPolicy
-from greencode.tokens import encode
+from greencode.prefix_cache import PrefixCache
 from serve_app import errors, formats
 from serve_app.errors import ERRORS, ApiError
 from serve_app.formats import OLLAMA, OPENAI, TGI, Completion
 from serve_app.metrics import ServeMetrics
+from serve_app.prompts import PromptBuilder
 from serve_app.schemas import (
     Ask,
     CompletionRequest,
@@ -58,8 +63,6 @@ from serve_app.schemas import (
 log = logging.getLogger("greencode.serve")
 
 ModelLoader = Callable[[ServeConfig], EarlyExitModel]
-FIM_TOKENS = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")
-
 
 api = FastAPI(
     title="GreenCode",
@@ -100,12 +103,13 @@ class Job:
     prompt_ids: list[int]
     gate: GateConfig
     generation: GenerationConfig
+    cache_prompt: bool = True  # read and write the replica's prefix cache
     cancelled: bool = False
 
     @property
     def batch_key(self) -> str:
         """Jobs with equal keys can share one generation batch."""
-        return self.gate.model_dump_json() + self.generation.model_dump_json()
+        return self.gate.model_dump_json() + self.generation.model_dump_json() + str(self.cache_prompt)
 
 
 def load_served_model(cfg: ServeConfig) -> EarlyExitModel:
@@ -136,19 +140,26 @@ class GreenCodeServer:
         self.default_gate = self.cfg.default_gate
         if self.default_gate == "policy" and self.policy is None:
             self.default_gate = "full"
-        self.generator = GatedGenerator(self.lm)
+        budget = int(self.cfg.prefix_cache_mb * 2**20)
+        self.prefix_cache = PrefixCache(budget, self.lm.fingerprint) if budget else None
+        self.generator = GatedGenerator(self.lm, prefix_cache=self.prefix_cache)
+        # requests that say cache_prompt: false (benchmarks, privacy) neither read nor write the cache
+        self.uncached = GatedGenerator(self.lm, self.generator.meter) if self.prefix_cache else self.generator
         self.model_name = Path(self.cfg.model.name).name
         positions = getattr(self.lm.model.config, "max_position_embeddings", None) or math.inf
         self.context_limit = int(min(self.cfg.max_context_tokens, positions))
-        vocab = self.lm.tokenizer.get_vocab()
-        self.has_fim = all(t in vocab for t in FIM_TOKENS)
+        self.prompts = PromptBuilder(self.lm.tokenizer, self.cfg.fim_order)
+        self.fim = self.prompts.fim
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="greencode-generate")
         self.stats = ServeMetrics(_replica_name(), self.lm.num_layers)
+        if self.prefix_cache is not None:
+            self.stats.watch_prefix_cache(self.prefix_cache.stats)
         self._generate_batch.set_max_batch_size(self.cfg.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
-        log.info("serving %s: %d layers, exit points %s, default gate %s, policy %s, energy meter %s",
-                 self.model_name, self.lm.num_layers, self.lm.exit_points, self.default_gate,
-                 self.cfg.policy_path, self.generator.meter.source)
+        log.info("serving %s: %d layers, exit points %s, default gate %s, policy %s, energy meter %s, "
+                 "prefix cache %s MiB, FIM %s", self.model_name, self.lm.num_layers, self.lm.exit_points,
+                 self.default_gate, self.cfg.policy_path, self.generator.meter.source, self.cfg.prefix_cache_mb,
+                 f"{self.fim.family} ({self.cfg.fim_order})" if self.fim else "none")
 
     # ------------------------------------------------------------------ request -> job
 
@@ -186,14 +197,6 @@ class GreenCodeServer:
                            "exit_layer")
         return gate
 
-    def _prompt_text(self, ask: Ask) -> str:
-        if not ask.suffix:
-            return ask.prompt
-        if not self.has_fim:
-            raise ApiError("suffix (fill-in-the-middle) needs a tokenizer with <fim_prefix>/<fim_suffix>/<fim_middle> "
-                           "tokens and this model has none: send the prompt without a suffix", "suffix")
-        return f"<fim_prefix>{ask.prompt}<fim_suffix>{ask.suffix}<fim_middle>"
-
     def _job(self, ask: Ask) -> Job:
         gate = self._gate(ask.gate)
         asked = {"max_new_tokens": ask.max_new_tokens, "temperature": ask.temperature, "top_p": ask.top_p,
@@ -203,7 +206,7 @@ class GreenCodeServer:
                                                      **{k: v for k, v in asked.items() if v is not None}})
         except ConfigError as err:
             raise ApiError(str(err), "max_new_tokens") from None
-        ids = encode(self.lm.tokenizer, self._prompt_text(ask))
+        ids = self.prompts.ids(ask)
         if not ids:
             raise ApiError("the prompt is empty", "prompt")
         if len(ids) + generation.max_new_tokens > self.context_limit:
@@ -211,7 +214,7 @@ class GreenCodeServer:
                            f"the context limit of {self.context_limit} tokens: shorten the prompt or ask for "
                            "fewer tokens",
                            "prompt")
-        return Job(ask, ids, gate, generation)
+        return Job(ask, ids, gate, generation, cache_prompt=ask.cache_prompt is not False)
 
     def _jobs(self, protocol: str, asks: list[Ask]) -> list[Job]:
         try:
@@ -231,7 +234,8 @@ class GreenCodeServer:
     def _generate_group(self, group: list[Job]) -> list[Completion | None]:
         """Runs on the generation thread: one batch of jobs sharing settings; stops if every client left."""
         gate = build_gate(group[0].gate, self.policy)
-        steps = self.generator.stream([j.prompt_ids for j in group], gate, group[0].generation)
+        generator = self.generator if group[0].cache_prompt else self.uncached
+        steps = generator.stream([j.prompt_ids for j in group], gate, group[0].generation)
         with closing(steps):
             for item in steps:
                 if isinstance(item, Finished):
@@ -275,7 +279,7 @@ class GreenCodeServer:
         """Token events of one job as they are generated; the last one (it has a finish_reason) comes with
         the job's Completion, taken from the generator's Finished event. Stops when the consumer does."""
         gate = build_gate(job.gate, self.policy)
-        steps = self.generator.stream([job.prompt_ids], gate, job.generation)
+        steps = (self.generator if job.cache_prompt else self.uncached).stream([job.prompt_ids], gate, job.generation)
         loop = asyncio.get_running_loop()
         last: TokenEvent | None = None
         try:
@@ -369,13 +373,13 @@ class GreenCodeServer:
         self._authorize(request)
         arch = getattr(self.lm.model.config, "model_type", "unknown")
         return {
-            "modelfile": "", "parameters": "", "template": "{{ .Prompt }}",
+            "modelfile": "", "parameters": "", "template": formats.ollama_template(self.fim, self.cfg.fim_order),
             "details": {"format": "safetensors", "family": arch, "families": [arch],
                         "parameter_size": f"{sum(p.numel() for p in self.lm.model.parameters()) / 1e6:.0f}M",
                         "quantization_level": str(self.lm.model.dtype).removeprefix("torch.")},
             "model_info": {"general.architecture": arch, f"{arch}.context_length": self.context_limit,
                            f"{arch}.block_count": self.lm.num_layers},
-            "capabilities": ["completion"] + (["insert"] if self.has_fim else []),
+            "capabilities": ["completion"] + (["insert"] if self.fim else []),
         }
 
     @api.get("/api/tags", responses=ERRORS, tags=["ollama"], summary="Ollama model list (the one served model)")
@@ -418,7 +422,8 @@ class GreenCodeServer:
         return {"status": "ok", "model": self.model_name, "num_layers": self.lm.num_layers,
                 "exit_points": self.lm.exit_points, "default_gate": self.default_gate,
                 "policy": self.cfg.policy_path, "energy_meter": self.generator.meter.source,
-                "context_limit": self.context_limit, "max_batch_size": self.cfg.max_batch_size}
+                "context_limit": self.context_limit, "max_batch_size": self.cfg.max_batch_size,
+                "prefix_cache_mb": self.cfg.prefix_cache_mb, "fim": self.fim.family if self.fim else None}
 
     @api.get("/metrics", responses=ERRORS, tags=["ops"], summary="Prometheus metrics of the replica that answers",
              response_class=PlainTextResponse)
