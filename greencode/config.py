@@ -317,6 +317,9 @@ class EvalConfig(_Strict):
     confidences: list[float] = Field(default_factory=lambda: [0.5, 0.7, 0.9], description="c of the confidence rows")
     thresholds: list[float] = Field(default_factory=lambda: [0.6, 0.8, 0.9, 0.91, 0.92],
                                     description="T of the policy rows")
+    lossless: list[Literal["fixed", "confidence", "policy"]] = Field(
+        default_factory=list, description="gate families that also get lossless rows, one per k / c / T: the full "
+        "model's text drafted by that gate (each batch row decodes on its own); compare them by time and layer passes")
     context_fractions: list[float] = Field(default_factory=lambda: [0.2], description="context shares, one table each")
     task: Literal["completion", "fim"] = Field(
         "completion", description="completion: the model sees the context; fim: also the file after the reference "

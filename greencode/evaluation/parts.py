@@ -36,7 +36,9 @@ def run_keys(cfg: EvalConfig, plan: EvalPlan, batch: Batch) -> dict[str, str]:
     keys = {}
     for setting in plan.settings_for(batch):
         model = cfg.base_model.model_dump(mode="json") if setting.uses_base_model else plan.model_fingerprint
-        blob = json.dumps({**common, "model": model, "gate": setting.gate.model_dump(mode="json")}, sort_keys=True)
+        mode = {"lossless": True} if setting.lossless else {}  # (plain rows keep the keys they always had)
+        blob = json.dumps({**common, **mode, "model": model, "gate": setting.gate.model_dump(mode="json")},
+                          sort_keys=True)
         keys[setting.name] = hashlib.sha256(blob.encode()).hexdigest()[:20]
     return keys
 
