@@ -39,8 +39,10 @@ shortlist is simply rejected. Verification always uses the full LM head, so the 
 
 A batch shares one prompt pass (:meth:`GatedGenerator.prefill`, so a prefix cache or the
 evaluator's replay serves lossless requests too); its rows are then decoded one after another
-(IDE requests are batch 1), each with its own cache slice and draft length. As in the plain
-generator, time and energy cover the whole batch and energy is split evenly over its rows.
+(IDE requests are batch 1), each with its own cache slice and draft length. Every position a row's
+cache keeps is the full model's, so with a prefix cache a finished row stores its prompt and its
+whole completion. As in the plain generator, time and energy cover the whole batch and energy is
+split evenly over its rows.
 """
 
 from __future__ import annotations
@@ -477,7 +479,12 @@ class LosslessGenerator(GatedGenerator):
                             continue
                         events.append(self._record(row, r, token, cost, cfg))
                     yield events
+                if self.prefix_cache is not None:  # the row's cache ends at its last fed (exact) token
+                    n = min(seq.length, len(prompt) + len(row.ids))
+                    self.prefix_cache.remember(seq.cache, torch.ones((1, n), dtype=torch.long, device=self.lm.device),
+                                               [(prompt + row.ids)[:n]])
 
+        cached = pre.cached_tokens or [0] * len(rows)
         share = measured.energy_j / len(rows) if measured.energy_j is not None else None
         yield Finished([
             SpeculativeResult(
@@ -491,6 +498,7 @@ class LosslessGenerator(GatedGenerator):
                 gate_time_s=gate_time,
                 energy_j=share,
                 speculative=s.as_dict() | {"layers_computed": sum(row.layers)},
+                cached_prompt_tokens=reused,
             )
-            for row, s in zip(rows, stats)
+            for row, s, reused in zip(rows, stats, cached)
         ])

@@ -234,6 +234,20 @@ def test_config_and_input_errors_name_the_field(lm):
         gen.generate([[]], FullGate(), GREEDY)
 
 
+def test_prefix_cache_serves_and_stores_lossless_requests(lm):
+    """The prompt pass reuses stored K/V, and a finished row stores its prompt + completion (all exact)."""
+    from greencode.prefix_cache import PrefixCache
+
+    store = PrefixCache(1 << 24, lm.fingerprint)
+    gen, gate = LosslessGenerator(lm, prefix_cache=store), FixedGate(lm.exit_points[0])
+    [first] = gen.generate([PROMPTS[0]], gate, GREEDY)
+    assert first.cached_prompt_tokens == 0
+    follow = PROMPTS[0] + first.token_ids[:6]  # the next keystroke: the prompt plus part of the completion
+    [again] = gen.generate([follow], gate, GREEDY)
+    assert again.cached_prompt_tokens == len(follow) - 1
+    assert again.token_ids == hf_greedy(lm, follow)
+
+
 def test_stop_eos_and_stream_match_the_full_generator(lm, tokenizer):
     """Lossless results (text, tokens, finish reason) are the plain full generator's, stops included."""
     lm.tokenizer = tokenizer  # decode only: the prompts are token ids below the tiny vocab
