@@ -186,7 +186,7 @@ def held_out_prompts(lm: EarlyExitModel, n: int, context_cap: int) -> list[list[
 def best_fixed_layers(lm: EarlyExitModel, meter: EnergyMeter, lossless: LosslessGenerator, layers: list[int],
                       prompts: list[list[int]], n: int) -> tuple[int, int]:
     """(best k for HF assisted, best k for lossless fixed drafts) by tokens/s on the probe prompts."""
-    cfg = GenerationConfig(max_new_tokens=n)
+    cfg = GenerationConfig(max_new_tokens=n, lossless=True)
     hf_rows = {k: f"HF assisted early exit k={k}" for k in layers}
     lossless_rows = {k: f"lossless fixed(k={k})" for k in layers}
     rows: dict[str, Runner] = {"HF generate": hf_runner(lm, meter, n)}
@@ -226,8 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     layers = [int(k) for k in args.fixed_layers.split(",")] if args.fixed_layers else lm.exit_points
     policy = None
     if args.policy:
-        policy = ExitPolicy.load(args.policy, hidden_size=lm.hidden_size, exit_points=lm.exit_points,
-                                 model_fingerprint=lm.fingerprint)
+        policy = ExitPolicy.load_for(args.policy, lm)
 
     print(f"model={args.model} layers={lm.num_layers} exit_points={lm.exit_points} prompts={len(prompts)} "
           f"(mean {sum(map(len, prompts)) / len(prompts):.0f} tokens) max_new_tokens={args.max_new_tokens} "
@@ -235,6 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     if policy is None:
         print(NO_POLICY_HINT)
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens)
+    exact = cfg.model_copy(update={"lossless": True})
     hf_runner(lm, meter, 4)(prompts[0])  # warm-up
     t0 = time.perf_counter()
     hf_k, fixed_k = best_fixed_layers(lm, meter, lossless, layers, prompts[: args.probe_prompts], args.probe_tokens)
@@ -243,12 +243,12 @@ def main(argv: list[str] | None = None) -> None:
         "HF generate": hf_runner(lm, meter, args.max_new_tokens),
         f"HF assisted early exit k={hf_k}": hf_runner(lm, meter, args.max_new_tokens, early_exit=hf_k),
         "GreenCode full": greencode_runner(plain, FullGate(), cfg),
-        f"lossless fixed(k={fixed_k})": greencode_runner(lossless, FixedGate(fixed_k), cfg),
-        f"lossless confidence(c={args.confidence})": greencode_runner(lossless, ConfidenceGate(args.confidence), cfg),
+        f"lossless fixed(k={fixed_k})": greencode_runner(lossless, FixedGate(fixed_k), exact),
+        f"lossless confidence(c={args.confidence})": greencode_runner(lossless, ConfidenceGate(args.confidence), exact),
     }
     if policy is not None:
         gate = PolicyGate(policy, args.threshold)
-        rows[f"lossless policy(T={args.threshold})"] = greencode_runner(lossless, gate, cfg)
+        rows[f"lossless policy(T={args.threshold})"] = greencode_runner(lossless, gate, exact)
         rows[f"lossy policy(T={args.threshold})"] = greencode_runner(plain, gate, cfg)
     tallies = measure(rows, prompts, "HF generate")
     print(f"\n== {len(prompts)} held-out prompts x {args.max_new_tokens} tokens, batch 1 ==")
