@@ -2,6 +2,7 @@
 tiny Llama/OPT models and on the embedded model, sampled output distributed as the full model's,
 and the round statistics."""
 
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -362,6 +363,31 @@ def stdlib_prompts(n: int, chars: int = 300) -> list[str]:
     files = sorted(p for p in stdlib.glob("*.py") if p.stat().st_size > 4000)
     step = max(1, len(files) // n)
     return [p.read_text(errors="replace")[:chars] for p in files[::step][:n]]
+
+
+def test_benchmark_runs_on_a_model_dir_with_a_policy(tmp_path, tokenizer, capsys, monkeypatch):
+    """benchmarks/speculative.py --model DIR --policy FILE (what is run on the demo's LITE model): every row,
+    the lossless ones really lossless (drafts counted, the reference's tokens)."""
+    import importlib.util
+
+    from conftest import save_tiny
+
+    lm = save_tiny(tmp_path / "model", tokenizer)
+    policy = constant_policy(lm, exit=True).save(tmp_path / "policy.pt")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "speculative.py"
+    spec = importlib.util.spec_from_file_location("speculative_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    bench.main(["--model", str(tmp_path / "model"), "--policy", str(policy), "--prompts", "1", "--max-new-tokens", "4",
+                "--probe-prompts", "1", "--probe-tokens", "2", "--fixed-layers", "4", "--threads", "1"])
+    table = capsys.readouterr().out.split("batch 1 ==")[1]
+    rows = {line[:34].strip(): line[34:].split() for line in table.strip().splitlines()[1:-1] if line.strip()}
+    assert {"HF generate", "GreenCode full", "lossless fixed(k=4)", "lossless policy(T=0.9)",
+            "lossy policy(T=0.9)"} <= set(rows)
+    for name in ("lossless fixed(k=4)", "lossless policy(T=0.9)"):
+        accept, depth, same = rows[name][2], rows[name][3], rows[name][6]
+        assert accept != "-" and float(depth) == 4.0 and same == "1.000", (name, rows[name])
 
 
 @pytest.mark.integration
