@@ -146,8 +146,30 @@ class GateConfig(GateParams):
         return self
 
 
+class SpeculativeConfig(_Strict):
+    """Draft length of lossless mode, adapted per sequence to its recent acceptance rate (METHOD §7)."""
+
+    min_draft: int = Field(0, ge=0, description="fewest tokens a round may draft (0: a sequence whose drafts keep "
+                           "failing stops drafting and decodes full-depth tokens)")
+    max_draft: int = Field(8, ge=1, description="most tokens a round may draft")
+    initial_acceptance: float = Field(0.8, ge=0, le=1, description="acceptance rate assumed before the first round")
+    acceptance_decay: float = Field(0.5, ge=0, lt=1, description="weight of the past in the running acceptance rate "
+                                    "and draft depth")
+    recovery: float = Field(0.1, ge=0, le=1, description="after a round without drafts the running acceptance rate "
+                            "moves this share of the way back to initial_acceptance, so drafting is tried again")
+    shortlist: int = Field(8192, ge=0, description="greedy drafts the gate made no logits for are decoded over the "
+                           "first N token ids (byte-level BPE's most frequent merges) plus the prompt's tokens; "
+                           "verification keeps the full LM head, so the output is unchanged; 0 = the full head")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> SpeculativeConfig:
+        if self.min_draft > self.max_draft:
+            raise ValueError("min_draft must be <= max_draft")
+        return self
+
+
 class GenerationConfig(_Strict):
-    """Decoding of one completion: length, sampling, stop sequences, KV cache."""
+    """Decoding of one completion: length, sampling, stop sequences, KV cache, lossless mode."""
 
     max_new_tokens: int = Field(15, ge=1, le=4096, description="tokens to generate")
     temperature: float = Field(0.0, ge=0, description="sampling temperature; 0 = greedy")
@@ -157,6 +179,16 @@ class GenerationConfig(_Strict):
     kv_mode: Literal["propagate", "none"] = Field(
         "propagate", description="'propagate' fills skipped layers' K/V from the exited state; 'none' = no cache"
     )
+    lossless: bool = Field(False, description="self-speculative decoding: the gate's exits only draft tokens, the "
+                           "remaining layers verify them, the output is the full model's (METHOD §7)")
+    speculative: SpeculativeConfig = Field(default_factory=SpeculativeConfig,
+                                           description="draft length of lossless mode")
+
+    @model_validator(mode="after")
+    def _lossless_needs_cache(self) -> GenerationConfig:
+        if self.lossless and self.kv_mode != "propagate":
+            raise ValueError("lossless verifies drafts against the KV cache: kv_mode must be 'propagate'")
+        return self
 
 
 class GenerateConfig(_Strict):
@@ -383,6 +415,9 @@ class EvalConfig(_Strict):
     confidences: list[float] = Field(default_factory=lambda: [0.5, 0.7, 0.9], description="c of the confidence rows")
     thresholds: list[float] = Field(default_factory=lambda: [0.6, 0.8, 0.9, 0.91, 0.92],
                                     description="T of the policy rows")
+    lossless: list[Literal["fixed", "confidence", "policy"]] = Field(
+        default_factory=list, description="gate families that also get lossless rows, one per k / c / T: the full "
+        "model's text drafted by that gate (each batch row decodes on its own); compare them by time and layer passes")
     context_fractions: list[float] = Field(default_factory=lambda: [0.2], description="context shares, one table each")
     task: Literal["completion", "fim"] = Field(
         "completion", description="completion: the model sees the context; fim: also the file after the reference "

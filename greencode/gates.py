@@ -22,6 +22,7 @@ class Gate:
     """Base gate: never exits (the full model)."""
 
     name = "full"
+    makes_logits = False  # whether exit_mask computes the exit's logits (then a draft reuses them)
 
     def decision_layers(self, exit_points: Sequence[int], num_layers: int) -> list[int]:
         return [k for k in exit_points if k < num_layers]
@@ -65,6 +66,7 @@ class ConfidenceGate(Gate):
     """Exit when the exit's own softmax is confident: max p ≥ c (costs one LM-head call per point)."""
 
     name = "confidence"
+    makes_logits = True
 
     def __init__(self, confidence: float) -> None:
         if not 0 < confidence <= 1:

@@ -43,10 +43,11 @@ from ray.serve.exceptions import RayServeException
 
 from greencode.config import ConfigError, GateConfig, GenerationConfig, ServeConfig, validate
 from greencode.gates import build_gate
-from greencode.generate import Finished, GatedGenerator, GenerationResult, TokenEvent
+from greencode.generate import Finished, GenerationResult, TokenEvent
 from greencode.modeling import EarlyExitModel, load_model
 from greencode.policy import ExitPolicy
 from greencode.prefix_cache import PrefixCache
+from greencode.speculative import LosslessGenerator
 from serve_app import errors, formats
 from serve_app.errors import ERRORS, ApiError
 from serve_app.formats import OLLAMA, OPENAI, TGI, Completion
@@ -112,6 +113,11 @@ class Job:
         return self.gate.model_dump_json() + self.generation.model_dump_json() + str(self.cache_prompt)
 
 
+def _label(gate: str, job: Job) -> str:
+    """The metrics' gate label: lossless requests count apart (their layers include the verification)."""
+    return f"lossless-{gate}" if job.generation.lossless else gate
+
+
 def load_served_model(cfg: ServeConfig) -> EarlyExitModel:
     """The default model loader: ``cfg.model`` with ``cfg.exits`` (tests inject a tiny model instead)."""
     return load_model(cfg.model, cfg.exits)
@@ -142,9 +148,10 @@ class GreenCodeServer:
             self.default_gate = "full"
         budget = int(self.cfg.prefix_cache_mb * 2**20)
         self.prefix_cache = PrefixCache(budget, self.lm.fingerprint) if budget else None
-        self.generator = GatedGenerator(self.lm, prefix_cache=self.prefix_cache)
+        # plain and lossless requests alike (generation.lossless picks per request)
+        self.generator = LosslessGenerator(self.lm, prefix_cache=self.prefix_cache)
         # requests that say cache_prompt: false (benchmarks, privacy) neither read nor write the cache
-        self.uncached = GatedGenerator(self.lm, self.generator.meter) if self.prefix_cache else self.generator
+        self.uncached = LosslessGenerator(self.lm, self.generator.meter) if self.prefix_cache else self.generator
         self.model_name = Path(self.cfg.model.name).name
         positions = getattr(self.lm.model.config, "max_position_embeddings", None) or math.inf
         self.context_limit = int(min(self.cfg.max_context_tokens, positions))
@@ -200,12 +207,12 @@ class GreenCodeServer:
     def _job(self, ask: Ask) -> Job:
         gate = self._gate(ask.gate)
         asked = {"max_new_tokens": ask.max_new_tokens, "temperature": ask.temperature, "top_p": ask.top_p,
-                 "stop": ask.stop or None, "seed": ask.seed}
+                 "stop": ask.stop or None, "seed": ask.seed, "lossless": ask.lossless}
         try:
             generation = validate(GenerationConfig, {**self.cfg.generation.model_dump(),
                                                      **{k: v for k, v in asked.items() if v is not None}})
         except ConfigError as err:
-            raise ApiError(str(err), "max_new_tokens") from None
+            raise ApiError(str(err), "lossless" if "lossless" in str(err) else "max_new_tokens") from None
         ids = self.prompts.ids(ask)
         if not ids:
             raise ApiError("the prompt is empty", "prompt")
@@ -244,10 +251,17 @@ class GreenCodeServer:
                     log.info("all %d clients of a batch disconnected: generation stopped", len(group))
                     return [None] * len(group)
         self.stats.record_batch(len(group))
+        label = _label(gate.name, group[0])
         for r in results:
-            self.stats.record_tokens(gate.name, r.layers_per_token)
-            self.stats.record_energy(gate.name, r.energy_j)
+            self.stats.record_tokens(label, r.layers_per_token)
+            self.stats.record_energy(label, r.energy_j)
+            self._record_rounds(label, r)
         return [self._completion(j, r, gate.describe(), len(group)) for j, r in zip(group, results)]
+
+    def _record_rounds(self, label: str, result: GenerationResult) -> None:
+        spec = getattr(result, "speculative", None)
+        if spec is not None:
+            self.stats.record_speculative(label, spec, len(result.token_ids))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _generate_batch(self, jobs: list[Job]) -> list[Completion | None]:
@@ -282,16 +296,18 @@ class GreenCodeServer:
         steps = (self.generator if job.cache_prompt else self.uncached).stream([job.prompt_ids], gate, job.generation)
         loop = asyncio.get_running_loop()
         last: TokenEvent | None = None
+        label = _label(gate.name, job)
         try:
             while not isinstance(item := await loop.run_in_executor(self.executor, next, steps), Finished):
                 for event in item:
-                    self.stats.record_tokens(gate.name, [event.layers])
+                    self.stats.record_tokens(label, [event.layers])
                     if event.finish_reason is None:
                         yield event, None
                     else:
                         last = event
             [result] = item.results
-            self.stats.record_energy(gate.name, result.energy_j)
+            self.stats.record_energy(label, result.energy_j)
+            self._record_rounds(label, result)
             yield last, self._completion(job, result, gate.describe(), 1)
         finally:
             self.executor.submit(steps.close)  # FIFO after any step still running

@@ -53,6 +53,8 @@ def error_body(protocol: str, message: str, status: int, param: str | None = Non
 
 
 def greencode_details(result: GenerationResult, gate: str, ignored: list[str], batch_size: int = 1) -> dict[str, Any]:
+    """The ``greencode`` object; a lossless request's also holds ``speculative`` (its round statistics)."""
+    spec = getattr(result, "speculative", None)
     return {
         "gate": gate,
         "mean_layers": round(result.mean_layers, 4),
@@ -64,6 +66,8 @@ def greencode_details(result: GenerationResult, gate: str, ignored: list[str], b
         "cached_prompt_tokens": result.cached_prompt_tokens,
         "batch_size": batch_size,
         "ignored_parameters": ignored,
+        "lossless": spec is not None,
+        **({"speculative": spec} if spec is not None else {}),
     }
 
 
@@ -197,6 +201,7 @@ def _summary(completions: list[Completion]) -> dict[str, Any]:
         "energy_j": None if any(e is None for e in energies) else sum(energies),
         "cached_prompt_tokens": sum(c.result.cached_prompt_tokens for c in completions),
         "ignored_parameters": completions[0].ignored,
+        "lossless": hasattr(completions[0].result, "speculative"),  # each choice holds its round statistics
     }
 
 

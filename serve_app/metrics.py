@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -47,6 +48,24 @@ class ServeMetrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
         self.cancelled = Counter("greencode_cancelled_requests", "requests whose client went away mid-generation",
                                  labels, registry=self.registry)
+        spec = ["replica", "gate"]  # gate: the drafting gate of lossless requests, e.g. "lossless-policy"
+        self.spec_counts = {
+            key: Counter(f"greencode_lossless_{key}", doc, spec, registry=self.registry)
+            for key, doc in (("rounds", "draft-and-verify rounds of lossless requests"),
+                             ("drafted_tokens", "tokens drafted by the gate in lossless requests"),
+                             ("accepted_tokens", "drafted tokens the full model kept"),
+                             ("layer_passes", "sequential decoder-layer calls of lossless requests (a verification "
+                                              "over several tokens counts once)"),
+                             ("draft_layers", "decoder layers the drafts ran before the gate exited them"))
+        }
+        self.acceptance = Gauge("greencode_lossless_acceptance_rate", "accepted / drafted tokens so far", spec,
+                                registry=self.registry)
+        self.draft_depth = Gauge("greencode_lossless_mean_draft_depth", "mean exit layer of the drafts so far", spec,
+                                 registry=self.registry)
+        self.passes_per_token = Gauge("greencode_lossless_layer_passes_per_token",
+                                      "sequential layer calls per emitted token so far (layers computed per token: "
+                                      "greencode_mean_layers_per_token of the same gate)", spec, registry=self.registry)
+        self._spec_sums: dict[str, list[float]] = {}  # gate -> drafted, accepted, draft layers, passes, tokens
         self._layer_sums: dict[str, tuple[int, int]] = {}
         self._lock = threading.Lock()  # streams record on the event loop, batches on the generation thread
 
@@ -73,6 +92,26 @@ class ServeMetrics:
             self.unmeasured.labels(self.replica, gate).inc()
         else:
             self.energy.labels(self.replica, gate).inc(energy_j)
+
+    def record_speculative(self, gate: str, spec: dict[str, Any], tokens: int) -> None:
+        """Count one lossless result's rounds (``spec``: its ``speculative`` statistics; ``tokens`` it emitted)."""
+        depth = (spec["mean_draft_depth"] or 0) * spec["drafted_tokens"]
+        values = {"rounds": spec["rounds"], "drafted_tokens": spec["drafted_tokens"],
+                  "accepted_tokens": spec["accepted_tokens"], "layer_passes": spec["layer_passes"],
+                  "draft_layers": depth}
+        for key, value in values.items():
+            self.spec_counts[key].labels(self.replica, gate).inc(value)
+        with self._lock:
+            sums = self._spec_sums.setdefault(gate, [0.0] * 5)
+            for i, value in enumerate((spec["drafted_tokens"], spec["accepted_tokens"], depth, spec["layer_passes"],
+                                       tokens)):
+                sums[i] += value
+            drafted, accepted, depth_sum, passes, emitted = sums
+            if drafted:
+                self.acceptance.labels(self.replica, gate).set(accepted / drafted)
+                self.draft_depth.labels(self.replica, gate).set(depth_sum / drafted)
+            if emitted:
+                self.passes_per_token.labels(self.replica, gate).set(passes / emitted)
 
     def record_batch(self, size: int) -> None:
         self.batch_size.labels(self.replica).observe(size)

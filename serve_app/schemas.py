@@ -49,6 +49,9 @@ class GateKnobs(_Body):
 
     cache_prompt: bool | None = Field(
         None, description="reuse and store prompt K/V in the replica's prefix cache (llama.cpp's name); default true")
+    lossless: bool | None = Field(
+        None, description="the full model's output: the gate only drafts tokens, the remaining layers verify them "
+                          "(self-speculative decoding); default: the server's generation.lossless")
 
     def gate_fields(self) -> dict[str, Any]:
         threshold = self.threshold if self.threshold is not None else self.RL_agent_thresh
@@ -102,6 +105,7 @@ class Ask:
     ignored: list[str] = field(default_factory=list)
     include_prompt: bool = False
     cache_prompt: bool | None = None
+    lossless: bool | None = None
 
 
 def _knobs_ask(prompt: str, knobs: GenerationKnobs | None, suffix: str | None = None,
@@ -123,6 +127,7 @@ def _knobs_ask(prompt: str, knobs: GenerationKnobs | None, suffix: str | None = 
         ignored=sorted(set(knobs.ignored()) | set(ignored or [])),
         include_prompt=bool(flat.return_full_text),
         cache_prompt=flat.cache_prompt,
+        lossless=flat.lossless,
     )
 
 
@@ -222,6 +227,7 @@ class CompletionRequest(GateKnobs):
                 prompt=p, suffix=self.suffix, max_new_tokens=self.max_tokens, temperature=self.temperature,
                 top_p=self.top_p, stop=list(self.stop or []), seed=self.seed, gate=self.gate_fields(),
                 ignored=self.ignored(), include_prompt=bool(self.echo), cache_prompt=self.cache_prompt,
+                lossless=self.lossless,
             )
             for p in self.prompts()
             for _ in range(self.n)

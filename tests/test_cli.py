@@ -55,6 +55,22 @@ def test_generate_with_policy_file(model_dir, tmp_path, capsys):
     assert rec["layers_per_token"] == [12, 4, 4, 4]
 
 
+def test_lossless_flag_gives_the_full_models_tokens(model_dir, capsys):
+    """--lossless drafts with the gate and keeps the full model's output, with the round statistics."""
+    from greencode.config import GenerationConfig
+    from greencode.gates import FullGate
+    from greencode.generate import GatedGenerator
+
+    d, lm = model_dir
+    args = ["--model", str(d), "--max-new-tokens", "6", "--prompt", "def add(a, b):"]
+    rec = generate(capsys, *args, "--gate", "fixed", "--exit-layer", "4", "--lossless", "--max-draft", "3")
+    [full] = GatedGenerator(lm).generate(["def add(a, b):"], FullGate(), GenerationConfig(max_new_tokens=6))
+    assert rec["token_ids"] == full.token_ids and rec["text"] == full.text
+    assert rec["speculative"]["drafted_tokens"] > 0 and rec["mean_layers"] >= 12
+    with pytest.raises(SystemExit, match="generation.*kv_mode"):
+        cli.main(["generate", *args, "--lossless", "--kv-mode", "none"])
+
+
 def test_suffix_file_generates_in_the_fim_layout(tmp_path, capsys):
     from greencode.config import GenerationConfig, ModelConfig
     from greencode.fim import fim_prompt_ids

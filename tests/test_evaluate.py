@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import make_tiny, make_tiny_qwen_fim
-from greencode.config import EvalConfig, GenerationConfig
+from greencode.config import ConfigError, EvalConfig, GenerationConfig
 from greencode.evaluation.parts import part_path
 from greencode.evaluation.plan import plan_settings
 from greencode.evaluation.report import REPORT_FILES
@@ -83,6 +83,30 @@ def test_harness_writes_every_report_file(models, py_corpus, tmp_path):
     assert len(csv_lines) == 1 + len(report.rows) and csv_lines[0].startswith("setting,family")
     table = (tmp_path / "report" / "report.md").read_text()
     assert "| Setting | Model | CodeBLEU |" in table and "| fixed-k6 |" in table and "| policy-T0.9 |" in table
+
+
+def test_lossless_rows_have_the_full_models_text_and_their_own_columns(models, py_corpus, tmp_path):
+    """Lossless rows per gate/threshold: the full row's completions, round statistics, the passes plot."""
+    cfg = eval_config(models, f"dir:{py_corpus}", tmp_path / "r", gates=["full"], lossless=["fixed", "policy"],
+                      thresholds=[0.3], policy_path=models["policy"])
+    report = run_evaluation(cfg)
+    rows = {r["setting"].split("@")[0]: r for r in report.rows}
+    assert list(rows) == ["full", "lossless-fixed-k4", "lossless-fixed-k6", "lossless-fixed-k10",
+                          "lossless-policy-T0.3"]
+    full = json.loads(part_path(tmp_path / "r", "full@0.2", "ctx0.2-b0000").read_text())
+    for name in list(rows)[1:]:
+        part = json.loads(part_path(tmp_path / "r", f"{name}@0.2", "ctx0.2-b0000").read_text())
+        assert [c["token_ids"] for c in part["completions"]] == [c["token_ids"] for c in full["completions"]]
+        r = rows[name]
+        assert r["lossless"] and r["rouge_l"] == rows["full"]["rouge_l"] and r["mean_layers"] >= 12
+        assert r["acceptance_rate"] is not None and 0 < r["layer_passes_per_token"]
+    assert rows["lossless-fixed-k4"]["mean_draft_depth"] == 4 and rows["full"]["layer_passes_per_token"] == 12
+    assert rows["full"]["acceptance_rate"] is None and not rows["full"]["lossless"]
+    assert (tmp_path / "r" / "quality_vs_passes.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| lossless-policy-T0.3 |" in (tmp_path / "r" / "report.md").read_text()
+    with pytest.raises(ConfigError, match="kv_mode"):
+        run_evaluation(eval_config(models, f"dir:{py_corpus}", tmp_path / "n", gates=["full"], lossless=["fixed"],
+                                   generation={"kv_mode": "none"}))
 
 
 def test_rerun_skips_finished_parts_and_redoes_missing_ones(models, py_corpus, tmp_path, monkeypatch):
@@ -244,10 +268,12 @@ def test_cli_flags_map_to_config(tmp_path):
     cfg, _ = COMMAND.parse(["--model", "m", "--base-model", "b", "--corpus", "zip:/x.zip", "--lang", "java",
                                "--samples", "7", "--gates", "full,fixed", "--confidences", "0.5,0.8",
                                "--thresholds", "0.9,0.92", "--context-fractions", "0.2,0.5", "--output", "out",
-                               "--task", "fim", "--fim-order", "spm", "--set", "batch_size=4"])
+                               "--task", "fim", "--fim-order", "spm", "--lossless", "policy,fixed",
+                               "--set", "batch_size=4"])
     assert (cfg.model.name, cfg.base_model.name, cfg.data.corpus, cfg.data.lang) == ("m", "b", "zip:/x.zip", "java")
     assert cfg.num_samples == 7 and cfg.gates == ["full", "fixed"] and cfg.thresholds == [0.9, 0.92]
     assert cfg.confidences == [0.5, 0.8] and cfg.context_fractions == [0.2, 0.5]
+    assert cfg.lossless == ["policy", "fixed"]
     assert cfg.output_dir == "out" and cfg.batch_size == 4 and (cfg.task, cfg.fim_order) == ("fim", "spm")
 
 

@@ -455,6 +455,55 @@ def test_prefix_cache_per_response_and_in_metrics(http):
 
 
 @pytest.mark.ray
+def test_lossless_on_every_route_is_the_full_models_text(http):
+    """lossless: true on every route, streamed and not (the server's policy gate drafts; fixed on OpenAI): the
+    text of the plain full-model request, with the round statistics in each response and in /metrics."""
+    prompt, n = PROMPT + "# lossless\n", 8
+    knobs = {"max_new_tokens": n, "lossless": True}
+    want = http.post("/generate", json={"inputs": prompt, "parameters": {"max_new_tokens": n, "gate": "full"}}).json()
+    drafted_before = metric(http, "greencode_lossless_drafted_tokens_total")
+
+    def sse(path, body):
+        with http.stream("POST", path, json=body) as r:
+            return [json.loads(line[5:]) for line in r.iter_lines()
+                    if line.startswith("data:") and "[DONE]" not in line]
+
+    got = {}
+    tgi = http.post("/generate", json={"inputs": prompt, "parameters": knobs}).json()
+    got["/generate"] = tgi["generated_text"], tgi["greencode"]
+    events = sse("/generate_stream", {"inputs": prompt, "parameters": knobs})
+    got["/generate_stream"] = events[-1]["generated_text"], events[-1]["greencode"]
+    [compat] = http.post("/", json={"inputs": prompt, "parameters": knobs}).json()
+    got["/"] = compat["generated_text"], compat["greencode"]
+    events = sse("/", {"inputs": prompt, "parameters": knobs, "stream": True})
+    got["/ stream"] = events[-1]["generated_text"], events[-1]["greencode"]
+    options = {"num_predict": n, "lossless": True}
+    ollama = http.post("/api/generate", json={"prompt": prompt, "stream": False, "options": options}).json()
+    got["/api/generate"] = ollama["response"], ollama["greencode"]
+    lines = [json.loads(line) for line in http.post("/api/generate", json={"prompt": prompt, "options": options})
+             .text.splitlines()]
+    got["/api/generate stream"] = "".join(line["response"] for line in lines), lines[-1]["greencode"]
+    body = {"prompt": prompt, "max_tokens": n, "lossless": True, "gate": "fixed", "exit_layer": 4}
+    openai = http.post("/v1/completions", json=body).json()
+    got["/v1/completions"] = openai["choices"][0]["text"], openai["choices"][0]["greencode"]
+    chunks = sse("/v1/completions", {**body, "stream": True})
+    got["/v1/completions stream"] = "".join(c["choices"][0]["text"] for c in chunks), chunks[-1]["greencode"]
+    for route, (text, details) in got.items():
+        assert text == want["generated_text"], route
+        assert details["lossless"] and details["speculative"]["drafted_tokens"] > 0, route
+        assert details["mean_layers"] >= 12 and not want["greencode"]["lossless"], route
+    drafted = sum(details["speculative"]["drafted_tokens"] for _, details in got.values())
+    assert metric(http, "greencode_lossless_drafted_tokens_total") - drafted_before == drafted
+    metrics = http.get("/metrics").text
+    for name in ("greencode_lossless_accepted_tokens_total", "greencode_lossless_acceptance_rate",
+                 "greencode_lossless_mean_draft_depth", "greencode_lossless_layer_passes_per_token"):
+        assert name in metrics
+    [depth] = [float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith("greencode_lossless_mean_draft_depth{") and 'gate="lossless-fixed"' in line]
+    assert depth == 4.0  # the fixed gate's drafts all exit after layer 4
+
+
+@pytest.mark.ray
 def test_fim_requests_reach_the_model_in_its_own_layout(fim_server):
     """Over HTTP, on the Qwen FIM model: each client's FIM body is answered with the greedy completion of the
     PSM token layout, which differs from the completion of the code before the cursor alone."""
@@ -500,6 +549,7 @@ LONG_PROMPT = "x = 1\n" * 300
     ("/v1/completions", {"prompt": PROMPT, "logprobs": 2}, 400, "logprobs"),
     ("/v1/completions", {"prompt": PROMPT, "n": 100}, 400, "n"),
     ("/v1/completions", {"prompt": PROMPT, "threshold": 1.5}, 400, "threshold"),
+    ("/v1/completions", {"prompt": PROMPT, "lossless": "maybe"}, 400, "lossless"),
     ("/v1/completions", [1, 2], 400, "JSON object"),
     ("/api/generate", {"prompt": PROMPT, "suffix": "return x", "stream": False}, 400, "fill-in-the-middle"),
     ("/v1/completions", {"prompt": PROMPT, "suffix": "return x"}, 400, "fill-in-the-middle"),

@@ -87,6 +87,7 @@ class Flag:
     type: Callable[[str], Any] | None = None
     choices: Sequence[str] | None = None
     append: bool = False  # repeatable; the values form a list
+    switch: bool = False  # takes no value: sets the (bool) field to true
 
     @property
     def dest(self) -> str:
@@ -115,9 +116,13 @@ class ConfigCommand(Generic[C]):
         for flag in self.flags:
             description, default = field_info(cls, flag.field)
             shown = ",".join(map(str, default)) if isinstance(default, list) else default
+            help_text = f"{description} [{flag.field}; default: {shown}]"
+            if flag.switch:
+                group.add_argument(flag.option, dest=flag.dest, action="store_const", const=True, default=None,
+                                   help=help_text)
+                continue
             group.add_argument(flag.option, dest=flag.dest, type=flag.type, choices=flag.choices, default=None,
-                               action="append" if flag.append else "store", metavar=flag.metavar,
-                               help=f"{description} [{flag.field}; default: {shown}]")
+                               action="append" if flag.append else "store", metavar=flag.metavar, help=help_text)
         self.parser = p
 
     def config(self, args: argparse.Namespace) -> C:

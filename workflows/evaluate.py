@@ -4,6 +4,8 @@
     greencode eval --model runs/demo/lite --base-model embedded --policy runs/demo/policy/exit_policy.pt \
         --corpus zip:/usr/lib/jvm/java-17-openjdk-amd64/lib/src.zip --lang java --output reports/java
     greencode eval --model Qwen/Qwen2.5-Coder-0.5B --task fim --context-fractions 0.5 --output reports/fim
+    greencode eval --model runs/demo/lite --policy runs/demo/policy/exit_policy.pt --gates full,policy \
+        --lossless policy,fixed --output reports/lossless   (lossless rows next to the lossy ones)
 
 Each Ray actor loads the model once and takes whole batches (every pending setting on
 that batch, so the shared prompt pass is computed once per batch); the driver writes each
@@ -93,6 +95,7 @@ COMMAND = ConfigCommand(
         Flag("--gates", "gates", type=comma_list()),
         Flag("--confidences", "confidences", type=comma_list(float)),
         Flag("--thresholds", "thresholds", type=comma_list(float)),
+        Flag("--lossless", "lossless", type=comma_list()),
         Flag("--context-fractions", "context_fractions", type=comma_list(float)),
         Flag("--task", "task", choices=["completion", "fim"]),
         Flag("--fim-order", "fim_order", choices=["psm", "spm"]),

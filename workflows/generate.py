@@ -4,6 +4,8 @@
         --threshold 0.9 --max-new-tokens 15 --prompt-file snippet.py --json
     greencode generate --config my-gate.yaml --set generation.temperature=0.2 --prompt 'def fib(n):'
     greencode generate --model Qwen/Qwen2.5-Coder-0.5B --prompt-file before.py --suffix-file after.py   (FIM)
+    greencode generate --model runs/demo/model --gate policy --policy runs/demo/policy/exit_policy.pt \
+        --lossless --prompt-file snippet.py --json   (the full model's text, drafted by the policy)
 
 Needs no Ray: the model runs in this process.
 """
@@ -18,9 +20,9 @@ from pathlib import Path
 from greencode.config import GenerateConfig
 from greencode.fim import fim_prompt_ids
 from greencode.gates import build_gate
-from greencode.generate import GatedGenerator
 from greencode.modeling import load_model
 from greencode.policy import ExitPolicy
+from greencode.speculative import LosslessGenerator
 from workflows.common import ConfigCommand, Flag, cli_errors
 
 log = logging.getLogger("greencode.generate")
@@ -42,6 +44,8 @@ COMMAND = ConfigCommand(
         Flag("--stop", "generation.stop", append=True),
         Flag("--seed", "generation.seed", type=int),
         Flag("--kv-mode", "generation.kv_mode", choices=["propagate", "none"]),
+        Flag("--lossless", "generation.lossless", switch=True),
+        Flag("--max-draft", "generation.speculative.max_draft", type=int),
         Flag("--fim-order", "fim_order", choices=["psm", "spm"]),
     ],
 )
@@ -67,14 +71,19 @@ def main(argv: list[str] | None = None) -> None:
     policy = ExitPolicy.load_for(cfg.gate.policy_path, lm) if cfg.gate.mode == "policy" else None
     gate = build_gate(cfg.gate, policy)
     source = fim_prompt_ids(lm.tokenizer, prompt, suffix, cfg.fim_order) if suffix is not None else prompt
-    result = GatedGenerator(lm).generate([source], gate, cfg.generation)[0]
+    result = LosslessGenerator(lm).generate([source], gate, cfg.generation)[0]
     record = {"gate": gate.describe(), "model": cfg.model.name, **result.to_dict()}
     if args.json:
         print(json.dumps(record))
     else:
         print(result.text)
-        log.info("%s: %d tokens, mean layers %.2f / %d, %.2f s, energy %s J", gate.describe(),
-                 len(result.token_ids), result.mean_layers, result.num_layers, result.time_s, result.energy_j)
+        log.info("%s%s: %d tokens, mean layers %.2f / %d, %.2f s, energy %s J", gate.describe(),
+                 " lossless" if cfg.generation.lossless else "", len(result.token_ids), result.mean_layers,
+                 result.num_layers, result.time_s, result.energy_j)
+        spec = getattr(result, "speculative", None)
+        if spec:
+            log.info("lossless: %d of %d drafts accepted, mean draft depth %s, %d layer passes",
+                     spec["accepted_tokens"], spec["drafted_tokens"], spec["mean_draft_depth"], spec["layer_passes"])
 
 
 if __name__ == "__main__":

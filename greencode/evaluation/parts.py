@@ -41,9 +41,10 @@ def run_keys(cfg: EvalConfig, plan: EvalPlan, batch: Batch) -> dict[str, str]:
         else:
             model = _model_key(cfg.model, plan.digests["model"])
         gate = setting.gate.model_dump(mode="json", exclude={"policy_path"})
-        if setting.family == "policy":
+        if setting.gate.mode == "policy":
             gate["policy"] = plan.digests["policy"]
-        blob = json.dumps({**common, "model": model, "gate": gate}, sort_keys=True)
+        mode = {"lossless": True} if setting.lossless else {}  # (plain rows keep the keys they always had)
+        blob = json.dumps({**common, **mode, "model": model, "gate": gate}, sort_keys=True)
         keys[setting.name] = hashlib.sha256(blob.encode()).hexdigest()[:20]
     return keys
 

@@ -1,7 +1,8 @@
 """What an evaluation runs: every setting the config asks for, over batches of held-out samples.
 
 A *setting* is one row of the report: base model full, fine-tuned full, fixed exit at each exit
-point, confidence at each c, policy at each T; each at every context fraction. Samples are
+point, confidence at each c, policy at each T, and the lossless rows asked for (the same gates
+drafting for the full model, METHOD §7); each at every context fraction. Samples are
 line completions (METHOD §6) from the test split, topped up from the validation split. With
 ``task: fim`` the same spans are filled in the middle: the model also sees up to
 ``fim_suffix_tokens`` of the file after the span, in its own FIM layout (greencode/fim.py).
@@ -23,18 +24,19 @@ from greencode.policy import ExitPolicy
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("base", "full", "fixed", "confidence", "policy")
+FAMILIES = ("base", "full", "fixed", "confidence", "policy", "lossless-fixed", "lossless-confidence", "lossless-policy")
 
 
 @dataclass(frozen=True)
 class Setting:
     """One row of the report: a gate on one model at one context fraction."""
 
-    name: str  # unique and file-safe, e.g. "fixed-k6@0.2"
+    name: str  # unique and file-safe, e.g. "fixed-k6@0.2", "lossless-policy-T0.9@0.2"
     family: str  # one of FAMILIES
     param: float | None  # k, c or T
     context_fraction: float
     gate: GateConfig
+    lossless: bool = False  # the gate only drafts; the text is the full model's
 
     @property
     def uses_base_model(self) -> bool:
@@ -67,22 +69,29 @@ def plan_settings(cfg: EvalConfig, exit_points: Sequence[int]) -> list[Setting]:
     """Every setting the config asks for; policy rows only when a policy file is given."""
     if "policy" in cfg.gates and not cfg.policy_path:
         log.info("no policy file given: the policy rows are left out of the report")
+    def gate_rows(family: str) -> list[tuple[str, float | None, GateConfig]]:
+        if family == "fixed":
+            return [(f"fixed-k{k}", k, GateConfig(mode="fixed", exit_layer=k)) for k in exit_points]
+        if family == "confidence":
+            return [(f"confidence-c{c}", c, GateConfig(mode="confidence", confidence=c)) for c in cfg.confidences]
+        if family == "policy" and cfg.policy_path:
+            return [(f"policy-T{t}", t, GateConfig(mode="policy", threshold=t, policy_path=cfg.policy_path))
+                    for t in cfg.thresholds]
+        return []
+
     settings = []
     for frac in cfg.context_fractions:
-        rows: list[tuple[str, str, float | None, GateConfig]] = []
         if "full" in cfg.gates:
             if cfg.base_model is not None:
-                rows.append(("base", "base", None, GateConfig(mode="full")))
-            rows.append(("full", "full", None, GateConfig(mode="full")))
-        if "fixed" in cfg.gates:
-            rows += [(f"fixed-k{k}", "fixed", k, GateConfig(mode="fixed", exit_layer=k)) for k in exit_points]
-        if "confidence" in cfg.gates:
-            rows += [(f"confidence-c{c}", "confidence", c, GateConfig(mode="confidence", confidence=c))
-                     for c in cfg.confidences]
-        if "policy" in cfg.gates and cfg.policy_path:
-            rows += [(f"policy-T{t}", "policy", t, GateConfig(mode="policy", threshold=t, policy_path=cfg.policy_path))
-                     for t in cfg.thresholds]
-        settings += [Setting(f"{name}@{frac}", family, param, frac, gate) for name, family, param, gate in rows]
+                settings.append(Setting(f"base@{frac}", "base", None, frac, GateConfig(mode="full")))
+            settings.append(Setting(f"full@{frac}", "full", None, frac, GateConfig(mode="full")))
+        for family in ("fixed", "confidence", "policy"):
+            if family in cfg.gates:
+                settings += [Setting(f"{name}@{frac}", family, param, frac, gate)
+                             for name, param, gate in gate_rows(family)]
+        for family in cfg.lossless:
+            settings += [Setting(f"lossless-{name}@{frac}", f"lossless-{family}", param, frac, gate, lossless=True)
+                         for name, param, gate in gate_rows(family)]
     return settings
 
 
@@ -125,9 +134,12 @@ def make_plan(cfg: EvalConfig, lm: EarlyExitModel) -> EvalPlan:
     settings = plan_settings(cfg, lm.exit_points)
     if not settings:
         raise ConfigError(f"gates {cfg.gates} give nothing to evaluate (the policy gate needs policy_path / --policy)")
-    uses_policy = any(s.family == "policy" for s in settings)
+    uses_policy = any(s.gate.mode == "policy" for s in settings)
     if uses_policy:
         ExitPolicy.load_for(cfg.policy_path, lm)
+    if cfg.lossless and cfg.generation.kv_mode != "propagate":
+        raise ConfigError("lossless: lossless rows verify drafts against the KV cache: generation.kv_mode must be "
+                          "'propagate'")
     if cfg.task == "fim":
         fim = fim_format(lm.tokenizer)
         if cfg.fim_order == "spm" and not fim.spm:

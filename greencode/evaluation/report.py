@@ -2,7 +2,11 @@
 
     OUTPUT/results.json, results.csv     one row per setting: quality, layers, time, energy
     OUTPUT/report.md                     the table in the shape of the published ones
-    OUTPUT/quality_vs_layers.png, quality_vs_time.png (+ quality_vs_energy.png when measured)
+    OUTPUT/quality_vs_layers.png, quality_vs_passes.png, quality_vs_time.png (+ quality_vs_energy.png when measured)
+
+Lossless rows have the full model's quality and compute at least every layer per token (drafts +
+verification), so they are compared by time and by *layer passes*: the sequential layer calls per
+emitted token, which is what batch-1 latency follows (a verification over several tokens counts once).
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ log = logging.getLogger(__name__)
 QUALITY_KEYS = ("codebleu", "codebleu_library", "codebleu_ngram", "codebleu_weighted_ngram", "codebleu_syntax",
                 "codebleu_dataflow", "rouge_l", "bleu", "chrf", "exact_match", "levenshtein", "levenshtein_ratio",
                 "token_accuracy")
-REPORT_FILES = ("results.json", "results.csv", "report.md", "quality_vs_layers.png", "quality_vs_time.png")
+REPORT_FILES = ("results.json", "results.csv", "report.md", "quality_vs_layers.png", "quality_vs_passes.png",
+                "quality_vs_time.png")
 ENERGY_PLOT = "quality_vs_energy.png"
 
 
@@ -48,6 +53,9 @@ def summarize(setting: Setting, parts: Sequence[dict[str, Any]], samples: Sequen
     energies = [p["energy_j"] for p in parts]
     energy = None if any(e is None for e in energies) else float(sum(energies))
     mean_layers = sum(layers) / len(layers) if layers else 0.0
+    rounds = [p["speculative"] for p in parts if "speculative" in p]
+    drafted = sum(s["drafted_tokens"] for s in rounds)
+    passes = sum(s["layer_passes"] for s in rounds) / len(layers) if rounds and layers else mean_layers
     return {
         "setting": setting.name,
         "family": setting.family,
@@ -61,6 +69,10 @@ def summarize(setting: Setting, parts: Sequence[dict[str, Any]], samples: Sequen
         "mean_layers": mean_layers,
         "mean_layers_after_first": sum(after_first) / len(after_first) if after_first else mean_layers,
         "layers_skipped_pct": 100.0 * (1 - mean_layers / num_layers),
+        "lossless": setting.lossless,
+        "layer_passes_per_token": passes,  # a gated token's own layers; lossless: sequential calls per token
+        "acceptance_rate": sum(s["accepted_tokens"] for s in rounds) / drafted if drafted else None,
+        "mean_draft_depth": sum(s["draft_depth_sum"] for s in rounds) / drafted if drafted else None,
         "generated_tokens": len(layers),
         "time_s": total_time,
         "prompt_time_s": total_time - decode_time,
@@ -78,8 +90,9 @@ def summarize(setting: Setting, parts: Sequence[dict[str, Any]], samples: Sequen
 
 def gate_description(setting: Setting) -> str:
     g = setting.gate
-    return {"full": "all layers", "fixed": f"exit after layer {g.exit_layer}",
+    text = {"full": "all layers", "fixed": f"exit after layer {g.exit_layer}",
             "confidence": f"max prob >= {g.confidence}", "policy": f"p[exit] > {g.threshold}"}[g.mode]
+    return f"lossless, drafts: {text}" if setting.lossless else text
 
 
 @dataclass
@@ -171,6 +184,8 @@ TABLE_COLUMNS: tuple[tuple[str, str, Callable[[dict[str, Any]], Any]], ...] = (
     ("Layers", "r", lambda r: f"{r['mean_layers']:.1f}/{r['num_layers']}"),
     ("Layers after 1st", "r", lambda r: f"{r['mean_layers_after_first']:.1f}"),
     ("Skipped", "r", lambda r: f"{r['layers_skipped_pct']:.0f}%"),
+    ("Passes/tok", "r", lambda r: f"{r['layer_passes_per_token']:.1f}"),
+    ("Accept", "r", lambda r: _fmt(r["acceptance_rate"], 2)),
     ("Latency (s)", "r", lambda r: _fmt(r["latency_s"], 2)),
     ("Decode (s)", "r", lambda r: _fmt(r["decode_latency_s"], 2)),
     ("Tok/s", "r", lambda r: _fmt(r["tokens_per_s"], 1)),
@@ -197,6 +212,10 @@ def markdown_report(rows: Sequence[dict[str, Any]], meta: dict[str, Any], margin
         "Latency = wall time per completion (prompt pass + decoding, batched, amortised over the batch); "
         "Decode = the part after the shared prompt pass, where the gates differ. Energy per completion. "
         "Gate share = time spent in the gate's decisions / total time. "
+        "lossless-* rows: the full model's text, drafted by that gate and verified (METHOD §7); their Layers count "
+        "drafts + verification (never below the model's depth), Passes/tok = sequential layer calls per token "
+        "(what batch-1 latency follows; a verification over several tokens counts once; for the other rows a "
+        "token's own layers), Accept = share of drafted tokens the full model kept. "
         "CodeBLEU counts an unmatched data-flow as 0; 'CodeBLEU (lib)' is the codebleu package's total, "
         "which counts it as 1. "
         f"ΔROUGE-L = difference to the fine-tuned full model (stated tolerance {margin}).",
@@ -215,7 +234,8 @@ def markdown_report(rows: Sequence[dict[str, Any]], meta: dict[str, Any], margin
 
 def write_plots(rows: Sequence[dict[str, Any]], out_dir: Path) -> None:
     """Quality against mean layers, time (and energy when measured): one curve per gate family."""
-    axes_x = [("mean_layers", "mean layers per token", "quality_vs_layers.png"),
+    axes_x = [("mean_layers", "mean layers computed per token", "quality_vs_layers.png"),
+              ("layer_passes_per_token", "sequential layer passes per token", "quality_vs_passes.png"),
               ("decode_latency_s", "decode time per completion (s), after the shared prompt pass",
                "quality_vs_time.png")]
     if any(r["energy_j"] is not None for r in rows):

@@ -3,7 +3,9 @@
 The prompt pass always runs all layers (METHOD §5), so it is the same for every gate: each
 batch's prompt pass is computed once per model and replayed for every setting
 (:class:`PromptReplayGenerator`); its measured time and energy are added to every setting's
-totals, so each row still reports the full cost of its completions.
+totals, so each row still reports the full cost of its completions. Lossless rows replay it too
+(the generator is a :class:`~greencode.speculative.LosslessGenerator`); their parts also hold the
+summed round statistics.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from greencode.evaluation.parts import PendingBatch, pending_batches, save_parts
 from greencode.evaluation.plan import Batch, Setting, make_plan, prompt_ids
 from greencode.evaluation.report import EvalReport, write_report
 from greencode.gates import FullGate, Gate, build_gate
-from greencode.generate import GatedGenerator, GenerationResult, Prefill, StepOutput
+from greencode.generate import GenerationResult, Prefill, StepOutput
 from greencode.modeling import EarlyExitModel, load_model
 from greencode.policy import ExitPolicy
+from greencode.speculative import LosslessGenerator
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +42,9 @@ class _StoredPrefill:
     output: StepOutput
 
 
-class PromptReplayGenerator(GatedGenerator):
-    """A GatedGenerator whose :meth:`prefill` replays the last prompt pass when the same prompts come again.
+class PromptReplayGenerator(LosslessGenerator):
+    """A generator (plain or lossless) whose :meth:`prefill` replays the last prompt pass when the same prompts
+    come again.
 
     The prompt pass runs all layers whatever the gate, so its K/V cache and logits are the same
     for every setting and replaying them is exact (same token ids, exact match). Later decoding
@@ -93,9 +97,10 @@ class Evaluator:
         return self._base
 
     def _gate(self, setting: Setting) -> Gate:
-        if setting.family == "policy" and self._policy is None:
+        policy = setting.gate.mode == "policy"
+        if policy and self._policy is None:
             self._policy = ExitPolicy.load_for(self.cfg.policy_path, self.lm)
-        return build_gate(setting.gate, self._policy if setting.family == "policy" else None)
+        return build_gate(setting.gate, self._policy if policy else None)
 
     def _generator(self, base: bool) -> PromptReplayGenerator:
         if base not in self._generators:
@@ -116,7 +121,8 @@ class Evaluator:
                 # one full-depth token = the prompt pass every setting shares; measured once, added to each
                 first = generator.generate(prompts, FullGate(), gen_cfg.model_copy(update={"max_new_tokens": 1}))
                 prompt_cost[base] = (first[0].time_s, _energy_sum(first))
-            results = generator.generate(prompts, self._gate(setting), gen_cfg)
+            row_cfg = gen_cfg.model_copy(update={"lossless": True}) if setting.lossless else gen_cfg
+            results = generator.generate(prompts, self._gate(setting), row_cfg)
             prompt_time, prompt_energy = prompt_cost.get(base, (0.0, 0.0))
             decode_energy = _energy_sum(results)
             parts.append({
@@ -132,8 +138,18 @@ class Evaluator:
                     {"sample_id": s.sample_id, "text": r.text, "token_ids": r.token_ids, "layers": r.layers_per_token}
                     for s, r in zip(batch.samples, results)
                 ],
+                **({"speculative": _round_totals(results)} if setting.lossless else {}),
             })
         return parts
+
+
+def _round_totals(results: Sequence[GenerationResult]) -> dict[str, int]:
+    """Drafted / accepted tokens, draft depth and sequential layer passes of a batch's lossless results."""
+    keys = ("drafted_tokens", "accepted_tokens", "layer_passes")
+    totals = {k: sum(r.speculative[k] for r in results) for k in keys}
+    totals["draft_depth_sum"] = sum((r.speculative["mean_draft_depth"] or 0) * r.speculative["drafted_tokens"]
+                                    for r in results)
+    return totals
 
 
 def _energy_sum(results: Sequence[GenerationResult]) -> float | None:
