@@ -67,13 +67,49 @@ class ExitConfig(_Strict):
 
 
 class LiteLossConfig(_Strict):
-    """Weights of the LITE aggregate loss (METHOD §2)."""
+    """The LITE aggregate loss (METHOD §2): weights, what each exit learns, what one step decodes.
+
+    ``target``: ``dataset`` = next-token cross-entropy (METHOD §2); ``distill`` = KL to the frozen
+    starting model's final-layer distribution (self-distillation); ``mix`` = both, ``mix_share``
+    of it KL. Exits with weight 0 are never decoded; ``exit_sampling`` and ``position_fraction``
+    decode fewer exits / positions per step (the LM head at every exit is most of a step's cost).
+    The default target stays ``dataset``: at equal steps and lr (benchmarks/lite_recipes.py, 30
+    steps at 1e-4, deep exits) dataset labels with ``anchor_weight`` 0.5 kept 0.99x of the base
+    model's final-layer accuracy, distillation 0.93x, for about the same deep-exit agreement with
+    the base model (docs/finetune.md).
+    """
 
     scheme: Literal["decaying", "uniform"] = "decaying"
     first_half_budget: float = Field(0.7, ge=0)
     second_half_budget: float = Field(0.2, ge=0)
     final_budget: float = Field(0.1, gt=0)
     decay: float = Field(0.9, gt=0)
+    target: Literal["dataset", "distill", "mix"] = "dataset"
+    mix_share: float = Field(0.5, ge=0, le=1,
+                             description="mix: share of the distillation term in each exit's loss")
+    temperature: float = Field(1.0, gt=0,
+                               description="distill/mix: softmax temperature of teacher and student (KL x T^2)")
+    anchor_weight: float = Field(0.0, ge=0,
+                                 description="extra KL(teacher || final layer) added to the loss, any target")
+    exits_update_head: bool = Field(True, description="exit losses also train the shared LM head (METHOD §2); false: "
+                                    "only the layers learn from them and the head follows the final layer alone")
+    exit_sampling: Literal["all", "rotational", "gradual"] = "all"
+    exits_per_step: int = Field(3, ge=1,
+                                description="rotational: exits decoded per step (weights scaled to stay unbiased)")
+    gradual_fraction: float = Field(0.5, gt=0, le=1,
+                                    description="gradual: share of max_steps after which all exits are on")
+    position_fraction: float = Field(1.0, gt=0, le=1,
+                                     description="share of positions whose exit losses a step computes "
+                                                 "(final layer: all)")
+
+    @property
+    def distill_share(self) -> float:
+        """Share of the KL term in each exit's loss (0 = dataset labels only)."""
+        return {"dataset": 0.0, "distill": 1.0, "mix": self.mix_share}[self.target]
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.distill_share > 0 or self.anchor_weight > 0
 
 
 # --------------------------------------------------------------------------- gates + generation
@@ -229,6 +265,32 @@ class FinetuneConfig(_Strict):
     run_name: str = Field("lite", description="run dir name under storage_path; a rerun resumes it")
     output_dir: str | None = Field(None, description="where the final HF model dir is written")
     seed: int = Field(0, description="seed of the model init and the data order")
+
+
+class LiteSweepConfig(_Strict):
+    """`greencode lite-sweep`: Ray Tune over the LITE loss, one Ray Train fine-tuning run per trial.
+
+    ``grid`` maps dotted FinetuneConfig keys (``loss.target``, ``optim.lr``, ...) to the values
+    tried; trials are their product. Every trial is scored on ``base``'s validation blocks
+    against the base model: final-layer next-token accuracy as a share of the base model's, and
+    the agreement of the exits at or past ``deep_from`` of the depth with the base model's final
+    prediction (the deep exits the gate uses most). The best trial is the one with the most deep
+    agreement among those keeping ``min_final_ratio`` of the base accuracy (the full-depth quality
+    the demo must keep; 0.96 of next-token accuracy tracked >= 0.95 of ROUGE-L/CodeBLEU).
+    """
+
+    base: FinetuneConfig = Field(default_factory=FinetuneConfig, description="every trial's fine-tuning settings")
+    grid: dict[str, list[Any]] = Field(
+        default_factory=lambda: {"loss.target": ["dataset", "distill"], "optim.lr": [3e-5, 1e-4]},
+        description="dotted FinetuneConfig key -> values tried (their product is the trials)")
+    deep_from: float = Field(0.5, ge=0, lt=1, description="exits deeper than this share of the layers are scored")
+    min_final_ratio: float = Field(0.96, ge=0, le=1.5,
+                                   description="a best trial keeps at least this share of the base final accuracy")
+    max_concurrent: int | None = Field(None, ge=1, description="trials at a time; None = as many as the CPUs fit")
+    storage_path: str = Field("runs/lite_sweep", description="Tune's storage (each trial's Ray Train run under it)")
+    name: str = Field("lite_sweep", description="the sweep's dir under storage_path; a rerun resumes it")
+    output_path: str = Field("runs/lite_sweep/best.yaml",
+                             description="the best settings as a `finetune:` block for --config")
 
 
 # --------------------------------------------------------------------------- shards + env + PPO

@@ -98,7 +98,8 @@ def test_preset_then_config_files_then_set(tmp_path):
                                       "--set", "evaluate.num_samples=5"])
     cfg = COMMAND.config(args)
     assert cfg.run_dir == "runs/mine" and cfg.finetune.batch_size == 3 and cfg.finetune.max_steps == 9
-    assert cfg.finetune.optim.lr == 2e-4 and cfg.extract.num_samples == 120  # from the preset
+    preset = load_config(PipelineConfig, preset_path("demo"))
+    assert cfg.finetune.optim.lr == preset.finetune.optim.lr and cfg.extract.num_samples == 120  # from the preset
     assert cfg.evaluate.num_samples == 5
     with pytest.raises(ConfigError, match="finetune.max_steps"):
         COMMAND.config(COMMAND.parser.parse_args(["--preset", "demo", "--set", "finetune.max_steps=0"]))

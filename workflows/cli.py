@@ -15,7 +15,8 @@ COMMANDS = {
     "finetune": ("workflows.finetune", "LITE fine-tuning on Ray Train"),
     "extract": ("workflows.extract", "hidden-state shards with Ray Data"),
     "train-policy": ("workflows.train_policy", "PPO exit policy with RLlib"),
-    "sweep": ("workflows.sweep", "Ray Tune over reward coefficients / loss budgets"),
+    "sweep": ("workflows.sweep", "Ray Tune over the exit-policy reward coefficients"),
+    "lite-sweep": ("workflows.lite_sweep", "Ray Tune over the LITE loss budgets, target and lr"),
     "pipeline": ("workflows.pipeline", "every stage end to end"),
     "serve": ("workflows.serve", "serve the gated model over HTTP (Ray Serve)"),
 }

@@ -33,14 +33,13 @@ from greencode.distributed import full_params, load_optimizer_state, optimizer_s
 from greencode.manifest import StageIdentity, claim_work_dir
 from greencode.modeling import load_model, load_tokenizer, model_digest
 from greencode.training import (
-    LiteObjective,
     LiteStepper,
     MetricWindow,
     StepStats,
+    build_objective,
     build_optimizer,
     build_scheduler,
     check_precision,
-    loss_weights,
 )
 from greencode.validation import validation_metrics
 from workflows.common import ConfigCommand, cli_errors, init_ray, setup_logging, stage_presets, verbose
@@ -258,7 +257,10 @@ class LiteRecipe:
             source = ckpt_dir or cfg.model.name
             self.lm = load_model(cfg.model.model_copy(update={"name": str(source), "device": "cpu"}), cfg.exits)
             state = TrainerState.load(ckpt_dir) if ckpt_dir else None
-        objective = LiteObjective(self.lm, loss_weights(self.lm, cfg))
+        # A resumed run distils from the model fine-tuning started from, not from its checkpoint.
+        base = load_model(cfg.model.model_copy(update={"device": "cpu"}), cfg.exits) \
+            if ckpt_dir and cfg.loss.needs_teacher else None
+        objective = build_objective(self.lm, cfg, base)
         strategy = cfg.strategy if self.world > 1 else None
         self.objective = ray.train.torch.prepare_model(objective, parallel_strategy=strategy)
         self.optimizer = build_optimizer(self.objective.named_parameters(), cfg.optim)
