@@ -300,6 +300,12 @@ class EvalConfig(_Strict):
     quality_margin: float = Field(0.05, ge=0, description="stated tolerance on ROUGE-L vs full")
     batch_size: int = Field(8, ge=1, description="prompts generated together (left-padded)")
     num_workers: int | None = Field(None, ge=1, description="Ray actors; None = one per CPU (or GPU) of the cluster")
+    bootstrap_resamples: int = Field(1000, ge=0, description="bootstrap resamples of the 95% intervals of every "
+                                                             "quality column and its difference to full; 0 = none")
+    bootstrap_seed: int = Field(0, description="seed of the bootstrap resamples (shared by every row: paired)")
+    agreement_tokens: int = Field(2048, ge=0, description="held-out tokens on which each exit's argmax is compared "
+                                                          "with the base model's final prediction; 0 = skip")
+    agreement_seq_len: int = Field(128, ge=2, description="length of the held-out token blocks of the agreement")
 
 
 # --------------------------------------------------------------------------- serving
