@@ -15,7 +15,6 @@ interval of the per-resample differences. Percentile intervals, seeded.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -101,15 +100,19 @@ def _ngram_counts(module: object, refs: list, hyp: list[str], precision: Callabl
     return [*nums, *dens, len(hyp), module.closest_ref_length(refs, len(hyp))]
 
 
-def _ngram_score(module: object, row: np.ndarray) -> float:
-    """codebleu's corpus_bleu tail (brevity penalty, method1 smoothing, uniform weights) on summed counts."""
-    # the weighted n-gram part's unigram counts are weighted (keywords 1, other tokens 0.2): not integers
-    nums, dens, hyp_len, ref_len = list(row[:4]), list(row[4:8]), int(round(row[8])), int(round(row[9]))
-    if nums[0] == 0:
-        return 0.0
-    bp = module.brevity_penalty(ref_len, hyp_len)
-    p_n = module.SmoothingFunction().method1(list(zip(nums, dens)), references=None, hypothesis=None, hyp_len=hyp_len)
-    return bp * math.exp(math.fsum(0.25 * math.log(p[0] / p[1]) for p in p_n))
+SMOOTHING_EPSILON = 0.1  # codebleu's SmoothingFunction().method1 default, used by its corpus_bleu
+
+
+def _ngram_scores(block: np.ndarray) -> np.ndarray:
+    """codebleu's corpus_bleu tail (brevity penalty, method1 smoothing, uniform weights) on summed counts, for
+    every resample at once: block is (B, 10) = 4 numerators, 4 denominators, hypothesis and reference length.
+    (The weighted n-gram part's unigram counts are weighted, keywords 1 and other tokens 0.2: not integers.)"""
+    nums, dens, hyp_len, ref_len = block[:, :4], block[:, 4:8], block[:, 8], block[:, 9]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        bp = np.where(hyp_len > ref_len, 1.0, np.where(hyp_len == 0, 0.0, np.exp(1 - ref_len / hyp_len)))
+        p = np.where(nums == 0, nums + SMOOTHING_EPSILON, nums) / dens
+        score = bp * np.exp(np.sum(0.25 * np.log(p), axis=1))
+    return np.where(nums[:, 0] == 0, 0.0, score)
 
 
 def _sub_trees(root: object) -> list[str]:
@@ -162,22 +165,22 @@ def codebleu_sample_counts(prediction: str, reference: str, lang: str, parsers: 
     return [*ngram, *weighted, *syntax, matched, len(ref_dfg)]
 
 
-def codebleu_parts_from_sums(sums: np.ndarray) -> dict[str, float | None]:
-    """The CodeBLEU columns of greencode.metrics.codebleu from one language's summed statistics."""
-    from codebleu import bleu, weighted_ngram_match
-
+def codebleu_parts_from_sums(sums: np.ndarray) -> dict[str, np.ndarray]:
+    """The CodeBLEU columns of greencode.metrics.codebleu from one language's summed statistics (B, 24);
+    NaN where the data-flow part is undefined (no reference data-flow)."""
     from greencode.metrics import CODEBLEU_WEIGHTS
 
-    parts = [_ngram_score(bleu, sums[_NG]), _ngram_score(weighted_ngram_match, sums[_WNG]),
-             sums[_SYN][0] / sums[_SYN][1] if sums[_SYN][1] > 0 else 0.0,
-             sums[_DF][0] / sums[_DF][1] if sums[_DF][1] > 0 else 0.0]
-    has_dataflow = sums[_DF][1] > 0
-    if has_dataflow:
-        total = sum(w * p for w, p in zip(CODEBLEU_WEIGHTS, parts))
-    else:
-        total = sum(w * p for w, p in zip(CODEBLEU_WEIGHTS[:3], parts[:3])) / sum(CODEBLEU_WEIGHTS[:3])
-    library = sum(w * p for w, p in zip(CODEBLEU_WEIGHTS[:3], parts[:3])) + CODEBLEU_WEIGHTS[3] * (parts[3] or 1)
-    return dict(zip(CODEBLEU_KEYS, (total, library, *parts[:3], parts[3] if has_dataflow else None)))
+    w = CODEBLEU_WEIGHTS
+    syn, df = sums[:, _SYN], sums[:, _DF]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        syntax = np.where(syn[:, 1] > 0, syn[:, 0] / syn[:, 1], 0.0)
+        dataflow = np.where(df[:, 1] > 0, df[:, 0] / df[:, 1], 0.0)
+    ngram, weighted = _ngram_scores(sums[:, _NG]), _ngram_scores(sums[:, _WNG])
+    has_dataflow = df[:, 1] > 0
+    three = w[0] * ngram + w[1] * weighted + w[2] * syntax
+    total = np.where(has_dataflow, three + w[3] * dataflow, three / sum(w[:3]))
+    library = three + w[3] * np.where(dataflow == 0, 1.0, dataflow)
+    return dict(zip(CODEBLEU_KEYS, (total, library, ngram, weighted, syntax, np.where(has_dataflow, dataflow, np.nan))))
 
 
 def codebleu_stats(predictions: Sequence[str], references: Sequence[str], langs: Sequence[str]) -> SampleStats:
@@ -196,14 +199,14 @@ def codebleu_stats(predictions: Sequence[str], references: Sequence[str], langs:
         arr[i, (j + 1) * width - 1] = 1.0
 
     def score(sums: np.ndarray) -> dict[str, np.ndarray]:
-        out = {k: np.full(len(sums), np.nan) for k in CODEBLEU_KEYS}
-        for b, row in enumerate(sums):
-            per_lang = [(row[(j + 1) * width - 1], codebleu_parts_from_sums(row[j * width : (j + 1) * width - 1]))
-                        for j in range(len(names)) if row[(j + 1) * width - 1] > 0]
-            for k in CODEBLEU_KEYS:
-                weighted = [(n, parts[k]) for n, parts in per_lang if parts[k] is not None]
-                if weighted:
-                    out[k][b] = sum(n * v for n, v in weighted) / sum(n for n, _ in weighted)
+        per_lang = [(sums[:, (j + 1) * width - 1], codebleu_parts_from_sums(sums[:, j * width : (j + 1) * width - 1]))
+                    for j in range(len(names))]
+        out = {}
+        for k in CODEBLEU_KEYS:  # languages weighted by their resampled counts, an undefined part left out
+            num = sum(np.where(np.isnan(p[k]) | (n == 0), 0.0, n * np.nan_to_num(p[k])) for n, p in per_lang)
+            den = sum(np.where(np.isnan(p[k]) | (n == 0), 0.0, n) for n, p in per_lang)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                out[k] = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
         return out
 
     return SampleStats(arr, score)
