@@ -213,11 +213,15 @@ class DataConfig(_Strict):
     seed: int = Field(0, description="seed of the file split, file sampling and sample order")
     val_fraction: float = Field(0.05, ge=0, lt=1, description="share of files held out for validation")
     test_fraction: float = Field(0.05, ge=0, lt=1, description="share of files held out for testing")
-    max_files: int | None = Field(None, ge=1, description="read at most this many files (a seeded sample)")
+    max_files: int | None = Field(None, ge=1, description="read at most this many files (a seeded sample; a file's "
+                                                          "split never depends on it)")
     context_fraction: float = Field(0.2, gt=0, lt=1, description="line completion: share of a file given as context")
     context_cap: int = Field(512, ge=1, description="at most this many context tokens (the last ones)")
     target_tokens: int = Field(15, ge=1, description="line completion: reference tokens after the context")
     min_file_tokens: int = Field(64, ge=1, description="files shorter than this are not sampled")
+    max_cuts_per_file: int = Field(
+        8, ge=1, description="evaluation: cut points per held-out file when one per file gives too few samples")
+    cut_stride: int = Field(64, ge=1, description="evaluation: tokens between a file's successive cut points")
 
 
 # --------------------------------------------------------------------------- fine-tuning
@@ -429,6 +433,12 @@ class EvalConfig(_Strict):
     quality_margin: float = Field(0.05, ge=0, description="stated tolerance on ROUGE-L vs full")
     batch_size: int = Field(8, ge=1, description="prompts generated together (left-padded)")
     num_workers: int | None = Field(None, ge=1, description="Ray actors; None = one per CPU (or GPU) of the cluster")
+    bootstrap_resamples: int = Field(1000, ge=0, description="bootstrap resamples of the 95% intervals of every "
+                                                             "quality column and its difference to full; 0 = none")
+    bootstrap_seed: int = Field(0, description="seed of the bootstrap resamples (shared by every row: paired)")
+    agreement_tokens: int = Field(2048, ge=0, description="held-out tokens on which each exit's argmax is compared "
+                                                          "with the base model's final prediction; 0 = skip")
+    agreement_seq_len: int = Field(128, ge=2, description="length of the held-out token blocks of the agreement")
 
 
 # --------------------------------------------------------------------------- serving

@@ -24,7 +24,7 @@ import re
 import sysconfig
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -59,35 +59,34 @@ class Corpus:
     seed: int = 0
     val_fraction: float = 0.05
     test_fraction: float = 0.05
-    _order: list[int] | None = field(default=None, init=False, repr=False)
 
     def split(self, name: str) -> list[SourceFile]:
-        """Deterministic file-level split: files are ranked by a seeded hash of their path,
-        the first ``test_fraction`` go to test, the next ``val_fraction`` to validation.
-
-        Hashing the path (not the list position) keeps a file in the same split when
-        other files are added or removed. A non-zero fraction gets at least one file
-        when the corpus has three or more.
-        """
+        """The files of one split; each file's split is :func:`split_of` its own path, so adding or
+        removing other files (a bigger corpus, another ``max_files``) never moves a file between splits."""
         if name not in SPLITS:
             raise ValueError(f"unknown split {name!r}; expected one of {SPLITS}")
-        if self._order is None:
-            self._order = sorted(range(len(self.files)), key=lambda i: _hash_key(self.seed, self.files[i].path))
-        n = len(self.files)
-        n_test, n_val = _split_size(n, self.test_fraction), _split_size(n, self.val_fraction)
-        bounds = {"test": (0, n_test), "validation": (n_test, n_test + n_val), "train": (n_test + n_val, n)}
-        lo, hi = bounds[name]
-        return [self.files[i] for i in sorted(self._order[lo:hi])]
+        return [f for f in self.files if split_of(f.path, self.seed, self.test_fraction, self.val_fraction) == name]
 
 
-def _hash_key(seed: int, path: str) -> str:
-    return hashlib.sha1(f"{seed}:{path}".encode()).hexdigest()
+def unit_hash(seed: int, path: str, salt: str = "") -> float:
+    """A number in [0, 1) from a seeded sha1 of ``path``: the same for a file whatever else is in the corpus."""
+    digest = hashlib.sha1(f"{seed}:{salt}{path}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def _split_size(n: int, fraction: float) -> int:
-    if fraction <= 0 or n < 3:
-        return 0
-    return max(1, round(n * fraction))
+def split_of(path: str, seed: int, test_fraction: float, val_fraction: float) -> str:
+    """Split of one file: its hash below ``test_fraction`` -> test, the next ``val_fraction`` band ->
+    validation, the rest -> train (a threshold per file, never a rank, hence stable)."""
+    u = unit_hash(seed, path)
+    if u < test_fraction:
+        return "test"
+    return "validation" if u < test_fraction + val_fraction else "train"
+
+
+def _selection_key(seed: int, path: str) -> float:
+    """Order in which ``max_files`` picks files: a second hash, independent of the split's, so a capped corpus
+    keeps every split's share and ``max_files`` N is a prefix of ``max_files`` N + 1."""
+    return unit_hash(seed, path, salt="select:")
 
 
 # --------------------------------------------------------------------------- loading
@@ -125,10 +124,8 @@ Candidate = tuple[str, str, Callable[[], bytes]]
 
 
 def _read_candidates(candidates: list[Candidate], cfg: DataConfig) -> tuple[list[SourceFile], int]:
-    """Decode candidates in a seeded order until ``max_files`` are kept (all of them without a cap)."""
-    candidates = sorted(candidates, key=lambda c: c[0])
-    if cfg.max_files is not None:
-        random.Random(cfg.seed).shuffle(candidates)
+    """Decode candidates in their seeded selection order until ``max_files`` are kept (all without a cap)."""
+    candidates = sorted(candidates, key=lambda c: (_selection_key(cfg.seed, c[0]), c[0]))
     files: list[SourceFile] = []
     skipped = 0
     for path, lang, read in candidates:
@@ -362,7 +359,8 @@ def _finish(loaded: tuple[list[SourceFile], int], cfg: DataConfig) -> Corpus:
     files = [f for f in files if len(f.text.strip()) >= cfg.min_file_tokens]
     skipped += len(small)
     if cfg.max_files is not None and len(files) > cfg.max_files:
-        files = sorted(random.Random(cfg.seed).sample(files, cfg.max_files), key=lambda f: f.path)
+        files = sorted(sorted(files, key=lambda f: (_selection_key(cfg.seed, f.path), f.path))[: cfg.max_files],
+                       key=lambda f: f.path)
     if not files:
         raise CorpusError(f"data.corpus {cfg.corpus!r} holds no usable rows ({skipped} skipped)")
     log.info("corpus %s: %d files (%d skipped)", cfg.corpus, len(files), skipped)
@@ -395,29 +393,42 @@ def _sample(tokenizer: Any, sample_id: str, src: SourceFile, ids: list[int], cut
 
 def line_completion_samples(files: Sequence[SourceFile], tokenizer: Any, num_samples: int, *,
                             context_fraction: float = 0.2, context_cap: int = 512, target_tokens: int = 15,
-                            min_file_tokens: int = 64, seed: int = 0,
-                            suffix_tokens: int = 0) -> list[CompletionSample]:
-    """METHOD §6: one sample per file (files in a seeded order): context = the first
-    ``context_fraction`` of its tokens (the last ``context_cap`` of them), target = the
-    next ``target_tokens``. Files shorter than ``min_file_tokens`` are passed over.
+                            min_file_tokens: int = 64, seed: int = 0, suffix_tokens: int = 0,
+                            max_cuts_per_file: int = 1, cut_stride: int = 64) -> list[CompletionSample]:
+    """METHOD §6: context = the first ``context_fraction`` of a file's tokens (the last ``context_cap`` of
+    them), target = the next ``target_tokens``; files (in a seeded order) shorter than ``min_file_tokens`` are
+    passed over. One sample per file first; when that gives fewer than ``num_samples``, more rounds over the
+    same files cut ``cut_stride`` tokens further each time (up to ``max_cuts_per_file`` cuts, each with a full
+    target), so a small held-out split still yields enough distinct (file, cut) samples.
     ``suffix_tokens`` > 0 makes fill-in-the-middle samples: the target is then a span cut from
     the file, and up to that many tokens after it are the sample's ``suffix_text``."""
     if not 0 < context_fraction < 1:
         raise ValueError(f"context_fraction must be in (0, 1), got {context_fraction}")
-    order = sorted(files, key=lambda f: _hash_key(seed, f.path))
-    samples = []
-    for src in order:
-        if len(samples) >= num_samples:
+    order = sorted(files, key=lambda f: (unit_hash(seed, f.path, salt="order:"), f.path))
+    tokens: dict[str, list[int]] = {}
+    samples: list[CompletionSample] = []
+    for cut_index in range(max_cuts_per_file):
+        added = 0
+        for src in order:
+            if len(samples) >= num_samples:
+                return samples
+            if src.path not in tokens:
+                tokens[src.path] = encode(tokenizer, src.text)
+            ids = tokens[src.path]
+            if len(ids) < max(min_file_tokens, 2):
+                continue
+            first = max(1, min(int(len(ids) * context_fraction), len(ids) - 1))
+            cut = first + cut_index * cut_stride
+            if cut_index and cut + target_tokens > len(ids):
+                continue
+            sample_id = f"{src.path}@{context_fraction}" + (f"+{cut_index}" if cut_index else "")
+            samples.append(_sample(tokenizer, sample_id, src, ids, cut, context_cap, target_tokens, suffix_tokens))
+            added += 1
+        if not added:
             break
-        ids = encode(tokenizer, src.text)
-        if len(ids) < max(min_file_tokens, 2):
-            continue
-        cut = max(1, min(int(len(ids) * context_fraction), len(ids) - 1))
-        samples.append(_sample(tokenizer, f"{src.path}@{context_fraction}", src, ids, cut, context_cap, target_tokens,
-                               suffix_tokens))
     if len(samples) < num_samples:
-        log.warning("only %d of %d requested samples: too few files with >= %d tokens",
-                    len(samples), num_samples, min_file_tokens)
+        log.warning("only %d of %d requested samples: too few files with >= %d tokens (%d cuts per file at most)",
+                    len(samples), num_samples, min_file_tokens, max_cuts_per_file)
     return samples
 
 

@@ -135,22 +135,68 @@ def test_stdlib_corpus_is_python_and_fast():
     assert not any("site-packages" in f.path for f in corpus.files)
 
 
-def test_splits_are_disjoint_complete_and_stable():
-    files = [SourceFile(f"f{i}.py", "x = 1\n" * 20, "python") for i in range(200)]
+def _splits(corpus):
+    return {f.path: name for name in ("train", "validation", "test") for f in corpus.split(name)}
+
+
+def test_splits_are_disjoint_complete_and_near_their_fractions():
+    files = [SourceFile(f"f{i}.py", "x = 1\n" * 20, "python") for i in range(2000)]
     corpus = Corpus(files, 0, seed=3, val_fraction=0.1, test_fraction=0.05)
-    parts = {name: {f.path for f in corpus.split(name)} for name in ("train", "validation", "test")}
-    assert (len(parts["train"]), len(parts["validation"]), len(parts["test"])) == (170, 20, 10)
-    assert parts["train"] | parts["validation"] | parts["test"] == {f.path for f in files}
-    assert not parts["train"] & parts["test"] and not parts["validation"] & parts["test"]
-    # a file keeps its split when the corpus shrinks (hash of the path, not its position)
-    smaller = Corpus(files[:100], 0, seed=3, val_fraction=0.1, test_fraction=0.05)
-    again = Corpus(files, 0, seed=3, val_fraction=0.1, test_fraction=0.05)
-    assert {f.path for f in again.split("test")} == parts["test"]
-    assert {f.path for f in smaller.split("train")} <= parts["train"] | parts["validation"] | parts["test"]
+    where = _splits(corpus)
+    assert sorted(where) == sorted(f.path for f in files)  # every file in exactly one split
+    counts = {name: list(where.values()).count(name) for name in ("train", "validation", "test")}
+    assert 60 <= counts["test"] <= 140 and 150 <= counts["validation"] <= 250, counts
     other = Corpus(files, 0, seed=4, val_fraction=0.1, test_fraction=0.05)
-    assert {f.path for f in other.split("test")} != parts["test"]
+    assert {f.path for f in other.split("test")} != {f.path for f in corpus.split("test")}
     with pytest.raises(ValueError, match="unknown split"):
         corpus.split("dev")
+
+
+def test_no_file_ever_moves_between_splits_as_the_corpus_grows():
+    """Growing (or shrinking) a corpus, in any order, never moves a file out of train into a held-out split
+    or back: each file's split is decided by its own hash against the fractions."""
+    pool = [SourceFile(f"pkg{i % 7}/mod{i}.py", "x = 1\n" * 20, "python") for i in range(1500)]
+    first: dict[str, str] = {}
+    for size in (3, 10, 50, 200, 700, 1500):
+        for subset in (pool[:size], pool[-size:], pool[::-1][:size], pool[size // 2 :: 3]):
+            for path, name in _splits(Corpus(list(subset), 0, seed=0)).items():
+                assert first.setdefault(path, name) == name, (path, size)
+    assert set(first.values()) == {"train", "validation", "test"}
+
+
+def test_max_files_never_changes_a_files_split(tmp_path):
+    """Fine-tuning with max_files 300 and evaluating with 400 (or none) see the same split for every file,
+    and a smaller cap reads a subset of a larger one."""
+    root = tmp_path / "src"
+    root.mkdir()
+    for i in range(120):
+        (root / f"m{i}.py").write_text(f"value_{i} = {i}\n" * 12)
+    spec = f"dir:{root}"
+    everything = _splits(load_corpus(DataConfig(corpus=spec, test_fraction=0.2, val_fraction=0.2)))
+    previous: set[str] = set()
+    for cap in (5, 20, 60, 100, None):
+        corpus = load_corpus(DataConfig(corpus=spec, test_fraction=0.2, val_fraction=0.2, max_files=cap))
+        where = _splits(corpus)
+        assert all(everything[p] == name for p, name in where.items())
+        assert previous <= set(where) and len(where) == (cap or 120)
+        previous = set(where)
+
+
+def test_one_config_gives_every_stage_the_same_files():
+    """Fine-tuning (train + validation), extraction (train / validation) and evaluation (test + validation) all
+    call load_corpus(cfg.data).split(...): one data config -> the same file sets, whichever stage loads first."""
+    from greencode.config import PipelineConfig
+    from workflows.pipeline import stage_configs
+
+    cfg = PipelineConfig.model_validate({"data": {"corpus": "stdlib", "max_files": 120}})
+    stages = stage_configs(cfg)
+    datas = [stages[name].data for name in ("finetune", "extract", "extract_heldout", "evaluate")]
+    assert all(d == cfg.data for d in datas)
+    loads = [_splits(load_corpus(d)) for d in datas]
+    assert all(where == loads[0] for where in loads)
+    train = {p for p, n in loads[0].items() if n == "train"}
+    held_out = {p for p, n in loads[0].items() if n != "train"}
+    assert train and held_out and not train & held_out
 
 
 CODEXGLUE_JAVA = ["<s>", "package", "demo", ";", "public", "class", "A", "{", "String", "s", "=", '"<STR_LIT:hi>"', ";",
@@ -237,6 +283,22 @@ def test_line_completion_caps_context_and_skips_short_files(tokenizer):
     ids = encode(tokenizer, long_file.text)
     cut = int(len(ids) * 0.2)
     assert samples[0].context_ids == ids[cut - 32 : cut]
+
+
+def test_small_held_out_split_gives_several_cuts_per_file(tokenizer):
+    files = [SourceFile(f"m{i}.py", PY_SOURCE.replace("Counter", f"C{i}") * 6, "python") for i in range(4)]
+    samples = line_completion_samples(files, tokenizer, 20, target_tokens=15, max_cuts_per_file=8, cut_stride=40)
+    assert len(samples) == 20 and len({s.sample_id for s in samples}) == 20
+    assert {s.path for s in samples} == {f.path for f in files}
+    for path in {s.path for s in samples}:  # a file's cuts: 20% first, then 40 tokens further each, full targets
+        text = next(f.text for f in files if f.path == path)
+        ids = encode(tokenizer, text)
+        cuts = [len(s.context_ids) for s in samples if s.path == path]  # context_cap 512 > every cut here
+        assert cuts == [int(len(ids) * 0.2) + 40 * j for j in range(len(cuts))]
+        assert all(len(s.target_ids) == 15 for s in samples if s.path == path)
+    # one cut per file is the default, and a big enough split never needs more
+    assert len(line_completion_samples(files, tokenizer, 20)) == 4
+    assert [s.sample_id for s in samples[:4]] == [s.sample_id for s in line_completion_samples(files, tokenizer, 4)]
 
 
 def test_random_cut_samples_within_range(tokenizer):

@@ -83,6 +83,23 @@ def test_harness_writes_every_report_file(models, py_corpus, tmp_path):
     assert len(csv_lines) == 1 + len(report.rows) and csv_lines[0].startswith("setting,family")
     table = (tmp_path / "report" / "report.md").read_text()
     assert "| Setting | Model | CodeBLEU |" in table and "| fixed-k6 |" in table and "| policy-T0.9 |" in table
+    # intervals: every quality column, and paired differences to full (0 for full itself)
+    for r in report.rows:
+        assert r["rouge_l_lo"] <= r["rouge_l"] <= r["rouge_l_hi"] and r["codebleu_lo"] <= r["codebleu_hi"]
+        assert r["token_accuracy_vs_full_lo"] <= r["token_accuracy_vs_full"] <= r["token_accuracy_vs_full_hi"]
+    assert (rows["full"]["rouge_l_vs_full_lo"], rows["full"]["rouge_l_vs_full_hi"]) == (0.0, 0.0)
+    assert "rouge_l_lo" in csv_lines[0] and "chrf_vs_full_hi" in csv_lines[0]
+    assert f"{rows['full']['rouge_l']:.3f} [{rows['full']['rouge_l_lo']:.3f}, " in table
+    # the report opens with base vs fine-tuned full, then the per-exit agreement, then the gate tables
+    head, agree, gates = (table.index(t) for t in ("### Base model vs fine-tuned", "### Agreement of each exit",
+                                                   "## Context 20%"))
+    assert head < agree < gates
+    agreement = saved["agreement"]
+    assert agreement["layers"] == [4, 6, 10, 12] and agreement["tokens"] > 0
+    assert agreement["untuned"][-1] == 1.0  # the base model's final layer agrees with itself
+    assert all(0 <= a <= 1 for a in agreement["untuned"] + agreement["finetuned"])
+    assert (tmp_path / "report" / "agreement_vs_layer.png").read_bytes()[:4] == b"\x89PNG"
+    assert len((tmp_path / "report" / "agreement.csv").read_text().strip().splitlines()) == 1 + 4
 
 
 def test_lossless_rows_have_the_full_models_text_and_their_own_columns(models, py_corpus, tmp_path):

@@ -23,6 +23,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from greencode.config import EvalConfig
+from greencode.evaluation.agreement import compute_agreement
 from greencode.evaluation.parts import PendingBatch, pending_batches, save_parts
 from greencode.evaluation.plan import make_plan
 from greencode.evaluation.report import EvalReport, write_report
@@ -76,7 +77,7 @@ def run(cfg: EvalConfig) -> EvalReport:
         for parts in tqdm(pool.map_unordered(lambda a, item: a.run_batch.remote(item), pending), total=len(pending),
                           desc="eval batches", unit="batch"):
             save_parts(out_dir, parts)
-    return write_report(cfg, plan, out_dir)
+    return write_report(cfg, plan, out_dir, compute_agreement(cfg, lm, out_dir))
 
 
 COMMAND = ConfigCommand(

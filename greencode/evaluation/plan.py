@@ -96,8 +96,8 @@ def plan_settings(cfg: EvalConfig, exit_points: Sequence[int]) -> list[Setting]:
 
 
 def build_samples(cfg: EvalConfig, tokenizer: Any) -> dict[float, list[CompletionSample]]:
-    """Line-completion samples per context fraction from the test split, topped up from the
-    validation split (also never trained on) when the test split has too few usable files."""
+    """Line-completion samples per context fraction from held-out files only: the test split first (several
+    cut points per file when it is small), topped up from the validation split (also never trained on)."""
     corpus = load_corpus(cfg.data)
     test, validation = corpus.split("test"), corpus.split("validation")
     d = cfg.data
@@ -107,7 +107,8 @@ def build_samples(cfg: EvalConfig, tokenizer: Any) -> dict[float, list[Completio
         def make(files, n, frac=frac):
             return line_completion_samples(
                 files, tokenizer, n, context_fraction=frac, context_cap=d.context_cap, target_tokens=d.target_tokens,
-                min_file_tokens=d.min_file_tokens, seed=d.seed, suffix_tokens=suffix_tokens)
+                min_file_tokens=d.min_file_tokens, seed=d.seed, suffix_tokens=suffix_tokens,
+                max_cuts_per_file=d.max_cuts_per_file, cut_stride=d.cut_stride)
 
         samples = make(test, cfg.num_samples)
         if len(samples) < cfg.num_samples and validation:

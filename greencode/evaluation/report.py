@@ -1,9 +1,13 @@
 """The report of an evaluation: one row per setting from its finished parts, written as
 
     OUTPUT/results.json, results.csv     one row per setting: quality, layers, time, energy
-    OUTPUT/report.md                     the table in the shape of the published ones
-    OUTPUT/quality_vs_layers.png, quality_vs_passes.png, quality_vs_time.png (+ quality_vs_energy.png when measured)
+    OUTPUT/report.md                     base vs LITE at full depth, per-exit agreement, then the gate tables
+    OUTPUT/quality_vs_layers.png, quality_vs_passes.png, quality_vs_time.png (+ quality_vs_energy.png when
+                                         measured), with 95% error bars
+    OUTPUT/agreement.csv, agreement_vs_layer.png   per-exit agreement with the base model (when computed)
 
+Every quality column has a 95% bootstrap interval (``<metric>_lo``/``_hi``) and a paired interval of its
+difference to the fine-tuned full row of the same context fraction (``<metric>_vs_full``, ``_lo``, ``_hi``).
 Lossless rows have the full model's quality and compute at least every layer per token (drafts +
 verification), so they are compared by time and by *layer passes*: the sequential layer calls per
 emitted token, which is what batch-1 latency follows (a verification over several tokens counts once).
@@ -23,6 +27,13 @@ from typing import Any
 from greencode.atomic import write_atomic
 from greencode.config import EvalConfig
 from greencode.data import CompletionSample
+from greencode.evaluation.intervals import (
+    SampleStats,
+    bootstrap,
+    percentile_interval,
+    quality_stats,
+    resample_weights,
+)
 from greencode.evaluation.parts import load_part, part_path, run_keys
 from greencode.evaluation.plan import FAMILIES, EvalPlan, Setting
 from greencode.metrics import quality_metrics
@@ -35,14 +46,13 @@ QUALITY_KEYS = ("codebleu", "codebleu_library", "codebleu_ngram", "codebleu_weig
 REPORT_FILES = ("results.json", "results.csv", "report.md", "quality_vs_layers.png", "quality_vs_passes.png",
                 "quality_vs_time.png")
 ENERGY_PLOT = "quality_vs_energy.png"
+AGREEMENT_FILES = ("agreement.csv", "agreement_vs_layer.png")
 
 
 def summarize(setting: Setting, parts: Sequence[dict[str, Any]], samples: Sequence[CompletionSample],
               num_layers: int, model_name: str) -> dict[str, Any]:
     """One report row from the finished parts of a setting."""
-    by_id = {s.sample_id: s for s in samples}
-    comps = [c for p in parts for c in p["completions"]]
-    refs = [by_id[c["sample_id"]] for c in comps]
+    comps, refs = _completions(parts, samples)
     quality = quality_metrics([c["text"] for c in comps], [s.target_text for s in refs], [s.lang for s in refs],
                               [c["token_ids"] for c in comps], [s.target_ids for s in refs])
     layers = [n for c in comps for n in c["layers"]]
@@ -88,6 +98,42 @@ def summarize(setting: Setting, parts: Sequence[dict[str, Any]], samples: Sequen
     }
 
 
+def _completions(parts: Sequence[dict[str, Any]],
+                 samples: Sequence[CompletionSample]) -> tuple[list[dict[str, Any]], list[CompletionSample]]:
+    """A setting's completions in plan order (the same order for every setting of a context fraction) and
+    their samples."""
+    by_id = {s.sample_id: s for s in samples}
+    comps = [c for p in parts for c in p["completions"]]
+    return comps, [by_id[c["sample_id"]] for c in comps]
+
+
+def row_stats(parts: Sequence[dict[str, Any]], samples: Sequence[CompletionSample]) -> list[SampleStats]:
+    """Per-sample statistics of every quality column of a setting (for its bootstrap intervals)."""
+    comps, refs = _completions(parts, samples)
+    return quality_stats([c["text"] for c in comps], [s.target_text for s in refs], [s.lang for s in refs],
+                         [c["token_ids"] for c in comps], [s.target_ids for s in refs])
+
+
+def add_intervals(rows: list[dict[str, Any]], stats: Sequence[list[SampleStats]], resamples: int,
+                  seed: int) -> None:
+    """95% percentile intervals of every quality column, and paired ones of its difference to the fine-tuned full
+    row of the same context fraction: one set of resample weights per fraction, shared by its rows."""
+    for frac in sorted({r["context_fraction"] for r in rows}):
+        idx = [i for i, r in enumerate(rows) if r["context_fraction"] == frac]
+        n = rows[idx[0]]["samples"]
+        boots = {i: bootstrap(stats[i], resample_weights(n, resamples, seed)) for i in idx} if resamples else {}
+        full = next((i for i in idx if rows[i]["family"] == "full"), None)
+        for i in idx:
+            r = rows[i]
+            for key in QUALITY_KEYS:
+                lo, hi = percentile_interval(boots[i][key]) if boots else (None, None)
+                diff = None if full is None or r[key] is None or rows[full][key] is None else r[key] - rows[full][key]
+                dlo, dhi = percentile_interval(boots[i][key] - boots[full][key]) if boots and diff is not None \
+                    else (None, None)
+                r.update({f"{key}_lo": lo, f"{key}_hi": hi, f"{key}_vs_full": diff, f"{key}_vs_full_lo": dlo,
+                          f"{key}_vs_full_hi": dhi})
+
+
 def gate_description(setting: Setting) -> str:
     g = setting.gate
     text = {"full": "all layers", "fixed": f"exit after layer {g.exit_layer}",
@@ -100,14 +146,19 @@ class EvalReport:
     output_dir: Path
     rows: list[dict[str, Any]]
 
+    agreement: dict[str, Any] | None = None
+
     def files(self) -> list[Path]:
         names = list(REPORT_FILES) + ([ENERGY_PLOT] if any(r["energy_j"] is not None for r in self.rows) else [])
+        names += list(AGREEMENT_FILES) if self.agreement is not None else []
         return [self.output_dir / n for n in names]
 
 
-def write_report(cfg: EvalConfig, plan: EvalPlan, out_dir: Path) -> EvalReport:
-    """Aggregate every finished part into results.json/.csv, report.md and the plots."""
-    rows = []
+def write_report(cfg: EvalConfig, plan: EvalPlan, out_dir: Path,
+                 agreement: dict[str, Any] | None = None) -> EvalReport:
+    """Aggregate every finished part into results.json/.csv, report.md and the plots (with the per-exit
+    agreement of greencode.evaluation.agreement when given)."""
+    rows, stats = [], []
     for setting in plan.settings:
         parts = []
         for batch in plan.batches:
@@ -120,7 +171,9 @@ def write_report(cfg: EvalConfig, plan: EvalPlan, out_dir: Path) -> EvalReport:
             parts.append(part)
         name = cfg.base_model.name if setting.uses_base_model else cfg.model.name
         rows.append(summarize(setting, parts, plan.samples[setting.context_fraction], plan.num_layers, name))
+        stats.append(row_stats(parts, plan.samples[setting.context_fraction]) if cfg.bootstrap_resamples else [])
     _add_deltas(rows, cfg.quality_margin)
+    add_intervals(rows, stats, cfg.bootstrap_resamples, cfg.bootstrap_seed)
     meta = {
         "model": cfg.model.name,
         "base_model": cfg.base_model.name if cfg.base_model else None,
@@ -133,14 +186,28 @@ def write_report(cfg: EvalConfig, plan: EvalPlan, out_dir: Path) -> EvalReport:
         "exit_points": plan.exit_points,
         "samples": {str(f): len(s) for f, s in plan.samples.items()},
         "energy_source": next((r["energy_source"] for r in rows if r["energy_source"]), None),
+        "bootstrap": {"resamples": cfg.bootstrap_resamples, "seed": cfg.bootstrap_seed, "level": 0.95,
+                      "paired": True, "kind": "percentile"},
+        "agreement": {k: v for k, v in agreement.items() if k != "key"} if agreement else None,
         "config": cfg.model_dump(mode="json"),
     }
     write_atomic(out_dir / "results.json", json.dumps({**meta, "rows": rows}, indent=2))
     write_atomic(out_dir / "results.csv", _csv(rows))
     write_atomic(out_dir / "report.md", markdown_report(rows, meta, cfg.quality_margin))
     write_plots(rows, out_dir)
+    if agreement is not None:
+        write_atomic(out_dir / "agreement.csv", _csv(agreement_rows(agreement)))
+        _agreement_plot(agreement, out_dir / "agreement_vs_layer.png")
     log.info("report written to %s", out_dir)
-    return EvalReport(out_dir, rows)
+    return EvalReport(out_dir, rows, agreement)
+
+
+def agreement_rows(agreement: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per exit (and the final layer): agreement with the base model's final argmax, before and after."""
+    untuned = agreement["untuned"] or [None] * len(agreement["layers"])
+    return [{"layer": layer, "untuned": u, "finetuned": f, "change": None if u is None else f - u,
+             "tokens": agreement["tokens"]}
+            for layer, u, f in zip(agreement["layers"], untuned, agreement["finetuned"])]
 
 
 def _add_deltas(rows: list[dict[str, Any]], margin: float) -> None:
@@ -168,19 +235,27 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _ci(r: dict[str, Any], key: str, digits: int = 3) -> str:
+    """``value [lo, hi]`` when the row has a 95% interval for ``key``, else the value."""
+    text = _fmt(r[key], digits)
+    if r.get(f"{key}_lo") is None:
+        return text
+    return f"{text} [{r[f'{key}_lo']:.{digits}f}, {r[f'{key}_hi']:.{digits}f}]"
+
+
 TABLE_COLUMNS: tuple[tuple[str, str, Callable[[dict[str, Any]], Any]], ...] = (
     ("Setting", "l", lambda r: r["setting"].split("@")[0]),
     ("Model", "l", lambda r: r["model"]),
-    ("CodeBLEU", "r", lambda r: _fmt(r["codebleu"])),
-    ("CodeBLEU (lib)", "r", lambda r: _fmt(r["codebleu_library"])),
-    ("Syntax", "r", lambda r: _fmt(r["codebleu_syntax"])),
-    ("Dataflow", "r", lambda r: _fmt(r["codebleu_dataflow"])),
-    ("ROUGE-L", "r", lambda r: _fmt(r["rouge_l"])),
-    ("BLEU", "r", lambda r: _fmt(r["bleu"])),
-    ("chrF", "r", lambda r: _fmt(r["chrf"])),
-    ("EM", "r", lambda r: _fmt(r["exact_match"])),
-    ("Edit dist", "r", lambda r: _fmt(r["levenshtein"], 1)),
-    ("Tok acc", "r", lambda r: _fmt(r["token_accuracy"])),
+    ("CodeBLEU", "r", lambda r: _ci(r, "codebleu")),
+    ("CodeBLEU (lib)", "r", lambda r: _ci(r, "codebleu_library")),
+    ("Syntax", "r", lambda r: _ci(r, "codebleu_syntax")),
+    ("Dataflow", "r", lambda r: _ci(r, "codebleu_dataflow")),
+    ("ROUGE-L", "r", lambda r: _ci(r, "rouge_l")),
+    ("BLEU", "r", lambda r: _ci(r, "bleu")),
+    ("chrF", "r", lambda r: _ci(r, "chrf")),
+    ("EM", "r", lambda r: _ci(r, "exact_match")),
+    ("Edit dist", "r", lambda r: _ci(r, "levenshtein", 1)),
+    ("Tok acc", "r", lambda r: _ci(r, "token_accuracy")),
     ("Layers", "r", lambda r: f"{r['mean_layers']:.1f}/{r['num_layers']}"),
     ("Layers after 1st", "r", lambda r: f"{r['mean_layers_after_first']:.1f}"),
     ("Skipped", "r", lambda r: f"{r['layers_skipped_pct']:.0f}%"),
@@ -191,11 +266,53 @@ TABLE_COLUMNS: tuple[tuple[str, str, Callable[[dict[str, Any]], Any]], ...] = (
     ("Tok/s", "r", lambda r: _fmt(r["tokens_per_s"], 1)),
     ("Energy (J)", "r", lambda r: _fmt(r["energy_per_completion_j"], 1)),
     ("Gate share", "r", lambda r: _fmt(100 * r["gate_overhead"] if r["gate_overhead"] is not None else None, 1) + "%"),
-    ("ΔROUGE-L", "r", lambda r: _fmt(r["rouge_l_delta_vs_full"], 3)),
+    ("ΔROUGE-L", "r", lambda r: _ci(r, "rouge_l_vs_full")),
 )
+
+# the columns of the base-vs-LITE table: (label, key, digits)
+HEADLINE_METRICS = (("ROUGE-L", "rouge_l", 3), ("CodeBLEU", "codebleu", 3), ("BLEU", "bleu", 3), ("chrF", "chrf", 3),
+                    ("Exact match", "exact_match", 3), ("Token accuracy", "token_accuracy", 3),
+                    ("Edit distance", "levenshtein", 1))
+
+
+def _headline(rows: Sequence[dict[str, Any]], frac: float) -> list[str]:
+    """Base model vs the fine-tuned model, both at full depth: the first thing the report says."""
+    base = next((r for r in rows if r["family"] == "base" and r["context_fraction"] == frac), None)
+    full = next((r for r in rows if r["family"] == "full" and r["context_fraction"] == frac), None)
+    if base is None or full is None:
+        return []
+    lines = [f"### Base model vs fine-tuned at full depth (context {frac:.0%}, {full['samples']} held-out samples)", "",
+             "| Metric | Base | Fine-tuned full | Fine-tuned − base [95% CI, paired] | Fine-tuned / base |",
+             "|:---|---:|---:|---:|---:|"]
+    for label, key, digits in HEADLINE_METRICS:
+        if full[key] is None or base[key] is None:
+            continue
+        # the base row holds base − full and its interval; the table shows full − base
+        diff = _fmt(-base[f"{key}_vs_full"], digits)
+        if base.get(f"{key}_vs_full_lo") is not None:
+            diff += f" [{-base[f'{key}_vs_full_hi']:.{digits}f}, {-base[f'{key}_vs_full_lo']:.{digits}f}]"
+        ratio = _fmt(full[key] / base[key], 2) if base[key] else "n/a"
+        lines.append(f"| {label} | {_ci(base, key, digits)} | {_ci(full, key, digits)} | {diff} | {ratio} |")
+    return lines + [""]
+
+
+def _agreement_section(agreement: dict[str, Any] | None) -> list[str]:
+    if not agreement:
+        return []
+    lines = [f"### Agreement of each exit with the base model's final prediction ({agreement['tokens']} held-out "
+             "tokens)", "",
+             "Share of positions where the exit's argmax equals the base model's final-layer argmax. Untuned = the "
+             "base model's own exits" + ("" if agreement["untuned"] else " (no base model given: the evaluated "
+                                         "model's final layer is the reference)") + ".", "",
+             "| Exit layer | Untuned | Fine-tuned | Change |", "|---:|---:|---:|---:|"]
+    for row in agreement_rows(agreement):
+        change = "n/a" if row["change"] is None else f"{row['change']:+.3f}"
+        lines.append(f"| {row['layer']} | {_fmt(row['untuned'])} | {_fmt(row['finetuned'])} | {change} |")
+    return lines + [""]
 
 
 def markdown_report(rows: Sequence[dict[str, Any]], meta: dict[str, Any], margin: float) -> str:
+    fracs = sorted({r["context_fraction"] for r in rows})
     lines = [
         "# GreenCode evaluation",
         "",
@@ -203,9 +320,20 @@ def markdown_report(rows: Sequence[dict[str, Any]], meta: dict[str, Any], margin
         + (f", policy: `{meta['policy']}`" if meta["policy"] else ", no policy (policy rows absent)"),
         "- evaluated by content: " + ", ".join(f"{role} `{digest}`" for role, digest in meta["digests"].items()
                                                 if digest),
-        f"- corpus: `{meta['corpus']}`; task: {meta['task']}; samples per context fraction: {meta['samples']}",
+        f"- corpus: `{meta['corpus']}`; task: {meta['task']}; held-out samples per context fraction: "
+        f"{meta['samples']}",
         f"- {meta['num_layers']} layers, exit points {meta['exit_points']}",
         f"- energy: {meta['energy_source'] or 'not measured on this machine (n/a), never estimated'}",
+        "- intervals: " + (f"95% percentile bootstrap, {meta['bootstrap']['resamples']} paired resamples of the "
+                           f"samples (seed {meta['bootstrap']['seed']})" if meta["bootstrap"]["resamples"]
+                           else "none (bootstrap_resamples 0)"),
+        "",
+    ]
+    for frac in fracs:
+        lines += _headline(rows, frac)
+    lines += _agreement_section(meta.get("agreement"))
+    lines += [
+        "### How to read the gate tables",
         "",
         "Layers = mean decoder layers per generated token, including the first token (the prompt pass always "
         "runs all layers); 'after 1st' leaves that token out. Skipped = share of layers not run. "
@@ -217,10 +345,10 @@ def markdown_report(rows: Sequence[dict[str, Any]], meta: dict[str, Any], margin
         "(what batch-1 latency follows; a verification over several tokens counts once; for the other rows a "
         "token's own layers), Accept = share of drafted tokens the full model kept. "
         "CodeBLEU counts an unmatched data-flow as 0; 'CodeBLEU (lib)' is the codebleu package's total, "
-        "which counts it as 1. "
-        f"ΔROUGE-L = difference to the fine-tuned full model (stated tolerance {margin}).",
+        "which counts it as 1. Quality cells are `value [95% CI]`. "
+        f"ΔROUGE-L = difference to the fine-tuned full model with its paired 95% CI (stated tolerance {margin}).",
     ]
-    for frac in sorted({r["context_fraction"] for r in rows}):
+    for frac in fracs:
         target = "the span after it, the file after the span given as suffix" if meta["task"] != "completion" \
             else "next tokens"
         lines += ["", f"## Context {frac:.0%} of the file (capped), greedy, target = {target}", ""]
@@ -254,17 +382,48 @@ def _plot(rows: Sequence[dict[str, Any]], x_key: str, x_label: str, path: Path) 
     for ax, (metric, title) in zip(axes, (("codebleu", "CodeBLEU"), ("rouge_l", "ROUGE-L"))):
         for family in FAMILIES:
             for frac in sorted({r["context_fraction"] for r in rows}):
-                pts = sorted((r[x_key], r[metric]) for r in rows
-                             if r["family"] == family and r["context_fraction"] == frac and r[x_key] is not None)
+                pts = sorted((r[x_key], r[metric], r.get(f"{metric}_lo"), r.get(f"{metric}_hi")) for r in rows
+                             if r["family"] == family and r["context_fraction"] == frac and r[x_key] is not None
+                             and r[metric] is not None)
                 if pts:
-                    xs, ys = zip(*pts)
-                    ax.plot(xs, ys, marker="o", linestyle="-" if len(pts) > 1 else "none", label=f"{family} @{frac}")
+                    xs, ys, los, his = zip(*pts)
+                    yerr = None if any(v is None for v in los + his) else \
+                        [[y - lo for y, lo in zip(ys, los)], [hi - y for y, hi in zip(ys, his)]]
+                    ax.errorbar(xs, ys, yerr=yerr, marker="o", capsize=3, linestyle="-" if len(pts) > 1 else "none",
+                                label=f"{family} @{frac}")
         ax.set_xlabel(x_label)
         ax.set_ylabel(title)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
+    fig.suptitle("error bars: 95% bootstrap intervals", fontsize=9)
+    _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     write_atomic(path, buf.getvalue())
+
+
+def _agreement_plot(agreement: dict[str, Any], path: Path) -> None:
+    """Agreement with the base model's final prediction against exit layer, before and after fine-tuning."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if agreement["untuned"]:
+        ax.plot(agreement["layers"], agreement["untuned"], marker="o", label="untuned (base model's exits)")
+    ax.plot(agreement["layers"], agreement["finetuned"], marker="o", label="fine-tuned")
+    ax.set_xlabel("exit layer")
+    ax.set_ylabel("agreement with base final argmax")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{agreement['tokens']} held-out tokens", fontsize=9)
+    _save(fig, path)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from greencode.config import EvalConfig
 from greencode.energy import EnergyMeter
+from greencode.evaluation.agreement import compute_agreement
 from greencode.evaluation.parts import PendingBatch, pending_batches, save_parts
 from greencode.evaluation.plan import Batch, Setting, make_plan, prompt_ids
 from greencode.evaluation.report import EvalReport, write_report
@@ -174,4 +175,4 @@ def run_evaluation(cfg: EvalConfig, lm: EarlyExitModel | None = None) -> EvalRep
     pending = pending_batches(cfg, plan, out_dir)
     log.info("%d settings x %d batches; %d batches with work left", len(plan.settings), len(plan.batches), len(pending))
     run_pending(cfg, lm, pending, out_dir)
-    return write_report(cfg, plan, out_dir)
+    return write_report(cfg, plan, out_dir, compute_agreement(cfg, lm, out_dir))
