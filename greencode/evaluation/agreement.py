@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from greencode.blocks import BlockSet, build_blocks
 from greencode.config import EvalConfig
 from greencode.data import load_corpus
 from greencode.modeling import EarlyExitModel, load_model
+from greencode.training import exit_predictions
 
 log = logging.getLogger(__name__)
 
@@ -31,18 +33,14 @@ BLOCKS_PER_PASS = 4
 
 
 @torch.no_grad()
-def exit_argmax(lm: EarlyExitModel, blocks: BlockSet) -> torch.Tensor:
-    """Argmax of every exit and the final layer at every real token position: [exits + 1, N]."""
-    was_training = lm.model.training
-    lm.model.eval()
-    out = []
+def _batches(blocks: BlockSet, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     for start in range(0, len(blocks), BLOCKS_PER_PASS):
-        ids, mask = blocks.batch(slice(start, start + BLOCKS_PER_PASS), lm.device)
-        keep = (mask if mask is not None else torch.ones_like(ids)).reshape(-1).bool()
-        hidden = lm.forward_exits(ids, mask).hidden_states
-        out.append(torch.stack([lm.decode(h.reshape(-1, h.shape[-1])[keep]).argmax(-1) for h in hidden]))
-    lm.model.train(was_training)
-    return torch.cat(out, dim=1)
+        yield blocks.batch(slice(start, start + BLOCKS_PER_PASS), device)
+
+
+def exit_argmax(lm: EarlyExitModel, blocks: BlockSet) -> torch.Tensor:
+    """Argmax of every exit and the final layer at every predicting position: [exits + 1, N]."""
+    return exit_predictions(lm, _batches(blocks, lm.device))[0]
 
 
 def agreement_table(tuned: torch.Tensor, base: torch.Tensor | None, layers: list[int]) -> dict[str, Any]:
