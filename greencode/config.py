@@ -502,6 +502,9 @@ class PipelineConfig(_Strict):
 
     run_dir: str = Field("runs/pipeline", description="every artifact and the manifest go under it")
     model: ModelConfig = Field(default_factory=ModelConfig, description="the base model")
+    inference_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="weights dtype of the stages that only run the models (extract, evaluate: the fine-tuned "
+        "and the base model); None = model.dtype. Fine-tuning keeps model.dtype (finetune.precision sets autocast)")
     data: DataConfig = Field(default_factory=DataConfig, description="the corpus of every stage")
     exits: ExitConfig = Field(default_factory=ExitConfig, description="exit points of every stage")
     stages: list[PipelineStage] = Field(default_factory=lambda: ["finetune", "extract", "train_policy", "evaluate"],

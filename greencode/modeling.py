@@ -172,6 +172,8 @@ def model_fingerprint(model: nn.Module) -> str:
     """Short stable id of a model's architecture *and* weights (a fine-tuned model differs from its base).
 
     Policy files and shards record it so they are never used with a model they did not come from.
+    Values are hashed at bfloat16 precision, so the same weights loaded as float32 or bfloat16 (the
+    pipeline's ``inference_dtype``) are one model.
     """
     h = hashlib.sha256()
     cfg = getattr(model, "config", None)
@@ -180,7 +182,7 @@ def model_fingerprint(model: nn.Module) -> str:
             h.update(f"{key}={getattr(cfg, key, None)};".encode())
     params = list(model.parameters())
     for p in (params[0], params[len(params) // 2], params[-1]):
-        flat = p.detach().float().flatten()
+        flat = p.detach().to(torch.bfloat16).float().flatten()
         h.update(flat[:4096].cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 

@@ -58,7 +58,9 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
     """Stage configs with the shared model/data/exits and every artifact path under run_dir."""
     root = Path(cfg.run_dir).resolve()
     finetuned = "finetune" in cfg.stages
-    model = ModelConfig(**{**cfg.model.model_dump(), "name": str(root / "model")}) if finetuned else cfg.model
+    dtype = {"dtype": cfg.inference_dtype} if cfg.inference_dtype else {}
+    base = ModelConfig(**{**cfg.model.model_dump(), **dtype})  # as extraction and evaluation run it
+    model = ModelConfig(**{**base.model_dump(), "name": str(root / "model")}) if finetuned else base
     shared = {"data": cfg.data.model_dump(), "exits": cfg.exits.model_dump()}
 
     def section(name: str, **fields: Any) -> dict[str, Any]:
@@ -88,7 +90,7 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
         "train_policy": validate(PolicyTrainConfig, policy),
         "sweep": validate(SweepConfig, section("sweep", base=policy, storage_path=str(root / "sweep"))),
         "evaluate": validate(EvalConfig, section(
-            "evaluate", model=model.model_dump(), base_model=cfg.model.model_dump() if finetuned else None,
+            "evaluate", model=model.model_dump(), base_model=base.model_dump() if finetuned else None,
             data=cfg.data.model_dump(), exits=cfg.exits.model_dump(),
             policy_path=policy_path if {"train_policy", "sweep"} & set(cfg.stages) else None,
             output_dir=str(root / "report"))),
