@@ -1,20 +1,23 @@
-"""A real GreenCode Serve app on 127.0.0.1 for the serving tests, and what they share.
+"""Real GreenCode Serve apps on 127.0.0.1 for the serving tests, and what those tests share.
 
-Each test module starts one app for itself (``running_app``) on a local 2-CPU Ray and talks
-to it over real HTTP. Two model loaders, both real Hugging Face models built in the replica:
+The apps run on a local 2-CPU Ray and are called over real HTTP. Starting one costs 15-40 s on
+the shared 2-core machine, so test modules that declare the same ``SERVE_APP`` and run one after
+the other share one app (``shared_app``); it stops after the last of them.
 
-- ``tiny_loader``: the seeded tiny random Llama of ``conftest.make_tiny`` with the real SmolLM2
-  tokenizer (what tests/test_serve.py serves);
-- ``scripted_loader``: a tiny OPT whose learned position embeddings make it *say* fixed token
-  sequences. Every decoder block is an identity (zero output projections), token embeddings are
-  zero, so the last position alone picks the next token: a prompt of L tokens continues with the
-  script placed at positions L-1.., then EOS. That gives exact, known completions (any Unicode,
-  split across byte tokens wherever the script says) under greedy *and* sampled decoding.
-  Tokens listed as ``poison`` get NaN embeddings: a sequence that feeds one back to the model gets
-  NaN logits from that step on, in its own row only — a server-side generation fault on demand.
+Models, built in the replica (both real Hugging Face models with the real SmolLM2 tokenizer):
+
+- ``tiny_loader``: the seeded tiny random Llama of ``conftest.make_tiny`` (tests/test_serve.py's);
+- ``abuse_loader``: a *scripted* tiny OPT (``scripted_model``) whose learned position embeddings
+  make it say fixed token sequences. Every decoder block is an identity (zero output
+  projections) and token embeddings are zero, so the last position alone picks the next token: a
+  prompt of L tokens continues with the script placed at positions L-1.., then EOS, under greedy
+  and sampled decoding alike; unscripted positions say " x". That gives exact, known completions
+  (any Unicode, split across byte tokens where the script says). The token " poison" has a NaN
+  embedding: a sequence that feeds it to the model gets NaN logits from that step on, in its own
+  row only, which is a server-side generation fault on demand.
 
 Protocol descriptions (``TGI``, ``OPENAI``, ``OLLAMA``) build each client's body for the same
-request and read its text, stream and error shape, so one test can run over all three.
+request and read its text, stream and error shape, so one test runs over all three.
 """
 
 from __future__ import annotations
@@ -23,9 +26,8 @@ import json
 import socket
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import conftest
@@ -69,8 +71,13 @@ def byte_tokens(tokenizer, text: str) -> tuple[int, ...]:
     return tuple(tokenizer.convert_tokens_to_ids(alphabet[b]) for b in text.encode("utf-8"))
 
 
-def scripted_model(tokenizer, scripts: Sequence[Script], poison: Sequence[int] = (), hidden: int = 256):
-    """The scripted tiny OPT (see the module docstring); checks itself on every script before returning."""
+def scripted_model(tokenizer, scripts: Sequence[Script], poison: Sequence[int] = (), default_token: int | None = None,
+                   hidden: int = 256):
+    """The scripted tiny OPT (see the module docstring); checks itself on every script before returning.
+
+    Positions no script covers predict ``default_token`` (logit 8 against 0: greedy always picks
+    it, sampling at temperature 1 picks it about 6% of the time).
+    """
     from transformers import OPTConfig, OPTForCausalLM
 
     from greencode.config import GenerationConfig
@@ -79,15 +86,15 @@ def scripted_model(tokenizer, scripts: Sequence[Script], poison: Sequence[int] =
     from greencode.modeling import wrap_model
 
     eos = tokenizer.eos_token_id
-    next_at: dict[int, int] = {}  # position -> token that position predicts
+    next_at: dict[int, int] = {}  # position -> the token that position predicts
     for s in scripts:
         start = len(tokenizer(s.prompt)["input_ids"]) - 1
         for offset, token in enumerate((*s.tokens, eos)):
             if next_at.setdefault(start + offset, token) != token:
-                raise ValueError(f"script of {s.prompt!r} overlaps another one at position {start + offset}: "
+                raise ValueError(f"script of {s.prompt[-30:]!r} overlaps another one at position {start + offset}: "
                                  "give the prompts lengths further apart")
-    if max(next_at) >= hidden:
-        raise ValueError(f"scripts reach position {max(next_at)}; the model has a basis of {hidden} positions")
+    if len(next_at) >= hidden:
+        raise ValueError(f"scripts use {len(next_at)} positions; the model has a basis of {hidden - 1}")
 
     torch.manual_seed(0)
     cfg = OPTConfig(vocab_size=len(tokenizer), hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=4,
@@ -95,6 +102,7 @@ def scripted_model(tokenizer, scripts: Sequence[Script], poison: Sequence[int] =
                     tie_word_embeddings=False, eos_token_id=eos, bos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
     model = OPTForCausalLM(cfg).eval()
     dec = model.model.decoder
+    default_dim = hidden - 1
     with torch.no_grad():
         for layer in dec.layers:  # identity blocks: the residual stream carries the position embedding through
             for proj in (layer.self_attn.out_proj, layer.fc2):
@@ -104,31 +112,102 @@ def scripted_model(tokenizer, scripts: Sequence[Script], poison: Sequence[int] =
         dec.embed_tokens.weight[list(poison)] = float("nan")
         dec.embed_positions.weight.zero_()
         model.lm_head.weight.zero_()
+        dec.final_layer_norm.bias.zero_()
+        if default_token is not None:
+            dec.final_layer_norm.bias[default_dim] = 1.0
+            model.lm_head.weight[default_token, default_dim] = 8.0
         offset = dec.embed_positions.offset
-        for position, token in next_at.items():
-            dec.embed_positions.weight[position + offset, position] = 1.0
-            model.lm_head.weight[token, position] = 4.0  # a logit of ~64 against 0 for every other token
+        for dim, (position, token) in enumerate(sorted(next_at.items())):
+            dec.embed_positions.weight[position + offset, dim] = 1.0
+            model.lm_head.weight[token, dim] = 4.0  # a logit of ~64 against <= 8 for every other token
     lm = wrap_model(model, tokenizer)
-    generator = GatedGenerator(lm)
-    for s in scripts:
-        if set(s.tokens) & set(poison):
-            continue
-        [result] = generator.generate([s.prompt], FullGate(), GenerationConfig(max_new_tokens=len(s.tokens) + 1))
-        if tuple(result.token_ids) != (*s.tokens, eos):
-            raise AssertionError(f"the scripted model does not say its script for {s.prompt!r}")
+    clean = [s for s in scripts if not set(s.tokens) & set(poison)]
+    if clean:  # one batch: rows are independent and positions ignore the left padding
+        steps = GenerationConfig(max_new_tokens=max(len(s.tokens) for s in clean) + 1)
+        results = GatedGenerator(lm).generate([s.prompt for s in clean], FullGate(), steps)
+        for s, result in zip(clean, results):
+            if tuple(result.token_ids) != (*s.tokens, eos):
+                raise AssertionError(f"the scripted model does not say its script for {s.prompt[-30:]!r}")
     return lm
 
 
-def scripted_loader(cfg, scripts: Sequence[Script], poison: Sequence[int] = ()):
-    """Replica-side loader for ``scripted_model`` (bind the scripts with functools.partial)."""
-    return scripted_model(smollm2_tokenizer(), scripts, poison)
+# --------------------------------------------------------------------------- the apps the abuse tests share
 
 
-def scripted(scripts: Sequence[Script], poison: Sequence[int] = ()) -> Callable[[Any], Any]:
-    return partial(scripted_loader, scripts=tuple(scripts), poison=tuple(poison))
+def padded_prompts(tokenizer, tails: dict[str, tuple[str, int]], first: int = 200) -> dict[str, str]:
+    """Prompts ``' a' * n + tail`` of increasing token lengths from ``first``, each ``room`` positions apart.
+
+    Short prompts (what other tests send) never reach position ``first``, so they never meet a script.
+    """
+    prompts, length = {}, first
+    for name, (tail, room) in tails.items():
+        pad = length - len(tokenizer(tail)["input_ids"]) if tail else length
+        prompts[name] = " a" * pad + tail
+        length += room + 2
+    return prompts
 
 
-# --------------------------------------------------------------------------- the app
+TEXTS = {  # what the scripted model says, and how its tokens split the text
+    "cjk_bytes": ("# 日本語のコメント\n", "bytes"),
+    "emoji_bytes": (" 😀 👩\u200d💻 🇯🇵 ok", "bytes"),
+    "mixed": (" Ελληνικά العربية ✓ 中文 e\u0301 x", "natural"),
+    "stop": ("# 日本語です\nprint('ok')\n", "bytes"),
+    "ascii": (" return fib(n - 1) + fib(n - 2)\n", "natural"),
+    "poison_mid": (" one two three poison four", "natural"),
+}
+POISON_WORD = " poison"  # one token; its embedding is NaN in the abuse model
+DEFAULT_WORD = " x"  # what the abuse model says wherever no script is placed
+
+
+@dataclass(frozen=True)
+class AbuseScripts:
+    """The scripts of the shared abuse model, computed the same way in the driver and the replica."""
+
+    scripts: dict[str, Script]
+    texts: dict[str, str]
+    poison: int
+    default: int
+    poison_prompt: str  # a prompt holding the poison token: NaN from the prompt pass on
+
+    @classmethod
+    def build(cls, tokenizer) -> AbuseScripts:
+        tokens = {name: byte_tokens(tokenizer, text) if split == "bytes" else tuple(tokenizer(text)["input_ids"])
+                  for name, (text, split) in TEXTS.items()}
+        tails = {name: ("", len(t)) for name, t in tokens.items()} | {"poison_prompt": (POISON_WORD, 0)}
+        prompts = padded_prompts(tokenizer, tails)
+        [poison] = tokenizer(POISON_WORD)["input_ids"]
+        [default] = tokenizer(DEFAULT_WORD)["input_ids"]
+        return cls({name: Script(prompts[name], t) for name, t in tokens.items()},
+                   {name: text for name, (text, _) in TEXTS.items()}, poison, default, prompts["poison_prompt"])
+
+
+def abuse_loader(cfg):
+    """Replica-side loader of the shared abuse model (scripts, poison token, default token)."""
+    tokenizer = smollm2_tokenizer()
+    plan = AbuseScripts.build(tokenizer)
+    return scripted_model(tokenizer, list(plan.scripts.values()), [plan.poison], plan.default)
+
+
+ABUSE_CONFIG = {"default_max_new_tokens": 8, "max_batch_size": 8, "batch_wait_timeout_s": 0.05}
+
+
+def abuse_server(request) -> Iterator[str]:
+    """Body of the ``server`` fixture of the modules with ``SERVE_APP = "abuse"``."""
+    yield from shared_app(request, "abuse", lambda: ABUSE_CONFIG, abuse_loader)
+
+
+def save_policy(path) -> str:
+    """An untrained exit policy for ``tiny_loader``'s model (its fingerprint), so a server can load one."""
+    from greencode.policy import ExitPolicy
+
+    lm = make_tiny("llama")
+    torch.manual_seed(0)
+    policy = ExitPolicy(lm.hidden_size, exit_points=lm.exit_points, model_fingerprint=lm.fingerprint,
+                        metadata={"note": "test policy, untrained"})
+    return str(policy.save(path))
+
+
+# --------------------------------------------------------------------------- running an app
 
 
 def free_port() -> int:
@@ -160,6 +239,43 @@ def running_app(cfg: dict[str, Any], loader: Callable[[Any], Any]) -> Iterator[s
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+_running: dict[str, Any] = {}  # name, url and exit stack of the app that is up
+
+
+def _stop() -> None:
+    if _running:
+        _running.pop("stack").close()
+        _running.clear()
+
+
+def shared_app(request, name: str, cfg: Callable[[], dict[str, Any]], loader: Callable[[Any], Any]) -> Iterator[str]:
+    """Module fixture body: the app ``name`` (started with ``cfg()`` and ``loader`` unless already up).
+
+    At the module's end the app stays up only if the next module of this run declares the same
+    ``SERVE_APP`` and uses the ``server`` fixture; nothing else ever runs while it is up.
+    """
+    if _running.get("name") != name:
+        _stop()
+        stack = ExitStack()
+        url = stack.enter_context(running_app(cfg(), loader))
+        _running.update(name=name, url=url, stack=stack)
+    try:
+        yield _running["url"]
+    finally:
+        if not _next_module_shares(request, name):
+            _stop()
+
+
+def _next_module_shares(request, name: str) -> bool:
+    items = request.session.items
+    mine = [i for i, item in enumerate(items) if item.module is request.module]
+    later = items[mine[-1] + 1 :] if mine else []
+    if not later:
+        return False
+    following = [item for item in later if item.module is later[0].module]
+    return getattr(later[0].module, "SERVE_APP", None) == name and any("server" in i.fixturenames for i in following)
 
 
 # --------------------------------------------------------------------------- protocols
@@ -217,6 +333,10 @@ class Protocol:
         elif stream and self.name == "openai":
             body["stream"] = True
         return body
+
+    def field(self, knob: str) -> str:
+        """How this protocol's error messages name a knob (``parameters.stop``, ``stop``, ``options.stop``)."""
+        return f"{self.knobs_key}.{knob}" if self.knobs_key else knob
 
     def post(self, client: httpx.Client, body: Any, stream: bool = False, **kwargs: Any) -> httpx.Response:
         return client.post(self.stream_path if stream else self.path, json=body, **kwargs)
