@@ -125,7 +125,7 @@ def scripted_model(tokenizer, scripts: Sequence[Script], poison: Sequence[int] =
     if clean:  # one batch: rows are independent and positions ignore the left padding
         steps = GenerationConfig(max_new_tokens=max(len(s.tokens) for s in clean) + 1)
         results = GatedGenerator(lm).generate([s.prompt for s in clean], FullGate(), steps)
-        for s, result in zip(clean, results):
+        for s, result in zip(clean, results, strict=True):
             if tuple(result.token_ids) != (*s.tokens, eos):
                 raise AssertionError(f"the scripted model does not say its script for {s.prompt[-30:]!r}")
     return lm
@@ -314,6 +314,7 @@ class Protocol:
     path: str
     stream_path: str
     validation_status: int  # what the protocol answers for an invalid request
+    failure_status: int  # what it answers when generation fails (a server fault)
     prompt_field: str
     max_tokens_field: str
     knobs_key: str | None  # where sampling/gate knobs go (None = top level)
@@ -374,9 +375,9 @@ class Protocol:
         return Stream(pieces, final)
 
 
-TGI = Protocol("tgi", "/generate", "/generate_stream", 422, "inputs", "max_new_tokens", "parameters")
-OPENAI = Protocol("openai", "/v1/completions", "/v1/completions", 400, "prompt", "max_tokens", None)
-OLLAMA = Protocol("ollama", "/api/generate", "/api/generate", 400, "prompt", "num_predict", "options")
+TGI = Protocol("tgi", "/generate", "/generate_stream", 422, 424, "inputs", "max_new_tokens", "parameters")
+OPENAI = Protocol("openai", "/v1/completions", "/v1/completions", 400, 500, "prompt", "max_tokens", None)
+OLLAMA = Protocol("ollama", "/api/generate", "/api/generate", 400, 500, "prompt", "num_predict", "options")
 PROTOCOLS = (TGI, OPENAI, OLLAMA)
 PROTOCOL_IDS = [p.name for p in PROTOCOLS]
 
@@ -389,12 +390,12 @@ def protocol_of(path: str) -> Protocol:
 
 
 def tgi_error_type(status: int) -> str:
-    """TGI's error_type for a status (its router's names; 'authentication' is GreenCode's)."""
+    """TGI's error_type for a status (its router's names and codes; 'authentication' is GreenCode's)."""
     if status == 401:
         return "authentication"
     if status in (429, 503):
         return "overloaded"
-    return "validation" if status < 500 else "generation"
+    return "generation" if status == 424 or status >= 500 else "validation"
 
 
 def openai_error_type(status: int) -> str:
