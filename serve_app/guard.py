@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -71,13 +71,15 @@ class Guard:
 
     def __init__(self, app: Any, *, limits: RequestLimits, api_key: str | None = None,
                  open_paths: Sequence[str] = OPEN_PATHS, allowed_hosts: Sequence[str] = LOOPBACK_HOSTS,
-                 allowed_origins: Sequence[str] = (), require_json: bool = True) -> None:
+                 allowed_origins: Sequence[str] = (), require_json: bool = True,
+                 on_refusal: Callable[[str, int], None] | None = None) -> None:
         if api_key is not None and not api_key.strip():
             raise ValueError("api_key: an empty key would let every request in; leave it unset or set a real key")
         self.app, self.limits, self.api_key = app, limits, api_key
         self.open_paths, self.allowed_hosts = tuple(open_paths), tuple(allowed_hosts)
         self.allowed_origins = tuple(allowed_origins)
         self.require_json = require_json
+        self.on_refusal = on_refusal  # (protocol, status): e.g. the /metrics error counter
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -126,9 +128,10 @@ class Guard:
                 return b"".join(chunks), None
 
     async def _refuse(self, scope: dict[str, Any], send: Any, refusal: Violation) -> None:
-        status = refusal.status or 400
-        body = json.dumps(formats.error_body(formats.protocol_of(scope["path"]), refusal.message, status,
-                                             refusal.param)).encode()
+        status, protocol = refusal.status or 400, formats.protocol_of(scope["path"])
+        if self.on_refusal is not None:
+            self.on_refusal(protocol, status)
+        body = json.dumps(formats.error_body(protocol, refusal.message, status, refusal.param)).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         if status == 401:
             headers.append((b"www-authenticate", b'Bearer realm="greencode"'))

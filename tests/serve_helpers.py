@@ -1,8 +1,9 @@
 """Real GreenCode Serve apps on 127.0.0.1 for the serving tests, and what those tests share.
 
-The apps run on a local 2-CPU Ray and are called over real HTTP. Starting one costs 15-40 s on
-the shared 2-core machine, so test modules that declare the same ``SERVE_APP`` and run one after
-the other share one app (``shared_app``); it stops after the last of them.
+The apps run on a local 2-CPU Ray and are called over real HTTP. Starting Ray, Serve and an app
+costs 15-50 s on the shared 2-core machine, so test modules that declare a ``SERVE_APP`` and run
+one after the other share one Ray + Serve (``shared_app``), and those naming the same app share
+the app; everything stops after the last of them.
 
 Models, built in the replica (both real Hugging Face models with the real SmolLM2 tokenizer):
 
@@ -217,9 +218,23 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_app(cfg: dict[str, Any], loader: Callable[[Any], Any]) -> Iterator[str]:
-    """Serve the app built from ``cfg`` (a ServeConfig mapping) with ``loader``; yields its base URL."""
+def serve_instance() -> Iterator[str]:
+    """A local 2-CPU Ray with Serve's HTTP proxy on a free 127.0.0.1 port; yields the base URL."""
     import ray
+    from ray import serve
+
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def deploy(cfg: dict[str, Any], loader: Callable[[Any], Any]) -> None:
+    """Deploy the GreenCode app (a ServeConfig mapping + model loader) at /, replacing the one up."""
     import ray.cloudpickle
     from ray import serve
 
@@ -230,18 +245,10 @@ def running_app(cfg: dict[str, Any], loader: Callable[[Any], Any]) -> Iterator[s
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     ray.cloudpickle.register_pickle_by_value(conftest)
     config = validate(ServeConfig, {"num_cpus": 1, **cfg}, source="test serve config")
-    port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app_with_loader(config, loader), name="greencode", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    serve.run(build_app_with_loader(config, loader), name="greencode", route_prefix="/")
 
 
-_running: dict[str, Any] = {}  # name, url and exit stack of the app that is up
+_running: dict[str, Any] = {}  # url and exit stack of the Serve instance, name of the app deployed on it
 
 
 def _stop() -> None:
@@ -251,31 +258,33 @@ def _stop() -> None:
 
 
 def shared_app(request, name: str, cfg: Callable[[], dict[str, Any]], loader: Callable[[Any], Any]) -> Iterator[str]:
-    """Module fixture body: the app ``name`` (started with ``cfg()`` and ``loader`` unless already up).
+    """Module fixture body: the app ``name`` (deployed with ``cfg()`` and ``loader`` unless it is up).
 
-    At the module's end the app stays up only if the next module of this run declares the same
-    ``SERVE_APP`` and uses the ``server`` fixture; nothing else ever runs while it is up.
+    Ray and Serve stay up after the module only if the next module of this run declares a
+    ``SERVE_APP`` and uses the ``server`` fixture (nothing else runs while they are up); the app
+    is redeployed only when that module names another one.
     """
-    if _running.get("name") != name:
-        _stop()
+    if not _running:
         stack = ExitStack()
-        url = stack.enter_context(running_app(cfg(), loader))
-        _running.update(name=name, url=url, stack=stack)
+        _running.update(url=stack.enter_context(serve_instance()), stack=stack)
+    if _running.get("name") != name:
+        deploy(cfg(), loader)
+        _running["name"] = name
     try:
         yield _running["url"]
     finally:
-        if not _next_module_shares(request, name):
+        if not _next_module_serves(request):
             _stop()
 
 
-def _next_module_shares(request, name: str) -> bool:
+def _next_module_serves(request) -> bool:
     items = request.session.items
     mine = [i for i, item in enumerate(items) if item.module is request.module]
     later = items[mine[-1] + 1 :] if mine else []
     if not later:
         return False
     following = [item for item in later if item.module is later[0].module]
-    return getattr(later[0].module, "SERVE_APP", None) == name and any("server" in i.fixturenames for i in following)
+    return hasattr(later[0].module, "SERVE_APP") and any("server" in i.fixturenames for i in following)
 
 
 # --------------------------------------------------------------------------- protocols

@@ -80,8 +80,10 @@ def guarded(**kwargs) -> httpx.AsyncClient:
 
 
 def test_guard_refuses_in_the_client_shape_and_passes_the_body_on():
+    refused = []
+
     async def run():
-        async with guarded() as client:
+        async with guarded(on_refusal=lambda protocol, status: refused.append((protocol, status))) as client:
             ok = await client.post("/generate", content='{"inputs": "é"}'.encode(),
                                    headers={"content-type": "application/json"})
             plain = await client.post("/v1/completions", content=b"{}", headers={"content-type": "text/plain"})
@@ -103,6 +105,7 @@ def test_guard_refuses_in_the_client_shape_and_passes_the_body_on():
     assert rebound.status_code == 403 and set(rebound.json()) == {"error", "error_type"}
     assert page.status_code == 403 and set(page.json()) == {"error"}
     assert big.status_code == 413 and "2048" in big.json()["error"]
+    assert refused == [("openai", 415), ("tgi", 403), ("ollama", 403), ("tgi", 413)]
 
 
 # --------------------------------------------------------------------------- over HTTP
