@@ -28,7 +28,7 @@ import socket
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import conftest
@@ -189,7 +189,7 @@ def abuse_loader(cfg):
     return scripted_model(tokenizer, list(plan.scripts.values()), [plan.poison], plan.default)
 
 
-ABUSE_CONFIG = {"default_max_new_tokens": 8, "max_batch_size": 8, "batch_wait_timeout_s": 0.05}
+ABUSE_CONFIG = {"max_batch_size": 8, "batch_wait_timeout_s": 0.05}  # every request here names its max tokens
 
 
 def abuse_server(request) -> Iterator[str]:
@@ -327,7 +327,6 @@ class Protocol:
     prompt_field: str
     max_tokens_field: str
     knobs_key: str | None  # where sampling/gate knobs go (None = top level)
-    stream_flag: dict[str, Any] = field(default_factory=dict)
 
     def body(self, prompt: Any = PROMPT, max_new_tokens: int | None = 4, stream: bool = False,
              **knobs: Any) -> dict[str, Any]:

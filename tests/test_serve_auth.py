@@ -30,7 +30,7 @@ def policy_path(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def server(request, policy_path):
-    cfg = {"api_key": API_KEY, "policy_path": policy_path, "default_max_new_tokens": 4}
+    cfg = {"api_key": API_KEY, "policy_path": policy_path}
     yield from shared_app(request, SERVE_APP, lambda: cfg, tiny_loader)
 
 

@@ -114,10 +114,11 @@ def test_a_failed_row_does_not_fail_the_rest_of_its_batch(server, plan, sampling
             return await asyncio.gather(*(client.post("/generate", json=b) for b in bodies))
 
     *together, failed = asyncio.run(burst([*clean, poisoned]))
-    alone = [asyncio.run(burst([b]))[0] for b in clean]
     assert [r.status_code for r in together] == [200] * 5, [r.text[:200] for r in together]
     assert max(r.json()["greencode"]["batch_size"] for r in together) > 1
-    assert [r.json()["generated_text"] for r in together] == [r.json()["generated_text"] for r in alone]
+    assert all(r.json()["details"]["generated_tokens"] == 6 for r in together)
+    if not sampling:  # sampled rows draw from one generator per batch: their text depends on the batch
+        assert all(r.json()["generated_text"] == " x" * 6 for r in together)
     assert_error(failed, 424, protocol=TGI)
 
 
