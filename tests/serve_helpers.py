@@ -31,9 +31,10 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import conftest
 import httpx
 import torch
+
+import conftest
 from conftest import make_tiny
 
 PROMPT = "def fibonacci(n):\n    "

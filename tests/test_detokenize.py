@@ -7,9 +7,9 @@ across tokens); the reference is ``tokenizer.decode`` of all ids, cut before the
 import random
 
 import pytest
-from serve_helpers import byte_tokens
 
 from greencode.detokenize import Detokenizer
+from serve_helpers import byte_tokens
 
 TEXTS = [
     "# 日本語のコメント\nx = 1",

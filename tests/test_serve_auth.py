@@ -11,11 +11,11 @@ import socket
 
 import httpx
 import pytest
-from serve_helpers import PROMPT, PROTOCOL_IDS, PROTOCOLS, TGI, assert_error, save_policy, shared_app, tiny_loader
 
 from greencode.config import ConfigError, ServeConfig, validate
 from serve_app.guard import Guard
 from serve_app.limits import RequestLimits
+from serve_helpers import PROMPT, PROTOCOL_IDS, PROTOCOLS, TGI, assert_error, save_policy, shared_app, tiny_loader
 
 SERVE_APP = "keyed"
 API_KEY = "s3cret-key"

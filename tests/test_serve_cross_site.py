@@ -12,10 +12,10 @@ import json
 
 import httpx
 import pytest
-from serve_helpers import PROTOCOL_IDS, PROTOCOLS, TGI, abuse_server, assert_error
 
 from serve_app.guard import Guard, host_allowed, host_name, is_json_content_type, origin_allowed
 from serve_app.limits import RequestLimits
+from serve_helpers import PROTOCOL_IDS, PROTOCOLS, TGI, abuse_server, assert_error
 
 SERVE_APP = "abuse"
 PHASE2 = pytest.mark.xfail(strict=True, reason="issue 13 phase 2: the Guard middleware is not wired in yet")

@@ -9,9 +9,9 @@ import json
 
 import httpx
 import pytest
-from serve_helpers import OLLAMA, OPENAI, PROTOCOL_IDS, PROTOCOLS, TGI, abuse_server, assert_error, metric
 
 from serve_app.limits import RequestLimits, body_too_large, check_content_length, check_request, invalid_unicode
+from serve_helpers import OLLAMA, OPENAI, PROTOCOL_IDS, PROTOCOLS, TGI, abuse_server, assert_error, metric
 
 SERVE_APP = "abuse"
 LIMITS = RequestLimits()

@@ -12,9 +12,9 @@ import time
 
 import httpx
 import pytest
-from serve_helpers import PROMPT, PROTOCOLS, TGI, abuse_server, assert_error, metric
 
 from serve_app.admission import Admission, AdmissionLimits, Overloaded, TimedOut
+from serve_helpers import PROMPT, PROTOCOLS, TGI, abuse_server, assert_error, metric
 
 SERVE_APP = "abuse"
 PHASE2 = pytest.mark.xfail(strict=True, reason="issue 13 phase 2: admission and lanes not wired in yet")

@@ -11,6 +11,7 @@ import json
 
 import httpx
 import pytest
+
 from serve_helpers import PROMPT, PROTOCOL_IDS, PROTOCOLS, TGI, abuse_server, assert_error
 
 SERVE_APP = "abuse"

@@ -13,6 +13,7 @@ import asyncio
 
 import httpx
 import pytest
+
 from serve_helpers import (
     PROMPT,
     PROTOCOL_IDS,

@@ -9,6 +9,7 @@ wired into the generator); the controls must pass today.
 
 import httpx
 import pytest
+
 from serve_helpers import OLLAMA, PROTOCOL_IDS, PROTOCOLS, TGI, AbuseScripts, abuse_server
 
 SERVE_APP = "abuse"
