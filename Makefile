@@ -1,6 +1,6 @@
 # GreenCode: two commands on a fresh machine.
 #   make demo   set everything up, then run the main job on the embedded model
-#   make test   set everything up, then run the test suite
+#   make test   set everything up, lint, then run the test suite (fuzzing is `make fuzz`)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_DEDUP_LOGS ?= 0
 
-.PHONY: setup demo test test-fast bench fuzz clean
+.PHONY: setup demo lint test test-fast bench fuzz clean
 
 setup: $(STAMP)
 
@@ -32,14 +32,17 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/python -m workflows.pipeline --preset demo
 
-test: setup
-	$(BIN)/python -m pytest -q -rs
+lint: setup
+	$(BIN)/ruff check .
+
+test: lint
+	$(BIN)/python -m pytest -q -rs -m "not fuzz"
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not integration"
+	$(BIN)/python -m pytest -q -m "not integration and not fuzz"
 
 fuzz: setup
-	$(BIN)/python -m pytest tests/test_serve.py -k schemathesis -q
+	$(BIN)/python -m pytest -q -rs -m fuzz tests/test_serve.py
 
 bench: setup
 	$(BIN)/python benchmarks/gate_speed.py

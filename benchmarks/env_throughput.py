@@ -5,6 +5,7 @@ learning by the shares of RLlib's own timers) and projects the wall time of a 50
 ``500k * (1 / (15 runners * per-runner sampling rate) + learner seconds per step)``
 (PPO samples, then learns, so the two add up; the learner keeps one CPU).
 
+    .venv/bin/python -m workflows.extract --set num_samples=40 --set output_dir=runs/shards/train   # once
     .venv/bin/python benchmarks/env_throughput.py --shards-dir runs/shards/train
 """
 
@@ -18,7 +19,7 @@ import numpy as np
 
 from greencode.config import PolicyTrainConfig
 from greencode.env import ExitEnv
-from greencode.shards import list_shards
+from greencode.shards import ShardError, list_shards
 from workflows.train_policy import algo_config, plan_resources
 
 TARGET_STEPS = 500_000
@@ -72,6 +73,12 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=2)
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    try:
+        list_shards(args.shards_dir)
+    except ShardError:
+        raise SystemExit(f"no shards in {args.shards_dir}: run `.venv/bin/python -m workflows.extract --set "
+                         f"num_samples=40 --set output_dir={args.shards_dir}` first (embedded model, ~6 min on 2 cores)"
+                         ) from None
 
     import ray
 

@@ -72,8 +72,7 @@ def main() -> None:
     gen = GatedGenerator(lm)
     prompts = stdlib_prompts(args.prompts)
     if args.policy:
-        policy = ExitPolicy.load(args.policy, hidden_size=lm.hidden_size, exit_points=lm.exit_points,
-                                 model_fingerprint=lm.fingerprint)
+        policy = ExitPolicy.load_for(args.policy, lm)
     else:
         policy = ExitPolicy(lm.hidden_size, exit_points=lm.exit_points, model_fingerprint=lm.fingerprint)
     never = PolicyGate(policy, threshold=1.0)  # p > 1 never holds: asked at every exit point

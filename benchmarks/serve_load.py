@@ -63,7 +63,8 @@ async def load_level(url: str, prompts: list[str], gate: str, concurrency: int, 
         while queue:
             prompt = queue.pop()
             t0 = time.perf_counter()
-            r = await client.post("/generate", json={"inputs": prompt, "parameters": {"max_new_tokens": max_new, "gate": gate}})
+            body = {"inputs": prompt, "parameters": {"max_new_tokens": max_new, "gate": gate}}
+            r = await client.post("/generate", json=body)
             r.raise_for_status()
             latencies.append(time.perf_counter() - t0)
             answers.append(r.json())
@@ -106,10 +107,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
     from ray import serve
 
-    from serve_app.app import run
+    from workflows.serve import run
 
     lm = load_model(ModelConfig(name=args.model))
     files = load_corpus(DataConfig(corpus="stdlib")).split("test")
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     del lm
 
     url = f"http://127.0.0.1:{args.port}"
-    base = {"model": {"name": args.model}, "policy_path": str(policy_path), "default_threshold": args.threshold,
+    base = {"model": {"name": args.model}, "policy_path": str(policy_path), "gate": {"threshold": args.threshold},
             "num_cpus": args.num_cpus, "max_context_tokens": 1024, "max_ongoing_requests": 4 * max(args.concurrency)}
     cells: list[Cell] = []
     top = max(args.concurrency)
@@ -140,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
         serve.delete("greencode")
     serve.shutdown()
 
-    print(f"\nGreenCode serving load test: model {args.model} ({num_layers} layers), {policy_label}, T={args.threshold}, "
+    print(f"\nGreenCode serving load test: model {args.model} ({num_layers} layers), {policy_label}, "
+          f"T={args.threshold}, "
           f"{args.max_new_tokens} new tokens per request, prompts from the stdlib corpus, replica CPUs {args.num_cpus}")
     print(f"{'gate':<7} {'batch':>5} {'conc':>4} {'reqs':>4} {'p50 s':>7} {'p95 s':>7} {'tok/s':>7} {'layers':>6} "
           f"{'rows/batch':>10} {'energy J':>9}")

@@ -3,13 +3,14 @@
 One pydantic model per stage, all loaded from YAML and validated at the edge:
 unknown keys are rejected and every error names the offending field
 (``finetune.optim.lr: Input should be greater than 0``). Every number of
-METHOD.md lives here as a default, never as a constant in code.
+the method (docs/method.md) lives here as a default, never as a constant in code.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -31,7 +32,7 @@ class ModelConfig(_Strict):
 
     name: str = Field("embedded", description="'embedded', a Hugging Face id, a local HF dir, or a .gguf file")
     gguf_file: str | None = Field(None, description="GGUF file name inside a hub repo / dir")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights dtype")
     device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1' ...")
 
 
@@ -42,9 +43,9 @@ class ExitConfig(_Strict):
     """Exit points, counted as 'after layer k' with layers numbered 1..L (METHOD §1)."""
 
     exit_points: list[int] | None = Field(None, description="explicit 1-based layers; None applies the rule")
-    first_exit: int = Field(4, ge=1)
-    first_half_step: int = Field(2, ge=1)
-    second_half_step: int = Field(4, ge=1)
+    first_exit: int = Field(4, ge=1, description="rule: the first exit point")
+    first_half_step: int = Field(2, ge=1, description="rule: layers between exit points in the first half")
+    second_half_step: int = Field(4, ge=1, description="rule: layers between exit points in the second half")
 
 
 class LiteLossConfig(_Strict):
@@ -63,15 +64,20 @@ class LiteLossConfig(_Strict):
 GateMode = Literal["full", "fixed", "confidence", "policy"]
 
 
-class GateConfig(_Strict):
-    """How a token decides to leave the network (METHOD §5)."""
+class GateParams(_Strict):
+    """The numeric knobs of the gates (METHOD §5); each gate reads its own."""
 
-    mode: GateMode = "full"
     exit_layer: int | None = Field(None, ge=1, description="fixed gate: 1-based layer to exit after")
     confidence: float = Field(0.9, gt=0, le=1, description="confidence gate: exit when max prob >= c")
-    threshold: float = Field(0.9, ge=0, le=1, description="policy gate: exit when p[exit] > T")
+    threshold: float = Field(0.9, ge=0, le=1, description="policy gate: exit when p[exit] > T (higher = deeper)")
     temperature: float = Field(1.0, gt=0, description="policy gate: softmax temperature tau")
-    policy_path: str | None = None
+
+
+class GateConfig(GateParams):
+    """How a token decides to leave the network: a gate mode and its knobs."""
+
+    mode: GateMode = Field("full", description="full | fixed | confidence | policy")
+    policy_path: str | None = Field(None, description="policy gate: ExitPolicy file")
 
     @model_validator(mode="after")
     def _needs(self) -> GateConfig:
@@ -83,14 +89,25 @@ class GateConfig(_Strict):
 
 
 class GenerationConfig(_Strict):
-    max_new_tokens: int = Field(15, ge=1, le=4096)
-    temperature: float = Field(0.0, ge=0, description="0 = greedy")
-    top_p: float = Field(1.0, gt=0, le=1)
-    stop: list[str] = Field(default_factory=list)
-    seed: int | None = None
+    """Decoding of one completion: length, sampling, stop sequences, KV cache."""
+
+    max_new_tokens: int = Field(15, ge=1, le=4096, description="tokens to generate")
+    temperature: float = Field(0.0, ge=0, description="sampling temperature; 0 = greedy")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: the smallest token set with this mass")
+    stop: list[str] = Field(default_factory=list, description="stop sequences (cut from the text)")
+    seed: int | None = Field(None, description="sampling seed; None = not reproducible")
     kv_mode: Literal["propagate", "none"] = Field(
         "propagate", description="'propagate' fills skipped layers' K/V from the exited state; 'none' = no cache"
     )
+
+
+class GenerateConfig(_Strict):
+    """`greencode generate`: one model, one gate, one decoding setting."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the model to generate with")
+    exits: ExitConfig = Field(default_factory=ExitConfig, description="exit points of the model")
+    gate: GateConfig = Field(default_factory=GateConfig, description="the gate every generated token uses")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig, description="decoding settings")
 
 
 # --------------------------------------------------------------------------- data
@@ -102,71 +119,77 @@ class DataConfig(_Strict):
     corpus: str = Field("stdlib", description="stdlib | dir:PATH | zip:PATH | codexglue:FILE.jsonl | hf:NAME")
     lang: Literal["python", "java"] | None = Field(None, description="None = from the file extension")
     glob: str | None = Field(None, description="file pattern inside dir:/zip: corpora, e.g. '**/*.py'")
-    seed: int = 0
-    val_fraction: float = Field(0.05, ge=0, lt=1)
-    test_fraction: float = Field(0.05, ge=0, lt=1)
-    max_files: int | None = Field(None, ge=1)
-    context_fraction: float = Field(0.2, gt=0, lt=1)
-    context_cap: int = Field(512, ge=1)
-    target_tokens: int = Field(15, ge=1)
-    min_file_tokens: int = Field(64, ge=1)
+    seed: int = Field(0, description="seed of the file split, file sampling and sample order")
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="share of files held out for validation")
+    test_fraction: float = Field(0.05, ge=0, lt=1, description="share of files held out for testing")
+    max_files: int | None = Field(None, ge=1, description="read at most this many files (a seeded sample)")
+    context_fraction: float = Field(0.2, gt=0, lt=1, description="line completion: share of a file given as context")
+    context_cap: int = Field(512, ge=1, description="at most this many context tokens (the last ones)")
+    target_tokens: int = Field(15, ge=1, description="line completion: reference tokens after the context")
+    min_file_tokens: int = Field(64, ge=1, description="files shorter than this are not sampled")
 
 
 # --------------------------------------------------------------------------- fine-tuning
 
 
 class OptimConfig(_Strict):
-    lr: float = Field(1e-5, gt=0)
-    betas: tuple[float, float] = (0.9, 0.99)
-    weight_decay: float = Field(0.01, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
-    schedule: Literal["constant", "linear"] = "constant"
+    """AdamW and its schedule (METHOD §2 reference settings)."""
+
+    lr: float = Field(1e-5, gt=0, description="AdamW learning rate")
+    betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not on norms and biases)")
+    grad_clip: float = Field(1.0, gt=0, description="gradient-norm clip")
+    schedule: Literal["constant", "linear"] = Field("constant", description="constant, or linear decay to 0")
 
 
 class FinetuneConfig(_Strict):
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    exits: ExitConfig = Field(default_factory=ExitConfig)
-    loss: LiteLossConfig = Field(default_factory=LiteLossConfig)
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    seq_len: int = Field(256, ge=8)
-    pack: bool = True
-    batch_size: int = Field(4, ge=1)
-    grad_accum: int = Field(32, ge=1)
+    """LITE fine-tuning on Ray Train."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the model to fine-tune")
+    data: DataConfig = Field(default_factory=DataConfig, description="the corpus (train / validation splits)")
+    exits: ExitConfig = Field(default_factory=ExitConfig, description="exit points trained by the LITE loss")
+    loss: LiteLossConfig = Field(default_factory=LiteLossConfig, description="LITE loss weights")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="optimizer and schedule")
+    seq_len: int = Field(256, ge=8, description="tokens per training block")
+    pack: bool = Field(True, description="pack files into full blocks (else one padded block per file)")
+    batch_size: int = Field(4, ge=1, description="blocks per micro-batch and worker")
+    grad_accum: int = Field(32, ge=1, description="micro-batches per optimizer step")
     max_steps: int = Field(2000, ge=1, description="optimizer steps")
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    num_workers: int = Field(1, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(0.5, gt=0)
-    strategy: Literal["ddp", "fsdp"] = "ddp"
-    report_every: int = Field(10, ge=1)
-    checkpoint_every: int = Field(100, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    max_failures: int = Field(0, ge=0, description="restarts of the worker group from its last checkpoint after a crash")
-    val_every: int = Field(100, ge=1)
-    val_batches: int = Field(8, ge=1)
-    storage_path: str = "runs/finetune"
-    run_name: str = "lite"
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp16 needs GPU workers")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks)")
+    use_gpu: bool = Field(False, description="one GPU per worker")
+    cpus_per_worker: float = Field(0.5, gt=0, description="CPUs reserved per worker")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="data parallelism; fsdp needs GPU workers")
+    report_every: int = Field(10, ge=1, description="optimizer steps between metric reports")
+    checkpoint_every: int = Field(100, ge=1, description="optimizer steps between checkpoints")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept in the run dir")
+    max_failures: int = Field(0, ge=0, description="restarts of the workers from their last checkpoint after a crash")
+    val_every: int = Field(100, ge=1, description="optimizer steps between validations")
+    val_batches: int = Field(8, ge=1, description="validation batches (of batch_size blocks)")
+    storage_path: str = Field("runs/finetune", description="Ray Train storage (local path or s3://...)")
+    run_name: str = Field("lite", description="run dir name under storage_path; a rerun resumes it")
     output_dir: str | None = Field(None, description="where the final HF model dir is written")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the model init and the data order")
 
 
 # --------------------------------------------------------------------------- shards + env + PPO
 
 
 class ExtractConfig(_Strict):
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    exits: ExitConfig = Field(default_factory=ExitConfig)
-    num_samples: int = Field(200, ge=1)
-    split: Literal["train", "validation", "test"] = "train"
-    min_context_fraction: float = Field(0.2, gt=0, lt=1)
-    max_context_fraction: float = Field(0.6, gt=0, lt=1)
+    """Hidden-state shards for the exit environment (METHOD §3)."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the (fine-tuned) model to replay")
+    data: DataConfig = Field(default_factory=DataConfig, description="the corpus samples are cut from")
+    exits: ExitConfig = Field(default_factory=ExitConfig, description="exit points the shards observe")
+    num_samples: int = Field(200, ge=1, description="episodes (samples) to extract")
+    split: Literal["train", "validation", "test"] = Field("train", description="corpus split the samples come from")
+    min_context_fraction: float = Field(0.2, gt=0, lt=1, description="lowest context cut (share of a file)")
+    max_context_fraction: float = Field(0.6, gt=0, lt=1, description="highest context cut (share of a file)")
     tokens_per_sample: int = Field(15, ge=1, description="T tokens generated greedily per sample")
-    hidden_dtype: Literal["float16", "float32"] = "float16"
-    samples_per_shard: int = Field(50, ge=1)
-    output_dir: str = "runs/shards"
-    num_workers: int = Field(1, ge=1)
+    hidden_dtype: Literal["float16", "float32"] = Field("float16", description="storage dtype of the hidden states")
+    samples_per_shard: int = Field(50, ge=1, description="samples per Parquet shard")
+    output_dir: str = Field("runs/shards", description="shard directory (resumable)")
+    num_workers: int = Field(1, ge=1, description="model actors of the Ray Data pool")
 
     @model_validator(mode="after")
     def _range(self) -> ExtractConfig:
@@ -190,65 +213,76 @@ class RewardConfig(_Strict):
         return self
 
 
-class PPOConfig(_Strict):
-    hidden_sizes: list[int] = Field(default_factory=lambda: [64, 64])
-    activation: Literal["tanh", "relu"] = "tanh"
-    total_env_steps: int = Field(500_000, ge=1)
-    lr: float = Field(5e-5, gt=0)
-    lr_decay: bool = True
-    train_batch_size: int = Field(4096, ge=1)
-    minibatch_size: int = Field(512, ge=1)
-    num_epochs: int = Field(6, ge=1)
-    discount: float = Field(0.99, gt=0, le=1)
-    num_env_runners: int = Field(2, ge=0)
-    envs_per_env_runner: int = Field(4, ge=1)
-    cpus_per_env_runner: float = Field(0.5, gt=0)
+class PolicyPPOConfig(_Strict):
+    """The exit policy's network and its PPO run (METHOD §4)."""
+
+    hidden_sizes: list[int] = Field(default_factory=lambda: [64, 64], description="hidden layers of the policy MLP")
+    activation: Literal["tanh", "relu"] = Field("tanh", description="activation between the MLP layers")
+    total_env_steps: int = Field(500_000, ge=1, description="environment steps to train for")
+    lr: float = Field(5e-5, gt=0, description="learning rate")
+    lr_decay: bool = Field(True, description="decay the lr linearly (to 1e-3 of it) over total_env_steps")
+    train_batch_size: int = Field(4096, ge=1, description="environment steps per PPO iteration")
+    minibatch_size: int = Field(512, ge=1, description="SGD minibatch")
+    num_epochs: int = Field(6, ge=1, description="passes over each train batch")
+    discount: float = Field(0.99, gt=0, le=1, description="discount gamma of the returns")
+    num_env_runners: int = Field(2, ge=0, description="Ray actors sampling episodes (0 = in the learner process)")
+    envs_per_env_runner: int = Field(4, ge=1, description="ExitEnvs per env runner")
+    cpus_per_env_runner: float = Field(0.5, gt=0, description="CPUs per env runner (capped to fit the cluster)")
     normalize_observations: bool = Field(
-        True, description="standardise hidden states per dimension with train-shard statistics; folded into the exported policy"
+        True, description="standardise hidden states per dimension with train-shard statistics "
+                          "(folded into the exported policy)"
     )
 
 
 class PolicyTrainConfig(_Strict):
-    shards_dir: str = "runs/shards"
-    eval_shards_dir: str | None = None
+    """`greencode train-policy`: PPO over replayed shards, exported as an ExitPolicy file."""
+
+    shards_dir: str = Field("runs/shards", description="training shards (greencode extract)")
+    eval_shards_dir: str | None = Field(None, description="held-out shards the exported policy is scored on")
     eval_thresholds: list[Annotated[float, Field(ge=0, lt=1)]] = Field(
         default_factory=lambda: [0.5, 0.8, 0.9], min_length=1,
         description="held-out scoring: exit when p[exit] > T; the first is the headline",
     )
-    reward: RewardConfig = Field(default_factory=RewardConfig)
-    ppo: PPOConfig = Field(default_factory=PPOConfig)
-    output_path: str = "runs/policy/exit_policy.pt"
-    storage_path: str = "runs/rllib"
-    seed: int = 0
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="reward coefficients")
+    ppo: PolicyPPOConfig = Field(default_factory=PolicyPPOConfig, description="network and PPO settings")
+    output_path: str = Field("runs/policy/exit_policy.pt", description="the exported policy file")
+    storage_path: str = Field("runs/rllib", description="RLlib checkpoints (resumed by a rerun)")
+    seed: int = Field(0, description="RLlib seed")
 
 
 class SweepConfig(_Strict):
-    base: PolicyTrainConfig = Field(default_factory=PolicyTrainConfig)
-    alpha: list[float] = Field(default_factory=lambda: [0.1, 0.25, 0.5])
-    beta: list[float] = Field(default_factory=lambda: [0.5, 1.0])
-    gamma: list[float] = Field(default_factory=lambda: [0.5, 1.0])
-    num_samples: int = Field(1, ge=1)
-    max_concurrent: int | None = Field(None, ge=1)
-    storage_path: str = "runs/sweep"
-    name: str = "reward_sweep"
+    """`greencode sweep`: Ray Tune over the reward coefficients."""
+
+    base: PolicyTrainConfig = Field(default_factory=PolicyTrainConfig, description="every trial's settings")
+    alpha: list[float] = Field(default_factory=lambda: [0.1, 0.25, 0.5], description="alpha values of the grid")
+    beta: list[float] = Field(default_factory=lambda: [0.5, 1.0], description="beta values of the grid")
+    gamma: list[float] = Field(default_factory=lambda: [0.5, 1.0], description="gamma values of the grid")
+    num_samples: int = Field(1, ge=1, description="repeats of every grid point")
+    max_concurrent: int | None = Field(None, ge=1, description="trials at a time; None = as many as the CPUs fit")
+    storage_path: str = Field("runs/sweep", description="Tune's storage")
+    name: str = Field("reward_sweep", description="the sweep's dir under storage_path")
 
 
 # --------------------------------------------------------------------------- evaluation
 
 
 class EvalConfig(_Strict):
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    """`greencode eval`: every baseline and gate setting on held-out line completions (METHOD §6)."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the (fine-tuned) model")
     base_model: ModelConfig | None = Field(None, description="the not-fine-tuned model for the base row")
-    data: DataConfig = Field(default_factory=DataConfig)
-    exits: ExitConfig = Field(default_factory=ExitConfig)
-    generation: GenerationConfig = Field(default_factory=GenerationConfig)
-    policy_path: str | None = None
-    gates: list[GateMode] = Field(default_factory=lambda: ["full", "fixed", "confidence", "policy"])
-    confidences: list[float] = Field(default_factory=lambda: [0.5, 0.7, 0.9])
-    thresholds: list[float] = Field(default_factory=lambda: [0.6, 0.8, 0.9, 0.91, 0.92])
-    context_fractions: list[float] = Field(default_factory=lambda: [0.2])
-    num_samples: int = Field(1000, ge=1)
-    output_dir: str = "reports/eval"
+    data: DataConfig = Field(default_factory=DataConfig, description="corpus and line-completion samples")
+    exits: ExitConfig = Field(default_factory=ExitConfig, description="exit points (fixed rows, gates)")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig, description="decoding of every row")
+    policy_path: str | None = Field(None, description="ExitPolicy file; without it the policy rows are absent")
+    gates: list[GateMode] = Field(default_factory=lambda: ["full", "fixed", "confidence", "policy"],
+                                  description="gate families to evaluate")
+    confidences: list[float] = Field(default_factory=lambda: [0.5, 0.7, 0.9], description="c of the confidence rows")
+    thresholds: list[float] = Field(default_factory=lambda: [0.6, 0.8, 0.9, 0.91, 0.92],
+                                    description="T of the policy rows")
+    context_fractions: list[float] = Field(default_factory=lambda: [0.2], description="context shares, one table each")
+    num_samples: int = Field(1000, ge=1, description="completions per setting and context fraction")
+    output_dir: str = Field("reports/eval", description="report directory (resumable)")
     quality_margin: float = Field(0.05, ge=0, description="stated tolerance on ROUGE-L vs full")
     batch_size: int = Field(8, ge=1, description="prompts generated together (left-padded)")
     num_workers: int | None = Field(None, ge=1, description="Ray actors; None = one per CPU (or GPU) of the cluster")
@@ -257,24 +291,29 @@ class EvalConfig(_Strict):
 # --------------------------------------------------------------------------- serving
 
 
+def _serve_generation() -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=60)
+
+
 class ServeConfig(_Strict):
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    policy_path: str | None = None
-    exits: ExitConfig = Field(default_factory=ExitConfig)
-    default_gate: GateMode = "policy"
-    default_threshold: float = Field(0.9, ge=0, le=1)
-    default_max_new_tokens: int = Field(60, ge=1)
-    max_context_tokens: int = Field(2048, ge=1)
-    max_batch_size: int = Field(8, ge=1)
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
-    num_replicas: int = Field(1, ge=1)
-    num_cpus: float = Field(1.0, gt=0)
-    num_gpus: float = Field(0.0, ge=0)
-    api_key: str | None = None
-    torch_threads: int | None = Field(None, ge=1)
-    default_gate_temperature: float = Field(1.0, gt=0, description="policy gate tau when a request sets none")
-    default_confidence: float = Field(0.9, gt=0, le=1, description="confidence gate c when a request sets none")
-    kv_mode: Literal["propagate", "none"] = "propagate"
+    """`greencode serve` / `serve run serve_app/config.yaml`: the deployment and per-request defaults."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the model every replica loads")
+    exits: ExitConfig = Field(default_factory=ExitConfig, description="exit points of the model")
+    policy_path: str | None = Field(None, description="ExitPolicy file; without one the 'policy' gate is refused")
+    default_gate: GateMode = Field("policy", description="gate of requests that name none ('full' without a policy)")
+    gate: GateParams = Field(default_factory=GateParams, description="gate knobs of requests that set none")
+    generation: GenerationConfig = Field(
+        default_factory=_serve_generation, description="decoding defaults of requests (max_new_tokens 60) and kv_mode"
+    )
+    max_context_tokens: int = Field(2048, ge=1, description="prompt + new tokens, capped by the model's positions")
+    max_batch_size: int = Field(8, ge=1, description="requests generated together (Serve batching)")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill")
+    num_replicas: int = Field(1, ge=1, description="Serve replicas")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per replica")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica, e.g. 1 or 0.5")
+    api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' on every route but /health")
+    torch_threads: int | None = Field(None, ge=1, description="torch threads per replica; None = num_cpus")
     max_ongoing_requests: int = Field(32, ge=1, description="per replica; must exceed max_batch_size for batching")
 
 
@@ -288,17 +327,18 @@ class PipelineConfig(_Strict):
     """Every stage end to end. ``model``/``data``/``exits`` and all artifact paths are shared:
     the pipeline writes them into the stage sections, so those keys are ignored there."""
 
-    run_dir: str = "runs/pipeline"
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    exits: ExitConfig = Field(default_factory=ExitConfig)
-    stages: list[PipelineStage] = Field(default_factory=lambda: ["finetune", "extract", "train_policy", "evaluate"])
-    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
-    extract: ExtractConfig = Field(default_factory=ExtractConfig)
+    run_dir: str = Field("runs/pipeline", description="every artifact and the manifest go under it")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the base model")
+    data: DataConfig = Field(default_factory=DataConfig, description="the corpus of every stage")
+    exits: ExitConfig = Field(default_factory=ExitConfig, description="exit points of every stage")
+    stages: list[PipelineStage] = Field(default_factory=lambda: ["finetune", "extract", "train_policy", "evaluate"],
+                                        description="stages to run, in pipeline order")
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="the fine-tuning stage")
+    extract: ExtractConfig = Field(default_factory=ExtractConfig, description="the training-shard extraction stage")
     heldout_samples: int = Field(50, ge=1, description="samples extracted from the validation split to score policies")
-    policy: PolicyTrainConfig = Field(default_factory=PolicyTrainConfig)
-    sweep: SweepConfig = Field(default_factory=SweepConfig)
-    evaluate: EvalConfig = Field(default_factory=EvalConfig)
+    policy: PolicyTrainConfig = Field(default_factory=PolicyTrainConfig, description="the policy stage")
+    sweep: SweepConfig = Field(default_factory=SweepConfig, description="the sweep stage (instead of train_policy)")
+    evaluate: EvalConfig = Field(default_factory=EvalConfig, description="the evaluation stage")
 
     @model_validator(mode="after")
     def _order(self) -> PipelineConfig:
@@ -346,18 +386,41 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(cls: type[C], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> C:
-    """Load ``cls`` from a YAML file (optional) with dotted-key overrides (``optim.lr=1e-4``)."""
-    data = load_yaml(path) if path else {}
+def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``, mapping by mapping (a list or scalar in ``top`` replaces the value)."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """``data['optim']['lr'] = value`` for ``dotted='optim.lr'``, creating mappings on the way."""
+    node = data
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {p} is not a mapping")
+    node[leaf] = value
+
+
+def load_config(cls: type[C], paths: str | Path | Sequence[str | Path] | None = None,
+                overrides: dict[str, Any] | None = None) -> C:
+    """The one way to build a config: YAML files merged in order (a preset first), then dotted overrides.
+
+    ``paths`` may be one file or several; ``overrides`` maps ``optim.lr``-style keys to values.
+    """
+    if paths is None:
+        paths = []
+    elif isinstance(paths, (str, Path)):
+        paths = [paths]
+    data: dict[str, Any] = {}
+    for path in paths:
+        data = merge(data, load_yaml(path))
     for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {dotted}: {p} is not a mapping")
-        node[leaf] = value
-    return validate(cls, data, source=str(path) if path else "")
+        set_dotted(data, dotted, value)
+    return validate(cls, data, source=", ".join(str(p) for p in paths))
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
@@ -373,3 +436,29 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
 
 def dump_yaml(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def field_info(cls: type[BaseModel], dotted: str) -> tuple[str | None, Any]:
+    """(description, default) of a nested field such as ``model.name``, read from the defaults of ``cls``.
+
+    Command-line help is built from these, so no default is ever restated next to a flag.
+    """
+    node: BaseModel = cls()
+    absent = False  # inside an optional section that is None by default (EvalConfig.base_model)
+    *parents, leaf = dotted.split(".")
+    for name in parents:
+        info = _field(node, name, dotted)
+        child = getattr(node, name)
+        if child is None:
+            absent = True
+            child = next(t for t in get_args(info.annotation) if isinstance(t, type) and issubclass(t, BaseModel))()
+        node = child
+    info = _field(node, leaf, dotted)
+    return info.description, None if absent else getattr(node, leaf)
+
+
+def _field(node: BaseModel, name: str, dotted: str) -> Any:
+    fields = type(node).model_fields
+    if name not in fields:
+        raise KeyError(f"{type(node).__name__} has no field {name!r} (in {dotted!r})")
+    return fields[name]

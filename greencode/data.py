@@ -1,4 +1,4 @@
-"""Code corpora -> files, completion samples and training blocks (METHOD §3 and §6).
+"""Code corpora -> files and completion samples (METHOD §3 and §6).
 
 A corpus is a list of :class:`SourceFile` read from one source spec:
 
@@ -23,12 +23,13 @@ import random
 import re
 import sysconfig
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from greencode.config import DataConfig
+from greencode.tokens import encode
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +247,8 @@ def _space_between(prev: str, tok: str) -> bool:
     if tok in _NO_SPACE_BEFORE or prev in _NO_SPACE_AFTER:
         return False
     if tok in ("(", "["):  # a call or index sticks to its callee: f(x), a[i], g()(y)
-        return not (prev in (")", "]") or (prev[-1:].isalnum() or prev[-1:] == "_") and prev not in _KEYWORDS_BEFORE_PAREN)
+        callee = (prev[-1:].isalnum() or prev[-1:] == "_") and prev not in _KEYWORDS_BEFORE_PAREN
+        return not (prev in (")", "]") or callee)
     return True
 
 
@@ -381,11 +383,6 @@ class CompletionSample:
     target_text: str
 
 
-def encode(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of raw file text, without BOS/EOS (a file is data, not a chat turn)."""
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def _sample(tokenizer: Any, sample_id: str, src: SourceFile, ids: list[int], cut: int, context_cap: int,
             target_tokens: int) -> CompletionSample:
     context, target = ids[:cut][-context_cap:], ids[cut : cut + target_tokens]
@@ -448,23 +445,3 @@ def random_cut_samples(files: Sequence[SourceFile], tokenizer: Any, num_samples:
         samples.append(_sample(tokenizer, f"{len(samples)}:{src.path}@{cut}", src, ids, cut, context_cap,
                                RANDOM_CUT_TARGET))
     return samples
-
-
-def token_blocks(files: Iterable[SourceFile], tokenizer: Any, seq_len: int, *, pack: bool = True) -> Iterator[list[int]]:
-    """Fine-tuning input. ``pack``: files joined with EOS, cut into blocks of exactly ``seq_len``
-    (the incomplete tail is dropped). Otherwise one block per file (its tokens + EOS,
-    truncated to ``seq_len``; shorter blocks are padded by the caller)."""
-    if seq_len < 1:
-        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-    eos = tokenizer.eos_token_id
-    tail = [eos] if eos is not None else []
-    buffer: list[int] = []
-    for src in files:
-        ids = encode(tokenizer, src.text) + tail
-        if not pack:
-            yield ids[:seq_len]
-            continue
-        buffer.extend(ids)
-        while len(buffer) >= seq_len:
-            yield buffer[:seq_len]
-            buffer = buffer[seq_len:]

@@ -31,10 +31,11 @@ class Measurement:
     energy_j: float | None = None
 
 
-class _RaplReader:
+class RaplReader:
     """Package-level RAPL energy counters (microjoules, wrapping at max_energy_range_uj)."""
 
-    def __init__(self, root: Path = RAPL_ROOT) -> None:
+    def __init__(self, root: Path | None = None) -> None:
+        root = RAPL_ROOT if root is None else root  # read at call time, so tests can point it at a fake tree
         self.zones = []
         for zone in sorted(root.glob("intel-rapl:*")) if root.is_dir() else []:
             if zone.name.count(":") != 1:  # package zones only; sub-zones are inside them
@@ -68,7 +69,7 @@ class EnergyMeter:
             self._zeus = self._make_zeus(self.device.index or 0)
             self.source = "zeus" if self._zeus else None
         else:
-            rapl = _RaplReader()
+            rapl = RaplReader()
             if rapl.zones:
                 self._rapl, self.source = rapl, "rapl"
         if self.source is None:

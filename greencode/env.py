@@ -31,14 +31,14 @@ Run it::
     obs, info = env.reset(seed=0)
 
 Always-continue gets +1 per step up to the optimum and penalties after it; a policy that exits at
-the optimum of every token earns ``(o + 1)`` per token, the episode's maximum.
+the optimum of every token earns ``(o + 1)`` per token, the episode's maximum. Scoring a trained
+policy on held-out shards is greencode.scoring's job.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -46,11 +46,10 @@ import gymnasium as gym
 import numpy as np
 
 from greencode.config import RewardConfig, validate
+from greencode.policy import CONTINUE, EXIT
 from greencode.shards import ShardData, list_shards, load_shards
 
 log = logging.getLogger(__name__)
-
-CONTINUE, EXIT = 0, 1
 
 
 def step_reward(action: int, current: int, optimal: int, correct: bool, num_exits: int, reward: RewardConfig) -> float:
@@ -136,7 +135,8 @@ class ExitEnv(gym.Env):
         self._seed = config.get("seed")
         self._row = self._stop = self._exit = 0
         self._stats: list[tuple[bool, int, int]] = []
-        log.debug("ExitEnv worker %d/%d: %d shards, %d episodes", worker_index, num_workers, len(self.shard_paths), len(self.episodes))
+        log.debug("ExitEnv worker %d/%d: %d shards, %d episodes", worker_index, num_workers, len(self.shard_paths),
+                  len(self.episodes))
 
     def _obs(self, row: int | None = None, exit_index: int | None = None) -> np.ndarray:
         hidden = self.data.hidden[self._row if row is None else row, self._exit if exit_index is None else exit_index]
@@ -186,60 +186,3 @@ class ExitEnv(gym.Env):
             "mean_exit_layer": float(self.layers[exited].mean()),
             "mean_optimal_layer": float(self.layers[optimal].mean()),
         }
-
-
-# --------------------------------------------------------------------------- held-out evaluation
-
-
-@dataclass
-class ExitScore:
-    """How a gate did on held-out tokens, next to fixed exits of the same mean depth."""
-
-    exit_accuracy: float
-    mean_exit_layer: float
-    mean_optimal_layer: float
-    fixed_same_depth_accuracy: float  # fixed exits at the two neighbouring points, mixed to the same mean depth
-    fixed_deeper_accuracy: float  # the single fixed exit point at or just deeper than the mean depth
-    fixed_deeper_layer: int
-    num_tokens: int
-
-    @property
-    def advantage(self) -> float:
-        return self.exit_accuracy - self.fixed_same_depth_accuracy
-
-    def to_dict(self) -> dict[str, float]:
-        return {**self.__dict__, "advantage_vs_fixed": self.advantage}
-
-
-def fixed_exit_accuracy(data: ShardData) -> np.ndarray:
-    """Accuracy of always exiting at each exit index (the final layer, last, is 1 by definition)."""
-    per_exit = (data.exit_predictions == data.final_token[:, None]).mean(axis=0)
-    return np.concatenate([per_exit, [1.0]])
-
-
-def score_exits(data: ShardData, exit_logits: Callable[[np.ndarray], np.ndarray], threshold: float = 0.5) -> ExitScore:
-    """Replay every held-out token through a gate: ``exit_logits([N, H]) -> [N, 2]`` action logits.
-
-    A token exits at the first exit point where softmax(logits)[exit] > threshold, else at the final layer.
-    """
-    n, hidden = data.meta.num_exits, data.meta.hidden_size
-    logits = exit_logits(data.hidden.reshape(-1, hidden).astype(np.float32)).reshape(len(data), n, 2)
-    logits = logits - logits.max(axis=-1, keepdims=True)
-    p_exit = np.exp(logits[..., EXIT]) / np.exp(logits).sum(axis=-1)
-    leave = p_exit > threshold
-    exited = np.where(leave.any(axis=1), leave.argmax(axis=1), n)
-    layers = data.exit_layers()
-    predictions = np.concatenate([data.exit_predictions, data.final_token[:, None]], axis=1)
-    correct = predictions[np.arange(len(data)), exited] == data.final_token
-    mean_layer = float(layers[exited].mean())
-    curve = fixed_exit_accuracy(data)
-    deeper = int(np.searchsorted(layers, mean_layer, side="left"))
-    return ExitScore(
-        exit_accuracy=float(correct.mean()),
-        mean_exit_layer=mean_layer,
-        mean_optimal_layer=float(layers[data.optimal_exit].mean()),
-        fixed_same_depth_accuracy=float(np.interp(mean_layer, layers, curve)),
-        fixed_deeper_accuracy=float(curve[deeper]),
-        fixed_deeper_layer=int(layers[deeper]),
-        num_tokens=len(data),
-    )

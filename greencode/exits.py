@@ -1,4 +1,4 @@
-"""Exit points and LITE loss weights (METHOD.md §1–2).
+"""Exit points and LITE loss weights (METHOD §1–2, docs/method.md).
 
 Convention used everywhere in GreenCode: layers are numbered 1..L and exit point
 ``k`` means "the output of the k-th decoder block" (so ``k`` layers have run).
@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from greencode.config import ExitConfig, LiteLossConfig
 
 
-def default_exit_points(num_layers: int, first_exit: int = 4, first_half_step: int = 2, second_half_step: int = 4) -> list[int]:
+def default_exit_points(num_layers: int, first_exit: int = 4, first_half_step: int = 2,
+                        second_half_step: int = 4) -> list[int]:
     """The published rule: from ``first_exit`` every 2 layers in the first half, every 4 after.
 
     28 layers -> [4, 6, 8, 10, 12, 14, 18, 22, 26] (9); 32 layers -> 10 points.
@@ -48,7 +49,8 @@ def validate_exit_points(points: Sequence[int], num_layers: int) -> list[int]:
         raise ValueError(f"exit_points must be strictly increasing, got {pts}")
     if pts[0] < 1 or pts[-1] >= num_layers:
         raise ValueError(
-            f"exit_points must lie in 1..{num_layers - 1} (1-based; the final layer {num_layers} is implicit), got {pts}"
+            f"exit_points must lie in 1..{num_layers - 1} (1-based; the final layer {num_layers} is implicit), "
+            f"got {pts}"
         )
     return pts
 

@@ -12,6 +12,11 @@ sequence each step (what the published numbers used).
 In a batch every row exits on its own: rows that already left keep their hidden
 state frozen while the others continue, and the layer they no longer need only
 writes their propagated K/V.
+
+The contract other decoders build on (see :meth:`GatedGenerator.stream`):
+:meth:`~GatedGenerator.prefill` is the prompt pass, :meth:`~GatedGenerator.step` one
+forward of new tokens with per-row exits, and ``stream`` yields the tokens of every
+step and, last, :class:`Finished` with the results.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from greencode.config import GenerationConfig
 from greencode.energy import EnergyMeter
 from greencode.gates import FullGate, Gate
 from greencode.modeling import EarlyExitModel
+from greencode.tokens import encode
 
 
 @dataclass
@@ -81,6 +87,23 @@ class StepOutput:
     exit_layers: torch.Tensor  # [B] 1-based layer each row left at
     gate_time_s: float
     exit_states: torch.Tensor | None = None  # [B, n_exits, H] at the last position, if collected
+
+
+@dataclass
+class Prefill:
+    """The prompt pass of a batch: what decoding continues from."""
+
+    input_ids: torch.Tensor  # [B, W] prompts, left-padded to the longest
+    attention_mask: torch.Tensor  # [B, W] 0 on padding
+    cache: Any  # transformers DynamicCache holding every layer's K/V of the prompts; None without a cache
+    output: StepOutput  # the last position through all layers (FullGate): the first token's logits
+
+
+@dataclass
+class Finished:
+    """The last item of :meth:`GatedGenerator.stream`: one result per prompt, in prompt order."""
+
+    results: list[GenerationResult]
 
 
 class GatedGenerator:
@@ -175,8 +198,9 @@ class GatedGenerator:
     # ------------------------------------------------------------------ generation loop
 
     def encode(self, prompts: Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
+        """Token ids of every prompt (text goes through :func:`greencode.tokens.encode`: no BOS/EOS added)."""
         if prompts and isinstance(prompts[0], str):
-            return [self.lm.tokenizer(p)["input_ids"] for p in prompts]
+            return [encode(self.lm.tokenizer, p) for p in prompts]
         return [list(p) for p in prompts]
 
     def _pick(self, logits: torch.Tensor, cfg: GenerationConfig, rng: torch.Generator | None) -> torch.Tensor:
@@ -209,27 +233,18 @@ class GatedGenerator:
         return TokenEvent(index, token, delta, layers, row.finish_reason)
 
     @torch.no_grad()
-    def stream(
-        self,
-        prompts: Sequence[str] | Sequence[Sequence[int]],
-        gate: Gate,
-        cfg: GenerationConfig | None = None,
-        results: list[GenerationResult] | None = None,
-        collect_exit_states: bool = False,
-    ) -> Iterator[list[TokenEvent]]:
-        """Yield the tokens of each step; when exhausted, ``results`` (if given) holds one result per prompt.
+    def prefill(self, encoded: list[list[int]], collect_exit_states: bool, use_cache: bool = True) -> Prefill:
+        """The prompt pass: left-pad ``encoded`` and run it through every layer (METHOD §5: no gate).
 
-        ``collect_exit_states`` records, for every generated token, the hidden state at each
-        exit point of the position that predicted it (what the exit environment observes).
+        Called once per :meth:`stream`; override it to reuse prompt work (the evaluator replays the
+        last batch's pass, a prefix cache reuses stored prefixes) as long as the returned
+        :class:`Prefill` equals what this method computes. ``use_cache=False`` (``kv_mode='none'``)
+        returns no cache: every later step re-runs the whole sequence.
         """
         from transformers import DynamicCache
 
-        cfg = cfg or GenerationConfig()
         lm = self.lm
         device = lm.device
-        encoded = self.encode(prompts)
-        if not encoded or any(len(p) == 0 for p in encoded):
-            raise ValueError("every prompt needs at least one token")
         bsz, width = len(encoded), max(len(p) for p in encoded)
         pad = lm.tokenizer.pad_token_id if lm.tokenizer is not None and lm.tokenizer.pad_token_id is not None else 0
         ids = torch.full((bsz, width), pad, dtype=torch.long, device=device)
@@ -237,15 +252,45 @@ class GatedGenerator:
         for r, p in enumerate(encoded):  # left padding
             ids[r, width - len(p) :] = torch.tensor(p, device=device)
             attn[r, width - len(p) :] = 1
+        cache = DynamicCache(config=lm.model.config) if use_cache else None
+        out = self.step(ids, attn, cache, FullGate(), collect_exit_states=collect_exit_states)
+        return Prefill(ids, attn, cache, out)
+
+    @torch.no_grad()
+    def stream(
+        self,
+        prompts: Sequence[str] | Sequence[Sequence[int]],
+        gate: Gate,
+        cfg: GenerationConfig | None = None,
+        collect_exit_states: bool = False,
+    ) -> Iterator[list[TokenEvent] | Finished]:
+        """Generate for a batch of prompts, step by step.
+
+        Yields, per decoding step, the list of :class:`TokenEvent` of the rows still running (a
+        row's last event has its ``finish_reason`` set), then, as the LAST item, one
+        :class:`Finished` holding a :class:`GenerationResult` per prompt. The first token of every
+        row comes from :meth:`prefill` (all layers); each later token from :meth:`step` under
+        ``gate``. Time and energy cover the whole batch; energy is split evenly over its rows.
+        Closing the iterator early stops generation (no ``Finished`` then).
+
+        ``collect_exit_states`` records, for every generated token, the hidden state at each
+        exit point of the position that predicted it (what the exit environment observes).
+        """
+        cfg = cfg or GenerationConfig()
+        lm = self.lm
+        device = lm.device
+        encoded = self.encode(prompts)
+        if not encoded or any(len(p) == 0 for p in encoded):
+            raise ValueError("every prompt needs at least one token")
+        bsz = len(encoded)
         rows = [_Row(len(p)) for p in encoded]
         rng = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
         use_cache = cfg.kv_mode == "propagate"
-        cache = DynamicCache(config=lm.model.config) if use_cache else None
         gate_time = 0.0
 
         with self.meter.measure() as measured:
-            out = self.step(ids, attn, cache, FullGate(), collect_exit_states=collect_exit_states)  # prefill: all layers
-            seq = ids
+            pre = self.prefill(encoded, collect_exit_states, use_cache=use_cache)
+            attn, seq, cache, out = pre.attention_mask, pre.input_ids, pre.cache, pre.output
             while True:
                 next_ids = self._pick(out.logits, cfg, rng)
                 gate_time += out.gate_time_s
@@ -264,23 +309,22 @@ class GatedGenerator:
                 step_ids = next_ids[:, None] if use_cache else seq
                 out = self.step(step_ids, attn, cache, gate, active, collect_exit_states)
 
-        if results is not None:
-            share = measured.energy_j / bsz if measured.energy_j is not None else None
-            results.extend(
-                GenerationResult(
-                    text=row.text,
-                    token_ids=row.ids,
-                    layers_per_token=row.layers,
-                    finish_reason=row.finish_reason or "length",
-                    prompt_tokens=row.prompt_len,
-                    num_layers=lm.num_layers,
-                    time_s=measured.time_s,
-                    gate_time_s=gate_time,
-                    energy_j=share,
-                    exit_states=torch.stack(row.exit_states) if row.exit_states else None,
-                )
-                for row in rows
+        share = measured.energy_j / bsz if measured.energy_j is not None else None
+        yield Finished([
+            GenerationResult(
+                text=row.text,
+                token_ids=row.ids,
+                layers_per_token=row.layers,
+                finish_reason=row.finish_reason or "length",
+                prompt_tokens=row.prompt_len,
+                num_layers=lm.num_layers,
+                time_s=measured.time_s,
+                gate_time_s=gate_time,
+                energy_j=share,
+                exit_states=torch.stack(row.exit_states) if row.exit_states else None,
             )
+            for row in rows
+        ])
 
     def generate(
         self,
@@ -289,8 +333,6 @@ class GatedGenerator:
         cfg: GenerationConfig | None = None,
         collect_exit_states: bool = False,
     ) -> list[GenerationResult]:
-        """Generate for a batch of prompts; energy of a batch is split evenly over its rows."""
-        results: list[GenerationResult] = []
-        for _ in self.stream(prompts, gate, cfg, results, collect_exit_states):
-            pass
-        return results
+        """Generate for a batch of prompts and return one result per prompt (see :meth:`stream`)."""
+        *_, finished = self.stream(prompts, gate, cfg, collect_exit_states)
+        return finished.results

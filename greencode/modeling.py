@@ -8,6 +8,7 @@ are projected (for the ``propagate`` KV cache of METHOD §5 (b)).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -21,7 +22,6 @@ from torch import nn
 from greencode.atomic import atomic_path
 from greencode.config import ExitConfig, ModelConfig
 from greencode.exits import resolve_exit_points
-from greencode.policy import model_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +68,15 @@ class DecoderAdapter:
     # running -------------------------------------------------------------
     def layer_kwargs(self, hidden: torch.Tensor, position_ids: torch.Tensor, mask: Any, cache: Any) -> dict[str, Any]:
         """Keyword arguments every layer of one forward step receives (computed once per step)."""
-        return {"attention_mask": mask, "position_ids": position_ids, "past_key_values": cache, "use_cache": cache is not None}
+        return {"attention_mask": mask, "position_ids": position_ids, "past_key_values": cache,
+                "use_cache": cache is not None}
 
     def run_layer(self, index: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         out = self.layers[index](hidden, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
-    def kv_projection(self, index: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def kv_projection(self, index: int, hidden: torch.Tensor,
+                      kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values layer ``index`` would cache for input ``hidden`` ([B, heads, S, d]), no attention/MLP."""
         raise NotImplementedError
 
@@ -165,6 +167,23 @@ def adapter_for(model: nn.Module) -> DecoderAdapter:
     raise UnsupportedModelError(f"architecture {model_type!r} is not supported; supported model types: {supported}")
 
 
+def model_fingerprint(model: nn.Module) -> str:
+    """Short stable id of a model's architecture *and* weights (a fine-tuned model differs from its base).
+
+    Policy files and shards record it so they are never used with a model they did not come from.
+    """
+    h = hashlib.sha256()
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        for key in ("model_type", "num_hidden_layers", "hidden_size", "vocab_size"):
+            h.update(f"{key}={getattr(cfg, key, None)};".encode())
+    params = list(model.parameters())
+    for p in (params[0], params[len(params) // 2], params[-1]):
+        flat = p.detach().float().flatten()
+        h.update(flat[:4096].cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 # --------------------------------------------------------------------------- the exit-aware model
 
 
@@ -203,10 +222,6 @@ class EarlyExitModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def refresh_fingerprint(self) -> None:
-        """Call after changing weights (fine-tuning) so policies are checked against the new model."""
-        self.fingerprint = model_fingerprint(self.model)
-
     def decode(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of any layer's hidden state through the single final norm + LM head."""
         return self.adapter.lm_head(self.adapter.final_norm(hidden))
@@ -214,7 +229,8 @@ class EarlyExitModel:
     def positions(self, attention_mask: torch.Tensor) -> torch.Tensor:
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
-    def causal_mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, cache: Any, position_ids: torch.Tensor):
+    def causal_mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, cache: Any,
+                    position_ids: torch.Tensor) -> Any:
         from transformers.masking_utils import create_causal_mask
 
         return create_causal_mask(
@@ -317,6 +333,22 @@ def resolve_model_path(cfg: ModelConfig) -> tuple[str, str | None]:
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _offline_hint() -> str:
+    return " (hub access is off: set HF_HUB_OFFLINE=0 to download)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    """The tokenizer of a model spec alone: drivers that only tokenize never load the weights."""
+    from transformers import AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path, gguf_file = resolve_model_path(cfg)
+    try:
+        return AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
+    except OSError as err:
+        raise FileNotFoundError(f"cannot load the tokenizer of model {cfg.name!r}{_offline_hint()}: {err}") from None
+
+
 def load_model(cfg: ModelConfig | None = None, exits: ExitConfig | None = None) -> EarlyExitModel:
     """Load 'embedded', a local HF dir, a .gguf file or a hub id (offline unless HF_HUB_OFFLINE=0)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -329,13 +361,13 @@ def load_model(cfg: ModelConfig | None = None, exits: ExitConfig | None = None) 
         tokenizer = AutoTokenizer.from_pretrained(path, **extra)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[cfg.dtype], **extra)
     except OSError as err:
-        hint = " (hub access is off: set HF_HUB_OFFLINE=0 to download)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
-        raise FileNotFoundError(f"cannot load model {cfg.name!r}{hint}: {err}") from None
+        raise FileNotFoundError(f"cannot load model {cfg.name!r}{_offline_hint()}: {err}") from None
     model.to(resolve_device(cfg.device)).eval()
     return wrap_model(model, tokenizer, exits)
 
 
 def wrap_model(model: nn.Module, tokenizer: Any, exits: ExitConfig | None = None) -> EarlyExitModel:
+    """An already-loaded model as an EarlyExitModel (tests build tiny ones); batches need a pad token."""
     adapter = adapter_for(model)  # fail on unsupported layouts before anything else
     exit_points = resolve_exit_points(len(adapter.layers), exits)
     if tokenizer is not None and tokenizer.pad_token_id is None:

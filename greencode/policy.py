@@ -7,7 +7,6 @@ loading it against another model fails loudly instead of gating at random.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -118,8 +117,14 @@ class ExitPolicy(nn.Module):
             payload.get("metadata"),
         )
         policy.load_state_dict(payload["state_dict"])
-        policy.check_compatible(hidden_size=hidden_size, exit_points=exit_points, model_fingerprint=model_fingerprint, source=str(path))
+        policy.check_compatible(hidden_size=hidden_size, exit_points=exit_points, model_fingerprint=model_fingerprint,
+                                source=str(path))
         return policy.eval()
+
+    @classmethod
+    def load_for(cls, path: str | Path, lm: Any) -> ExitPolicy:
+        """Load the policy file that will gate ``lm`` (an EarlyExitModel), refusing one made for another model."""
+        return cls.load(path, hidden_size=lm.hidden_size, exit_points=lm.exit_points, model_fingerprint=lm.fingerprint)
 
     def check_compatible(
         self,
@@ -132,23 +137,10 @@ class ExitPolicy(nn.Module):
         if hidden_size is not None and hidden_size != self.hidden_size:
             raise PolicyMismatchError(f"{source} expects hidden size {self.hidden_size}, the model has {hidden_size}")
         if exit_points is not None and self.exit_points and list(exit_points) != self.exit_points:
-            raise PolicyMismatchError(f"{source} was trained for exit points {self.exit_points}, the model uses {list(exit_points)}")
+            raise PolicyMismatchError(f"{source} was trained for exit points {self.exit_points}, "
+                                      f"the model uses {list(exit_points)}")
         if model_fingerprint is not None and self.model_fingerprint and model_fingerprint != self.model_fingerprint:
             raise PolicyMismatchError(
                 f"{source} was trained on model {self.model_fingerprint}, this model is {model_fingerprint}: "
                 "retrain or extract shards from this model"
             )
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """Short stable id of a model's architecture *and* weights (a fine-tuned model differs from its base)."""
-    h = hashlib.sha256()
-    cfg = getattr(model, "config", None)
-    if cfg is not None:
-        for key in ("model_type", "num_hidden_layers", "hidden_size", "vocab_size"):
-            h.update(f"{key}={getattr(cfg, key, None)};".encode())
-    params = list(model.parameters())
-    for p in (params[0], params[len(params) // 2], params[-1]):
-        flat = p.detach().float().flatten()
-        h.update(flat[:4096].cpu().numpy().tobytes())
-    return h.hexdigest()[:16]

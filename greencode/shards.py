@@ -22,6 +22,7 @@ version, exit points, hidden size, number of layers, model fingerprint and hidde
 dtype; :func:`read_shard` checks all of it and names the file and the problem when
 a shard is corrupt or comes from another model. Shards are written to a temp file
 and renamed, so a file that exists is complete (extraction resumes by skipping them).
+Running the model to fill them is greencode.extraction's job; this module is the format.
 """
 
 from __future__ import annotations
@@ -30,12 +31,11 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from greencode.atomic import atomic_path
 
@@ -122,14 +122,15 @@ def build_table(meta: ShardMeta, rows: Sequence[dict[str, Any]]) -> pa.Table:
     """Rows (dicts with the column names; ``hidden`` as [n_exits, H] arrays) -> a validated table."""
     n, h = meta.num_exits, meta.hidden_size
     with np.errstate(over="ignore"):  # overflow is reported below, with a fix
-        hidden = np.stack([np.asarray(r["hidden"], dtype=_NUMPY_HIDDEN[meta.hidden_dtype]) for r in rows]) if rows else (
-            np.zeros((0, n, h), dtype=_NUMPY_HIDDEN[meta.hidden_dtype]))
+        dtype = _NUMPY_HIDDEN[meta.hidden_dtype]
+        hidden = np.stack([np.asarray(r["hidden"], dtype=dtype) for r in rows]) if rows else np.zeros((0, n, h), dtype)
     if hidden.shape[1:] != (n, h):
         raise ShardError(f"hidden rows have shape {hidden.shape[1:]}, expected ({n}, {h})")
     if not np.isfinite(hidden).all():
         raise ShardError(f"hidden states overflow {meta.hidden_dtype} (inf/nan): extract with hidden_dtype=float32")
     schema = shard_schema(meta)
-    flat_hidden = pa.FixedSizeListArray.from_arrays(pa.array(hidden.reshape(-1), type=schema.field("hidden").type.value_type), n * h)
+    hidden_type = schema.field("hidden").type.value_type
+    flat_hidden = pa.FixedSizeListArray.from_arrays(pa.array(hidden.reshape(-1), type=hidden_type), n * h)
     preds = np.asarray([r["exit_predictions"] for r in rows], dtype=np.int32).reshape(-1)
     columns = {
         "sample_id": pa.array([str(r["sample_id"]) for r in rows], pa.string()),
@@ -167,12 +168,15 @@ def read_meta(path: str | Path) -> ShardMeta:
     except (TypeError, ValueError) as err:
         raise ShardError(f"{path} has unreadable shard metadata: {err}") from None
     if meta.schema_version != SCHEMA_VERSION:
-        raise ShardError(f"{path} has shard schema version {meta.schema_version}; this GreenCode reads {SCHEMA_VERSION}: re-extract")
+        raise ShardError(f"{path} has shard schema version {meta.schema_version}; this GreenCode reads "
+                         f"{SCHEMA_VERSION}: re-extract")
     if meta.hidden_dtype not in _HIDDEN_TYPES:
-        raise ShardError(f"{path} stores hidden states as {meta.hidden_dtype!r}; expected one of {sorted(_HIDDEN_TYPES)}")
+        raise ShardError(f"{path} stores hidden states as {meta.hidden_dtype!r}; "
+                         f"expected one of {sorted(_HIDDEN_TYPES)}")
     expected = shard_schema(meta)
     if not schema.remove_metadata().equals(expected.remove_metadata()):
-        raise ShardError(f"{path} columns do not match schema v{SCHEMA_VERSION}: got {schema.remove_metadata()}, expected {expected.remove_metadata()}")
+        raise ShardError(f"{path} columns do not match schema v{SCHEMA_VERSION}: got {schema.remove_metadata()}, "
+                         f"expected {expected.remove_metadata()}")
     return meta
 
 
@@ -203,10 +207,25 @@ def read_shard(path: str | Path) -> ShardData:
     return data
 
 
+def shard_path(directory: str | Path, index: int) -> Path:
+    """Where shard number ``index`` of a directory lives (the names :func:`list_shards` finds)."""
+    return Path(directory) / f"shard-{index:05d}.parquet"
+
+
+def is_complete(path: str | Path) -> bool:
+    """True when ``path`` is a readable shard (written whole: shards are renamed into place)."""
+    try:
+        read_meta(path)
+        return True
+    except ShardError:
+        return False
+
+
 def list_shards(directory: str | Path) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
-        raise ShardError(f"shard directory not found: {directory}")
+        raise ShardError(f"shard directory not found: {directory} (write it with `greencode extract --set "
+                         f"output_dir={directory}`)")
     paths = sorted(directory.glob(SHARD_GLOB))
     if not paths:
         raise ShardError(f"no shards ({SHARD_GLOB}) in {directory}: run `greencode extract` first")
@@ -227,65 +246,7 @@ def load_shards(paths: Iterable[str | Path]) -> ShardData:
         meta=first,
         **{
             name: np.concatenate([getattr(p, name) for p in parts])
-            for name in ("sample_id", "token_index", "hidden", "exit_predictions", "final_token", "dataset_token", "optimal_exit")
+            for name in ("sample_id", "token_index", "hidden", "exit_predictions", "final_token", "dataset_token",
+                         "optimal_exit")
         },
     )
-
-
-# --------------------------------------------------------------------------- extraction
-
-
-class Sample(Protocol):
-    """What extraction needs of a sample (greencode.data.CompletionSample fits)."""
-
-    sample_id: Any
-    context_ids: list[int]
-    target_ids: list[int]
-
-
-def optimal_exit(predictions: Sequence[int], final_token: int) -> int:
-    """Index of the first exit point predicting ``final_token``; ``len(predictions)`` (final layer) if none."""
-    for index, token in enumerate(predictions):
-        if token == final_token:
-            return index
-    return len(predictions)
-
-
-@torch.no_grad()
-def extract_rows(lm, samples: Sequence[Sample], tokens_per_sample: int) -> list[dict[str, Any]]:
-    """Generate T tokens greedily with the full model, keeping each token's view at every exit point.
-
-    The observation for generated token t is the hidden state, after each exit point, at the
-    position that predicts it; the generator records it on the way (one pass, no re-forward).
-    """
-    from greencode.config import GenerationConfig
-    from greencode.gates import FullGate
-    from greencode.generate import GatedGenerator
-
-    generated = GatedGenerator(lm).generate(
-        [list(s.context_ids) for s in samples], FullGate(), GenerationConfig(max_new_tokens=tokens_per_sample),
-        collect_exit_states=True,
-    )
-    rows: list[dict[str, Any]] = []
-    for sample, result in zip(samples, generated):
-        new = list(result.token_ids)
-        hidden = result.exit_states  # Shape: [T, n, H]
-        predictions = lm.decode(hidden).argmax(dim=-1).cpu().tolist()  # [T, n]
-        hidden_np = hidden.float().cpu().numpy()
-        for t, token in enumerate(new):
-            rows.append(
-                {
-                    "sample_id": sample.sample_id,
-                    "token_index": t,
-                    "hidden": hidden_np[t],
-                    "exit_predictions": predictions[t],
-                    "final_token": token,
-                    "dataset_token": sample.target_ids[t] if t < len(sample.target_ids) else -1,
-                    "optimal_exit": optimal_exit(predictions[t], token),
-                }
-            )
-    return rows
-
-
-def meta_for(lm, hidden_dtype: str = "float16") -> ShardMeta:
-    return ShardMeta(list(lm.exit_points), lm.hidden_size, lm.num_layers, lm.fingerprint, hidden_dtype)

@@ -1,39 +1,28 @@
-"""LITE fine-tuning core: objective, optimizer, deterministic data order, validation, HF checkpoints.
+"""One LITE optimizer step: the objective, optimizer, schedule, precision and the metric window.
 
 Ray-agnostic on purpose: ``workflows/finetune.py`` (Ray Train) and any Tune trainable
 drive the same pieces, and tests run them in-process. Distributed code paths only use
-``torch.distributed`` (all-reduce of metrics) and work unchanged on one process.
+``torch.distributed`` (greencode.distributed) and work unchanged on one process. The data
+order lives in greencode.blocks, validation in greencode.validation, checkpoints in
+greencode.checkpoints.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import logging
-import math
-import shutil
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from greencode.atomic import atomic_path
 from greencode.config import FinetuneConfig, OptimConfig
-from greencode.data import SourceFile, token_blocks
+from greencode.distributed import all_reduce_sum, clip_grad_norm
 from greencode.exits import lite_weights
 from greencode.lite import IGNORE_INDEX, exit_losses, lite_loss
 from greencode.modeling import EarlyExitModel
 
-log = logging.getLogger(__name__)
-
-EXIT_PLAN_FILE = "exit_plan.json"
-EXIT_PLAN_FORMAT = "greencode.exit_plan/v1"
-TRAINER_STATE_FILE = "trainer_state.pt"
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -80,7 +69,8 @@ def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], cfg: Optim
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
+                    max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Constant (the reference setting) or linear decay to zero at ``max_steps``."""
     if cfg.schedule == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -156,245 +146,36 @@ class LiteStepper:
         return StepStats(total, per_exit.tolist(), float(grad_norm), tokens)
 
 
-def _is_fsdp(module: nn.Module) -> bool:
-    from torch.distributed.fsdp import FullyShardedDataParallel
+class MetricWindow:
+    """Sums of step statistics between two reports, averaged across ranks when flushed."""
 
-    return isinstance(module, FullyShardedDataParallel)
+    def __init__(self, num_losses: int, device: torch.device) -> None:
+        self.num_losses, self.device = num_losses, device
+        self._reset()
 
+    def _reset(self) -> None:
+        # loss, exit losses..., grad norm, tokens, steps, ranks
+        self.sums = torch.zeros(self.num_losses + 5, dtype=torch.float64)
+        self.started = time.perf_counter()
 
-def full_params(objective: nn.Module) -> contextlib.AbstractContextManager:
-    """Context in which ``lm.model`` holds its full weights, for validation and saving.
+    def add(self, stats: StepStats) -> None:
+        self.sums += torch.tensor([stats.loss, *stats.exit_losses, stats.grad_norm, stats.tokens, 1.0, 0.0],
+                                  dtype=torch.float64)
 
-    FSDP shards them (a collective gathers them on every rank); plain and DDP models already have them.
-    """
-    if not _is_fsdp(objective):
-        return contextlib.nullcontext()
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    return FSDP.summon_full_params(objective, writeback=False)
-
-
-def optimizer_state(objective: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Optimizer state to checkpoint; under FSDP the full (unsharded) state, gathered collectively."""
-    if _is_fsdp(objective):
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        return FSDP.optim_state_dict(objective, optimizer)
-    return optimizer.state_dict()
-
-
-def load_optimizer_state(objective: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    if _is_fsdp(objective):
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        state = FSDP.optim_state_dict_to_load(objective, optimizer, state)
-    optimizer.load_state_dict(state)
-
-
-def clip_grad_norm(module: nn.Module, max_norm: float) -> torch.Tensor:
-    """FSDP shards gradients, so its own clip (a collective) must be used there."""
-    if _is_fsdp(module):
-        return module.clip_grad_norm_(max_norm)
-    return torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
-
-
-# --------------------------------------------------------------------------- data
-
-
-@dataclass
-class BlockSet:
-    """Token blocks as one array, cheap to ship to workers. Rows shorter than seq_len are right-padded."""
-
-    ids: np.ndarray  # Shape: [n, seq_len], int32
-    lengths: np.ndarray  # Shape: [n], real tokens per row (all seq_len when packed)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def padded(self) -> bool:
-        return bool((self.lengths < self.ids.shape[1]).any())
-
-    def batch(self, rows: Sequence[int] | slice, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(input_ids [b, s], attention_mask [b, s] or None when every row is full)."""
-        ids = torch.as_tensor(self.ids[rows], dtype=torch.long, device=device)
-        lengths = torch.as_tensor(self.lengths[rows], device=device)
-        if bool((lengths == ids.shape[1]).all()):
-            return ids, None
-        return ids, (torch.arange(ids.shape[1], device=device) < lengths[:, None]).long()
-
-
-def build_blocks(files: Sequence[SourceFile], tokenizer: Any, seq_len: int, *, pack: bool = True,
-                 limit: int | None = None) -> BlockSet:
-    """Tokenize ``files`` into at most ``limit`` blocks of ``seq_len`` (packed, or one padded row per file)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows: list[list[int]] = []
-    for block in token_blocks(files, tokenizer, seq_len, pack=pack):
-        if len(block) >= 2:  # a next-token loss needs two tokens
-            rows.append(block)
-        if limit is not None and len(rows) >= limit:
-            break
-    ids = np.full((len(rows), seq_len), pad, dtype=np.int32)
-    for i, block in enumerate(rows):
-        ids[i, : len(block)] = block
-    return BlockSet(ids, np.array([len(b) for b in rows], dtype=np.int32))
-
-
-# --------------------------------------------------------------------------- data order
-
-
-class BlockSampler:
-    """Which packed blocks each rank trains on at optimizer step ``step`` — a pure function of the step.
-
-    The global stream is one seeded permutation of all blocks per epoch; position
-    ``((step * grad_accum + micro) * world_size + rank) * batch_size + j`` of that stream
-    feeds row j of a rank's micro-batch. So ranks never share a block, no block is seen twice
-    in an epoch, and a resumed run continues exactly where the killed one stopped.
-    """
-
-    def __init__(self, num_blocks: int, batch_size: int, grad_accum: int, world_size: int = 1, rank: int = 0,
-                 seed: int = 0) -> None:
-        per_step = batch_size * grad_accum * world_size
-        if num_blocks < batch_size * world_size:
-            raise ValueError(f"the corpus gives only {num_blocks} training blocks but one micro-batch over "
-                             f"{world_size} worker(s) needs {batch_size * world_size}; use more files, a shorter "
-                             "seq_len or a smaller batch_size")
-        self.num_blocks, self.batch_size, self.grad_accum = num_blocks, batch_size, grad_accum
-        self.world_size, self.rank, self.seed, self.blocks_per_step = world_size, rank, seed, per_step
-        self._permutations: dict[int, np.ndarray] = {}
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._permutations:
-            kept = {e: v for e, v in self._permutations.items() if e == epoch - 1}  # a step may straddle epochs
-            self._permutations = {**kept, epoch: np.random.default_rng([self.seed, epoch]).permutation(self.num_blocks)}
-        return self._permutations[epoch]
-
-    def epoch(self, step: int) -> float:
-        return step * self.blocks_per_step / self.num_blocks
-
-    def micro_batches(self, step: int) -> list[list[int]]:
-        out = []
-        for micro in range(self.grad_accum):
-            start = ((step * self.grad_accum + micro) * self.world_size + self.rank) * self.batch_size
-            out.append([int(self._permutation(p // self.num_blocks)[p % self.num_blocks])
-                        for p in range(start, start + self.batch_size)])
+    def flush(self, layers: list[int]) -> dict[str, float]:
+        """Collective (every rank must call it): mean losses over steps and ranks, global tokens/s."""
+        sums = self.sums.clone()
+        sums[-1] = 1.0  # rank count
+        elapsed = time.perf_counter() - self.started
+        sums = all_reduce_sum(sums.to(self.device)).cpu()
+        steps_x_ranks, ranks = float(sums[-2]), float(sums[-1])
+        self._reset()
+        if steps_x_ranks == 0:
+            return {}
+        out = {"train/loss": float(sums[0]) / steps_x_ranks}
+        for i, layer in enumerate(layers):
+            out[f"train/loss_l{layer}"] = float(sums[1 + i]) / steps_x_ranks
+        out["train/grad_norm"] = float(sums[-4]) / steps_x_ranks
+        out["train/tokens_per_s"] = float(sums[-3]) / max(elapsed, 1e-9)
+        out["train/ranks"] = ranks
         return out
-
-
-# --------------------------------------------------------------------------- validation
-
-
-@torch.no_grad()
-def validation_counts(lm: EarlyExitModel, batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
-                      precision: str = "fp32") -> torch.Tensor:
-    """Per-exit sums over next-token positions. Shape: [4, e + 1] rows (correct, agree_with_final, nll, count).
-
-    ``correct``: the exit's argmax equals the dataset's next token; ``agree_with_final``: it
-    equals the final layer's argmax (the target the exit policy is rewarded on).
-    Sums, not means, so ranks can all-reduce them before dividing.
-    """
-    n = len(lm.exit_points) + 1
-    counts = torch.zeros(4, n, dtype=torch.float64, device=lm.device)
-    was_training = lm.model.training
-    lm.model.eval()
-    for input_ids, attention_mask in batches:
-        with autocast(precision, lm.device):
-            hidden = lm.forward_exits(input_ids, attention_mask).hidden_states
-        targets = input_ids[:, 1:]
-        valid = torch.ones_like(targets, dtype=torch.bool) if attention_mask is None else attention_mask[:, 1:].bool()
-        preds, nll = [], []
-        for h in hidden:
-            logits = lm.decode(h)[:, :-1].float()  # Shape: [b, s - 1, v]
-            preds.append(logits.argmax(-1))
-            token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-            nll.append(token_nll[valid].sum())
-        final = preds[-1]
-        for i, p in enumerate(preds):
-            counts[0, i] += (p == targets)[valid].sum()
-            counts[1, i] += (p == final)[valid].sum()
-            counts[2, i] += nll[i]
-            counts[3, i] += valid.sum()
-    lm.model.train(was_training)
-    return counts
-
-
-def validation_metrics(counts: torch.Tensor, layers: Sequence[int]) -> dict[str, float]:
-    """Flat, namespaced metrics (``val/agree_l4``) from summed counts; layer L's agreement is 1 by definition."""
-    out: dict[str, float] = {}
-    total = counts[3].clamp(min=1)
-    for i, layer in enumerate(layers):
-        out[f"val/acc_l{layer}"] = float(counts[0, i] / total[i])
-        out[f"val/loss_l{layer}"] = float(counts[2, i] / total[i])
-        if i < len(layers) - 1:
-            out[f"val/agree_l{layer}"] = float(counts[1, i] / total[i])
-    early = [out[f"val/agree_l{k}"] for k in layers[:-1]]
-    out["val/agree_mean"] = float(np.mean(early)) if early else math.nan
-    return out
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum across ranks when running distributed; identity otherwise."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def evaluate(lm: EarlyExitModel, blocks: BlockSet, batch_size: int, *, rank: int = 0, world_size: int = 1,
-             precision: str = "fp32") -> dict[str, float]:
-    """Validation metrics over ``blocks``, rows split across ranks (every rank must call this: it all-reduces)."""
-    mine = list(range(rank, len(blocks), world_size))
-    batches = (blocks.batch(mine[i:i + batch_size], lm.device) for i in range(0, len(mine), batch_size))
-    counts = all_reduce_sum(validation_counts(lm, batches, precision))
-    layers = list(lm.exit_points) + [lm.num_layers]
-    return validation_metrics(counts, layers)
-
-
-# --------------------------------------------------------------------------- HF checkpoints
-
-
-def exit_plan(lm: EarlyExitModel, cfg: FinetuneConfig, step: int) -> dict[str, Any]:
-    """What a consumer needs to use the checkpoint's exits the way they were trained."""
-    return {
-        "format": EXIT_PLAN_FORMAT,
-        "exit_points": list(lm.exit_points),
-        "num_layers": lm.num_layers,
-        "loss": {**cfg.loss.model_dump(), "weights": loss_weights(lm, cfg)},
-        "base_model": cfg.model.name,
-        "seq_len": cfg.seq_len,
-        "step": step,
-        "max_steps": cfg.max_steps,
-    }
-
-
-def save_model_dir(model: nn.Module, tokenizer: Any, plan: dict[str, Any], path: str | Path) -> Path:
-    """HF dir (``from_pretrained``-loadable) + tokenizer + exit plan."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
-    (path / EXIT_PLAN_FILE).write_text(json.dumps(plan, indent=2))
-    return path
-
-
-def read_exit_plan(path: str | Path) -> dict[str, Any] | None:
-    """The exit plan of a finished model dir, or None when the dir is missing or incomplete."""
-    path = Path(path)
-    plan_file = path / EXIT_PLAN_FILE
-    has_weights = any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))
-    if not (plan_file.is_file() and (path / "config.json").is_file() and has_weights):
-        return None
-    try:
-        plan = json.loads(plan_file.read_text())
-    except json.JSONDecodeError:
-        return None
-    return plan if plan.get("format") == EXIT_PLAN_FORMAT else None
-
-
-def publish_model_dir(src: str | Path, dest: str | Path) -> Path:
-    """Copy a checkpoint's model files (not the optimizer state) to ``dest`` atomically: temp dir + rename."""
-    src, dest = Path(src), Path(dest)
-    with atomic_path(dest, directory=True) as tmp:
-        shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(TRAINER_STATE_FILE))
-    return dest

@@ -1,9 +1,9 @@
 """GreenCode on Ray Serve: one deployment speaking the wire formats IDE clients already use.
 
-    greencode serve --model runs/demo/lite --policy runs/demo/policy/exit_policy.pt --port 8000
-    serve run serve_app/config.yaml
+    greencode serve --model runs/demo/lite --policy runs/demo/policy/exit_policy.pt --port 8000   (workflows/serve.py)
+    serve run serve_app/config.yaml                                                                (build_app)
 
-Routes (see docs/serving.md and /work/shared/NOTES-protocols.md): TGI ``/generate``,
+Routes (see docs/serving.md): TGI ``/generate``,
 ``/generate_stream`` (SSE) and ``/`` (text_generation client); Ollama / llm-vscode
 ``/api/generate`` (+ trailing slash, NDJSON when streaming), ``/api/show``,
 ``/api/tags``; OpenAI ``/v1/completions`` (+ SSE); ``/health``; ``/metrics``.
@@ -13,10 +13,10 @@ and share gate + sampling settings run as one batch, each row still exiting on
 its own. Model work runs on one worker thread per replica so the event loop keeps
 accepting (and batching) requests; a client that disconnects cancels its request,
 which stops a stream after the current token and a batch once all its rows are gone.
+Request bodies are in schemas.py, response shapes in formats.py, errors in errors.py.
 """
 
 
-import argparse
 import asyncio
 import hmac
 import logging
@@ -32,25 +32,19 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from ray import serve
 from ray.serve.deployment import Application
 from ray.serve.exceptions import RayServeException
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from greencode.config import (
-    ConfigError,
-    GateConfig,
-    GenerationConfig,
-    ServeConfig,
-    validate,
-)
+from greencode.config import ConfigError, GateConfig, GenerationConfig, ServeConfig, validate
 from greencode.gates import build_gate
-from greencode.generate import GatedGenerator, GenerationResult, TokenEvent
+from greencode.generate import Finished, GatedGenerator, GenerationResult, TokenEvent
 from greencode.modeling import EarlyExitModel, load_model
 from greencode.policy import ExitPolicy
-from serve_app import formats
+from greencode.tokens import encode
+from serve_app import errors, formats
+from serve_app.errors import ERRORS, ApiError
 from serve_app.formats import OLLAMA, OPENAI, TGI, Completion
 from serve_app.metrics import ServeMetrics
 from serve_app.schemas import (
@@ -66,50 +60,6 @@ log = logging.getLogger("greencode.serve")
 ModelLoader = Callable[[ServeConfig], EarlyExitModel]
 FIM_TOKENS = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")
 
-
-class ApiError(Exception):
-    """A request the server refuses; rendered in the calling client's error shape.
-
-    ``status=None`` means "invalid request": 422 for TGI clients (what TGI answers), 400 otherwise.
-    """
-
-    def __init__(self, message: str, param: str | None = None, status: int | None = None) -> None:
-        super().__init__(message)
-        self.message, self.param, self.status = message, param, status
-
-
-def _status(err_status: int | None, protocol: str) -> int:
-    return err_status if err_status is not None else (422 if protocol == TGI else 400)
-
-
-def _error(request: Request, message: str, status: int | None, param: str | None = None) -> JSONResponse:
-    protocol = formats.protocol_of(request.url.path)
-    code = _status(status, protocol)
-    return JSONResponse(formats.error_body(protocol, message, code, param), status_code=code)
-
-
-def _describe_validation(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
-    """One readable line naming every offending field (``parameters.temperature: ...``)."""
-    parts, first = [], None
-    for e in errors:
-        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
-        where = ".".join(loc)
-        if e.get("type") == "json_invalid":
-            parts.append(f"request body is not valid JSON ({e.get('ctx', {}).get('error', e.get('msg'))})")
-            continue
-        if not where and e.get("type") == "model_attributes_type":
-            parts.append("request body must be a JSON object")
-            continue
-        first = first or where or None
-        parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
-    return "; ".join(parts) or "invalid request", first
-
-
-ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"description": "invalid request (OpenAI / Ollama error shape)"},
-    401: {"description": "missing or wrong API key (when the server has one)"},
-    422: {"description": "invalid request (TGI error shape: error, error_type)"},
-}
 
 api = FastAPI(
     title="GreenCode",
@@ -136,29 +86,7 @@ class JsonBodies:
 
 
 api.add_middleware(JsonBodies)
-
-
-@api.exception_handler(ApiError)
-async def _on_api_error(request: Request, err: ApiError) -> JSONResponse:
-    return _error(request, err.message, err.status, err.param)
-
-
-@api.exception_handler(RequestValidationError)
-async def _on_invalid(request: Request, err: RequestValidationError) -> JSONResponse:
-    message, param = _describe_validation(list(err.errors()))
-    return _error(request, message, None, param)
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _on_http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
-    return _error(request, str(err.detail), err.status_code)
-
-
-@api.exception_handler(Exception)
-async def _on_bug(request: Request, err: Exception) -> JSONResponse:
-    """A server fault (never the client's): logged with its traceback, answered as a 500 in the client's shape."""
-    log.exception("request to %s failed", request.url.path)
-    return _error(request, f"internal error: {type(err).__name__}: {err}", 500)
+errors.install(api)
 
 
 # --------------------------------------------------------------------------- jobs
@@ -204,10 +132,7 @@ class GreenCodeServer:
         self.cfg = validate(ServeConfig, cfg, source="serve config")
         torch.set_num_threads(self.cfg.torch_threads or max(1, int(self.cfg.num_cpus)))
         self.lm = (model_loader or load_served_model)(self.cfg)
-        self.policy = None
-        if self.cfg.policy_path:
-            self.policy = ExitPolicy.load(self.cfg.policy_path, hidden_size=self.lm.hidden_size,
-                                          exit_points=self.lm.exit_points, model_fingerprint=self.lm.fingerprint)
+        self.policy = ExitPolicy.load_for(self.cfg.policy_path, self.lm) if self.cfg.policy_path else None
         self.default_gate = self.cfg.default_gate
         if self.default_gate == "policy" and self.policy is None:
             self.default_gate = "full"
@@ -218,7 +143,7 @@ class GreenCodeServer:
         vocab = self.lm.tokenizer.get_vocab()
         self.has_fim = all(t in vocab for t in FIM_TOKENS)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="greencode-generate")
-        self.metrics = ServeMetrics(_replica_name(), self.lm.num_layers)
+        self.stats = ServeMetrics(_replica_name(), self.lm.num_layers)
         self._generate_batch.set_max_batch_size(self.cfg.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         log.info("serving %s: %d layers, exit points %s, default gate %s, policy %s, energy meter %s",
@@ -244,19 +169,21 @@ class GreenCodeServer:
         def pick(key: str, default: Any) -> Any:
             return fields[key] if fields[key] is not None else default
 
+        defaults = self.cfg.gate
         try:
             gate = validate(GateConfig, {
                 "mode": mode,
-                "exit_layer": fields["exit_layer"],
-                "threshold": pick("threshold", self.cfg.default_threshold),
-                "temperature": pick("temperature", self.cfg.default_gate_temperature),
-                "confidence": pick("confidence", self.cfg.default_confidence),
+                "exit_layer": pick("exit_layer", defaults.exit_layer),
+                "threshold": pick("threshold", defaults.threshold),
+                "temperature": pick("temperature", defaults.temperature),
+                "confidence": pick("confidence", defaults.confidence),
                 "policy_path": self.cfg.policy_path,
             })
         except ConfigError as err:
             raise ApiError(str(err), "gate") from None
         if gate.exit_layer is not None and gate.exit_layer > self.lm.num_layers:
-            raise ApiError(f"exit_layer {gate.exit_layer} exceeds the model's {self.lm.num_layers} layers", "exit_layer")
+            raise ApiError(f"exit_layer {gate.exit_layer} exceeds the model's {self.lm.num_layers} layers",
+                           "exit_layer")
         return gate
 
     def _prompt_text(self, ask: Ask) -> str:
@@ -269,23 +196,20 @@ class GreenCodeServer:
 
     def _job(self, ask: Ask) -> Job:
         gate = self._gate(ask.gate)
+        asked = {"max_new_tokens": ask.max_new_tokens, "temperature": ask.temperature, "top_p": ask.top_p,
+                 "stop": ask.stop or None, "seed": ask.seed}
         try:
-            generation = validate(GenerationConfig, {
-                "max_new_tokens": ask.max_new_tokens or self.cfg.default_max_new_tokens,
-                "temperature": ask.temperature or 0.0,
-                "top_p": ask.top_p or 1.0,
-                "stop": ask.stop,
-                "seed": ask.seed,
-                "kv_mode": self.cfg.kv_mode,
-            })
+            generation = validate(GenerationConfig, {**self.cfg.generation.model_dump(),
+                                                     **{k: v for k, v in asked.items() if v is not None}})
         except ConfigError as err:
             raise ApiError(str(err), "max_new_tokens") from None
-        ids = self.lm.tokenizer(self._prompt_text(ask))["input_ids"]
+        ids = encode(self.lm.tokenizer, self._prompt_text(ask))
         if not ids:
             raise ApiError("the prompt is empty", "prompt")
         if len(ids) + generation.max_new_tokens > self.context_limit:
             raise ApiError(f"the prompt is {len(ids)} tokens; with {generation.max_new_tokens} new tokens that exceeds "
-                           f"the context limit of {self.context_limit} tokens: shorten the prompt or ask for fewer tokens",
+                           f"the context limit of {self.context_limit} tokens: shorten the prompt or ask for "
+                           "fewer tokens",
                            "prompt")
         return Job(ask, ids, gate, generation)
 
@@ -293,7 +217,7 @@ class GreenCodeServer:
         try:
             return [self._job(a) for a in asks]
         except ApiError:
-            self.metrics.record_request(protocol, "rejected")
+            self.stats.record_request(protocol, "rejected")
             raise
 
     # ------------------------------------------------------------------ generation
@@ -307,17 +231,18 @@ class GreenCodeServer:
     def _generate_group(self, group: list[Job]) -> list[Completion | None]:
         """Runs on the generation thread: one batch of jobs sharing settings; stops if every client left."""
         gate = build_gate(group[0].gate, self.policy)
-        results: list[GenerationResult] = []
-        steps = self.generator.stream([j.prompt_ids for j in group], gate, group[0].generation, results)
+        steps = self.generator.stream([j.prompt_ids for j in group], gate, group[0].generation)
         with closing(steps):
-            for _ in steps:
-                if all(j.cancelled for j in group):
+            for item in steps:
+                if isinstance(item, Finished):
+                    results = item.results
+                elif all(j.cancelled for j in group):
                     log.info("all %d clients of a batch disconnected: generation stopped", len(group))
                     return [None] * len(group)
-        self.metrics.record_batch(len(group))
+        self.stats.record_batch(len(group))
         for r in results:
-            self.metrics.record_tokens(gate.name, r.layers_per_token)
-            self.metrics.record_energy(gate.name, r.energy_j)
+            self.stats.record_tokens(gate.name, r.layers_per_token)
+            self.stats.record_energy(gate.name, r.energy_j)
         return [self._completion(j, r, gate.describe(), len(group)) for j, r in zip(group, results)]
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
@@ -341,27 +266,29 @@ class GreenCodeServer:
         except asyncio.CancelledError:
             for j in jobs:
                 j.cancelled = True
-            self.metrics.record_cancelled(protocol)
+            self.stats.record_cancelled(protocol)
             raise
-        self.metrics.record_request(protocol, "ok", time.perf_counter() - start)
+        self.stats.record_request(protocol, "ok", time.perf_counter() - start)
         return completions
 
     async def _stream(self, job: Job) -> AsyncIterator[tuple[TokenEvent, Completion | None]]:
-        """Token events of one job; the last comes with its finished Completion. Stops when the consumer does."""
+        """Token events of one job as they are generated; the last one (it has a finish_reason) comes with
+        the job's Completion, taken from the generator's Finished event. Stops when the consumer does."""
         gate = build_gate(job.gate, self.policy)
-        results: list[GenerationResult] = []
-        steps = self.generator.stream([job.prompt_ids], gate, job.generation, results)
+        steps = self.generator.stream([job.prompt_ids], gate, job.generation)
         loop = asyncio.get_running_loop()
-        pending: TokenEvent | None = None
+        last: TokenEvent | None = None
         try:
-            while (events := await loop.run_in_executor(self.executor, next, steps, None)) is not None:
-                for event in events:
-                    self.metrics.record_tokens(gate.name, [event.layers])
-                    if pending is not None:
-                        yield pending, None
-                    pending = event
-            self.metrics.record_energy(gate.name, results[0].energy_j)
-            yield pending, self._completion(job, results[0], gate.describe(), 1)
+            while not isinstance(item := await loop.run_in_executor(self.executor, next, steps), Finished):
+                for event in item:
+                    self.stats.record_tokens(gate.name, [event.layers])
+                    if event.finish_reason is None:
+                        yield event, None
+                    else:
+                        last = event
+            [result] = item.results
+            self.stats.record_energy(gate.name, result.energy_j)
+            yield last, self._completion(job, result, gate.describe(), 1)
         finally:
             self.executor.submit(steps.close)  # FIFO after any step still running
 
@@ -372,10 +299,10 @@ class GreenCodeServer:
             async for chunk in chunks:
                 yield chunk
         except (asyncio.CancelledError, GeneratorExit):
-            self.metrics.record_cancelled(protocol)
+            self.stats.record_cancelled(protocol)
             log.info("%s stream cancelled by the client", protocol)
             raise
-        self.metrics.record_request(protocol, "ok", time.perf_counter() - start)
+        self.stats.record_request(protocol, "ok", time.perf_counter() - start)
 
     # ------------------------------------------------------------------ TGI
 
@@ -388,7 +315,8 @@ class GreenCodeServer:
     def _tgi_stream(self, job: Job) -> StreamingResponse:
         return StreamingResponse(self._tracked(TGI, self._tgi_events(job)), media_type="text/event-stream")
 
-    @api.post("/generate", responses=ERRORS, tags=["tgi"], summary="TGI generate (llm-vscode 'tgi'/'huggingface' backends)")
+    @api.post("/generate", responses=ERRORS, tags=["tgi"],
+              summary="TGI generate (llm-vscode 'tgi'/'huggingface' backends)")
     async def tgi_generate(self, body: TGIRequest, request: Request) -> dict[str, Any]:
         self._authorize(request)
         [completion] = await self._complete(TGI, self._jobs(TGI, [body.to_ask()]))
@@ -400,7 +328,8 @@ class GreenCodeServer:
         [job] = self._jobs(TGI, [body.to_ask()])
         return self._tgi_stream(job)
 
-    @api.post("/", responses=ERRORS, tags=["tgi"], summary="TGI compat route of the text_generation client: a list, or SSE when stream")
+    @api.post("/", responses=ERRORS, tags=["tgi"],
+              summary="TGI compat route of the text_generation client: a list, or SSE when stream")
     async def tgi_compat(self, body: TGIRequest, request: Request) -> Any:
         self._authorize(request)
         [job] = self._jobs(TGI, [body.to_ask()])
@@ -420,7 +349,8 @@ class GreenCodeServer:
                 done = formats.ollama_final(self.model_name, final, time.perf_counter() - start)
                 yield formats.json.dumps(done) + "\n"
 
-    @api.post("/api/generate", responses=ERRORS, tags=["ollama"], summary="Ollama / llm-vscode generate (NDJSON when stream)")
+    @api.post("/api/generate", responses=ERRORS, tags=["ollama"],
+              summary="Ollama / llm-vscode generate (NDJSON when stream)")
     @api.post("/api/generate/", responses=ERRORS, include_in_schema=False)
     async def ollama_generate(self, body: OllamaRequest, request: Request) -> Any:
         self._authorize(request)
@@ -451,7 +381,7 @@ class GreenCodeServer:
     @api.get("/api/tags", responses=ERRORS, tags=["ollama"], summary="Ollama model list (the one served model)")
     async def ollama_tags(self, request: Request) -> dict[str, Any]:
         self._authorize(request)
-        return {"models": [{"name": self.model_name, "model": self.model_name, "modified_at": formats._now(),
+        return {"models": [{"name": self.model_name, "model": self.model_name, "modified_at": formats.now_iso(),
                             "size": 0, "digest": self.lm.fingerprint, "details": {}}]}
 
     # ------------------------------------------------------------------ OpenAI
@@ -462,7 +392,8 @@ class GreenCodeServer:
             yield formats.openai_chunk(cid, created, self.model_name, event.text, event.finish_reason, final)
         yield formats.OPENAI_DONE
 
-    @api.post("/v1/completions", responses=ERRORS, tags=["openai"], summary="OpenAI legacy completions (SSE when stream)")
+    @api.post("/v1/completions", responses=ERRORS, tags=["openai"],
+              summary="OpenAI legacy completions (SSE when stream)")
     async def openai_completions(self, body: CompletionRequest, request: Request) -> Any:
         self._authorize(request)
         asks = body.to_asks()
@@ -470,13 +401,15 @@ class GreenCodeServer:
             raise ApiError("stream supports one prompt with n=1", "n")
         jobs = self._jobs(OPENAI, asks)
         if body.stream:
-            return StreamingResponse(self._tracked(OPENAI, self._openai_chunks(jobs[0])), media_type="text/event-stream")
+            return StreamingResponse(self._tracked(OPENAI, self._openai_chunks(jobs[0])),
+                                     media_type="text/event-stream")
         return formats.openai_response(self.model_name, await self._complete(OPENAI, jobs))
 
     @api.get("/v1/models", responses=ERRORS, tags=["openai"], summary="OpenAI model list (the one served model)")
     async def openai_models(self, request: Request) -> dict[str, Any]:
         self._authorize(request)
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0, "owned_by": "greencode"}]}
+        model = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "greencode"}
+        return {"object": "list", "data": [model]}
 
     # ------------------------------------------------------------------ operations
 
@@ -489,15 +422,16 @@ class GreenCodeServer:
 
     @api.get("/metrics", responses=ERRORS, tags=["ops"], summary="Prometheus metrics of the replica that answers",
              response_class=PlainTextResponse)
-    async def metrics(self, request: Request) -> PlainTextResponse:
+    async def prometheus_metrics(self, request: Request) -> PlainTextResponse:
         self._authorize(request)
-        return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(self.stats.render(), media_type="text/plain; version=0.0.4")
 
 
-# --------------------------------------------------------------------------- builders + CLI
+# --------------------------------------------------------------------------- builders
 
 
-def build_app_with_loader(cfg: ServeConfig | dict[str, Any] | None, model_loader: ModelLoader | None = None) -> Application:
+def build_app_with_loader(cfg: ServeConfig | dict[str, Any] | None,
+                          model_loader: ModelLoader | None = None) -> Application:
     """Typed builder: the deployment sized by ``cfg``; ``model_loader`` (picklable) replaces load_model."""
     cfg = cfg if isinstance(cfg, ServeConfig) else validate(ServeConfig, cfg or {}, source="serve config")
     return GreenCodeServer.options(
@@ -510,65 +444,3 @@ def build_app_with_loader(cfg: ServeConfig | dict[str, Any] | None, model_loader
 def build_app(args: ServeConfig | dict[str, Any]) -> Application:
     """`serve run` builder (Serve passes the config file's ``args`` mapping as the one argument)."""
     return build_app_with_loader(args)
-
-
-def run(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, blocking: bool = False,
-        model_loader: ModelLoader | None = None):
-    """Start (or update) the app on Ray Serve at http://host:port/; returns its DeploymentHandle."""
-    from workflows.common import init_ray
-
-    init_ray()
-    serve.start(http_options={"host": host, "port": port})
-    app = build_app_with_loader(cfg, model_loader)
-    return serve.run(app, name="greencode", route_prefix="/", blocking=blocking)
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from workflows.common import config_parser
-
-    p = config_parser("Serve the gated model over HTTP on Ray Serve (TGI, Ollama/llm-vscode, OpenAI protocols).")
-    p.prog = "greencode serve"
-    p.add_argument("--model", help="'embedded', a local HF dir, a .gguf file or a hub id (model.name)")
-    p.add_argument("--policy", help="ExitPolicy file; without one the default gate is 'full'")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to expose; default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--replicas", type=int, help="num_replicas")
-    p.add_argument("--num-cpus", type=float, help="CPUs per replica")
-    p.add_argument("--num-gpus", type=float, help="GPUs per replica")
-    p.add_argument("--threshold", type=float, help="default policy threshold T")
-    p.add_argument("--gate", choices=["full", "fixed", "confidence", "policy"], help="default gate")
-    p.add_argument("--max-batch-size", type=int)
-    p.add_argument("--api-key", default=os.environ.get("GREENCODE_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' (default: $GREENCODE_API_KEY)")
-    return p.parse_args(argv)
-
-
-def config_from_args(args: argparse.Namespace) -> ServeConfig:
-    """ServeConfig from --config/--set plus the dedicated flags (flags given win over the file)."""
-    from workflows.common import load_from_args
-
-    flags = {"model.name": args.model, "policy_path": args.policy, "num_replicas": args.replicas,
-             "num_cpus": args.num_cpus, "num_gpus": args.num_gpus, "default_threshold": args.threshold,
-             "default_gate": args.gate, "max_batch_size": args.max_batch_size, "api_key": args.api_key}
-    cfg = load_from_args(ServeConfig, args, {k: v for k, v in flags.items() if v is not None})
-    if cfg.policy_path and not Path(cfg.policy_path).is_file():
-        raise ConfigError(f"policy_path: file not found: {cfg.policy_path}")
-    return cfg
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`greencode serve ...`: blocks until interrupted."""
-    from workflows.common import setup_logging
-
-    args = parse_args(argv)
-    setup_logging(args.verbose)
-    try:
-        cfg = config_from_args(args)
-    except ConfigError as err:
-        raise SystemExit(f"config error: {err}") from None
-    log.info("GreenCode serving on http://%s:%d (OpenAPI at /docs)", args.host, args.port)
-    run(cfg, args.host, args.port, blocking=True)
-
-
-if __name__ == "__main__":
-    main()

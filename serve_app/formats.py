@@ -73,7 +73,8 @@ def _details(c: Completion) -> dict[str, Any]:
 
 
 def tgi_response(c: Completion) -> dict[str, Any]:
-    tokens = [{"id": t, "text": s, "logprob": None, "special": False} for t, s in zip(c.result.token_ids, c.token_texts)]
+    tokens = [{"id": t, "text": s, "logprob": None, "special": False}
+              for t, s in zip(c.result.token_ids, c.token_texts)]
     return {
         "generated_text": c.text,
         "details": {
@@ -104,7 +105,7 @@ def tgi_stream_event(index: int, event: TokenEvent, final: Completion | None) ->
 # --------------------------------------------------------------------------- Ollama
 
 
-def _now() -> str:
+def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
@@ -113,14 +114,14 @@ def ollama_done_reason(finish_reason: str) -> str:
 
 
 def ollama_chunk(model: str, text: str) -> str:
-    return json.dumps({"model": model, "created_at": _now(), "response": text, "done": False}) + "\n"
+    return json.dumps({"model": model, "created_at": now_iso(), "response": text, "done": False}) + "\n"
 
 
 def ollama_final(model: str, c: Completion, total_s: float, *, text: str = "") -> dict[str, Any]:
     """The ``done: true`` object; ``text`` is the whole response when not streaming, '' when streaming."""
     return {
         "model": model,
-        "created_at": _now(),
+        "created_at": now_iso(),
         "response": text,
         "generated_text": text,  # the published GREEN-CODE endpoint answered with this key
         "done": True,
@@ -136,7 +137,7 @@ def ollama_final(model: str, c: Completion, total_s: float, *, text: str = "") -
 
 def ollama_loaded(model: str) -> dict[str, Any]:
     """Ollama answers an empty prompt by (re)loading the model and returning at once."""
-    return {"model": model, "created_at": _now(), "response": "", "done": True, "done_reason": "load"}
+    return {"model": model, "created_at": now_iso(), "response": "", "done": True, "done_reason": "load"}
 
 
 # --------------------------------------------------------------------------- OpenAI
@@ -159,11 +160,12 @@ def openai_response(model: str, completions: list[Completion]) -> dict[str, Any]
         "created": int(time.time()),
         "model": model,
         "choices": [
-            {"text": c.text, "index": i, "logprobs": None, "finish_reason": openai_finish_reason(c.result.finish_reason),
-             "greencode": _details(c)}
+            {"text": c.text, "index": i, "logprobs": None,
+             "finish_reason": openai_finish_reason(c.result.finish_reason), "greencode": _details(c)}
             for i, c in enumerate(completions)
         ],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": generated, "total_tokens": prompt_tokens + generated},
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
+                  "total_tokens": prompt_tokens + generated},
         "greencode": _summary(completions),
     }
 
@@ -187,7 +189,8 @@ def openai_chunk(cid: str, created: int, model: str, text: str, finish_reason: s
                  final: Completion | None = None) -> str:
     choice = {"text": text, "index": 0, "logprobs": None,
               "finish_reason": openai_finish_reason(finish_reason) if finish_reason else None}
-    body: dict[str, Any] = {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
+    body: dict[str, Any] = {"id": cid, "object": "text_completion", "created": created, "model": model,
+                            "choices": [choice]}
     if final is not None:
         body["greencode"] = _details(final)
     return f"data: {json.dumps(body)}\n\n"

@@ -29,7 +29,8 @@ class ServeMetrics:
                                 registry=self.registry)
         self.latency = Histogram("greencode_request_latency_seconds", "end-to-end completion latency", labels,
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.tokens = Counter("greencode_generated_tokens", "tokens generated", ["replica", "gate"], registry=self.registry)
+        self.tokens = Counter("greencode_generated_tokens", "tokens generated", ["replica", "gate"],
+                              registry=self.registry)
         self.layers = Histogram("greencode_layers_per_token", "decoder layers each generated token ran",
                                 ["replica", "gate"], buckets=tuple(range(1, num_layers + 1)), registry=self.registry)
         self.mean_layers = Gauge("greencode_mean_layers_per_token", "running mean of layers per token",

@@ -39,9 +39,10 @@ def _stop_list(value: Any) -> Any:
 class GateKnobs(_Body):
     """GreenCode's per-request trade-off between quality and energy (METHOD §5)."""
 
-    gate: GateMode | None = Field(None, description="exit gate; default: 'policy' when the server has a policy, else 'full'")
-    threshold: float | None = Field(None, ge=0, le=1, description="policy gate: exit when p[exit] > T (higher = deeper)")
-    RL_agent_thresh: float | None = Field(None, ge=0, le=1, description="alias of threshold (the published GREEN-CODE endpoint)")
+    gate: GateMode | None = Field(None, description="exit gate; default: the server's (policy when it has one)")
+    threshold: float | None = Field(None, ge=0, le=1, description="policy gate: exit when p[exit] > T (higher: deeper)")
+    RL_agent_thresh: float | None = Field(None, ge=0, le=1,
+                                          description="alias of threshold (the published GREEN-CODE endpoint)")
     gate_temperature: float | None = Field(None, gt=0, le=100, description="policy gate: softmax temperature tau")
     exit_layer: int | None = Field(None, ge=1, description="fixed gate: 1-based layer every token exits after")
     confidence: float | None = Field(None, gt=0, le=1, description="confidence gate: exit when max prob >= c")
@@ -99,7 +100,8 @@ class Ask:
     include_prompt: bool = False
 
 
-def _knobs_ask(prompt: str, knobs: GenerationKnobs | None, suffix: str | None = None, ignored: list[str] | None = None) -> Ask:
+def _knobs_ask(prompt: str, knobs: GenerationKnobs | None, suffix: str | None = None,
+               ignored: list[str] | None = None) -> Ask:
     knobs = knobs or GenerationKnobs()
     flat = knobs.flattened()
     temperature = flat.temperature
@@ -146,7 +148,7 @@ class OllamaRequest(_Body):
     options: GenerationKnobs | None = None
     parameters: GenerationKnobs | None = Field(None, description="accepted in place of options")
     stream: bool | None = Field(
-        None, description="NDJSON stream; unset = true for Ollama bodies ('prompt'), false for TGI-style ones ('inputs')"
+        None, description="NDJSON stream; unset = true for Ollama bodies ('prompt'), false for TGI-style ('inputs')"
     )
     raw: bool | None = None
     keep_alive: str | float | None = None

@@ -7,19 +7,19 @@ import zipfile
 
 import pytest
 
+from greencode.blocks import token_blocks
 from greencode.config import DataConfig
 from greencode.data import (
     Corpus,
     CorpusError,
     SourceFile,
     detokenize,
-    encode,
     glob_regex,
     line_completion_samples,
     load_corpus,
     random_cut_samples,
-    token_blocks,
 )
+from greencode.tokens import encode
 
 PY_SOURCE = '''import os
 
@@ -121,7 +121,9 @@ def test_zip_corpus_java(tmp_path):
 
 def test_max_files_is_a_seeded_sample(tmp_path):
     path = java_zip(tmp_path, count=10)
-    pick = lambda seed: [f.path for f in load_corpus(DataConfig(corpus=f"zip:{path}", max_files=3, seed=seed)).files]
+    def pick(seed):
+        return [f.path for f in load_corpus(DataConfig(corpus=f"zip:{path}", max_files=3, seed=seed)).files]
+
     assert len(pick(0)) == 3 and pick(0) == pick(0)
     assert len({tuple(pick(s)) for s in range(5)}) > 1
 
@@ -160,7 +162,8 @@ def test_detokenize_codexglue():
     assert detokenize(CODEXGLUE_JAVA) == (
         'package demo; public class A { String s = "hi"; int n = 0; char c = \'c\'; void f() { g(s, n); } }\n'
     )
-    py = "<s> import os <EOL> def f ( x ) : <EOL> return os . path . join ( x , '<STR_LIT:aU+0020bU+002Cc>' , <NUM_LIT:2> ) </s>"
+    py = ("<s> import os <EOL> def f ( x ) : <EOL> return os . path . join ( x , '<STR_LIT:aU+0020bU+002Cc>' , "
+          "<NUM_LIT:2> ) </s>")
     assert detokenize(py.split()) == "import os\ndef f(x):\nreturn os.path.join(x, 'a b,c', 2)\n"
     # placeholders without quotes (other exports) still become literals
     assert detokenize(["x", "=", "<STR_LIT:v>", "+", "<STR_LIT>", "+", "<CHAR_LIT:z>"]) == "x = \"v\" + \"\" + 'z'\n"
@@ -175,7 +178,8 @@ def test_codexglue_corpus_java_and_python(tmp_path):
     assert all(f.lang == "java" and "public class A" in f.text and "<" not in f.text for f in corpus.files)
 
     py = tmp_path / "py150.txt"
-    line = '<s> import os <EOL> def main ( argv ) : <EOL> print ( "<STR_LIT:helloU+0020world>" , argv ) <EOL> main ( [ ] ) </s>'
+    line = ('<s> import os <EOL> def main ( argv ) : <EOL> print ( "<STR_LIT:helloU+0020world>" , argv ) <EOL> '
+            'main ( [ ] ) </s>')
     py.write_text(json.dumps({"id": 0, "path": "repo/main.py", "code": line}) + "\n" + line + "\n")
     files = load_corpus(DataConfig(corpus=f"codexglue:{py}", min_file_tokens=8)).files
     assert [f.lang for f in files] == ["python", "python"]

@@ -4,7 +4,7 @@ import sys
 import pytest
 import torch
 
-from greencode.energy import EnergyMeter, _RaplReader
+from greencode.energy import EnergyMeter, RaplReader
 
 
 def test_cpu_without_rapl_reports_null(tmp_path, monkeypatch):
@@ -21,7 +21,7 @@ def test_rapl_counters_with_wraparound(tmp_path):
     (zone / "energy_uj").write_text("900\n")
     (zone / "max_energy_range_uj").write_text("1000\n")
     (tmp_path / "intel-rapl:0:0").mkdir()  # a sub-zone, already counted in its package
-    reader = _RaplReader(tmp_path)
+    reader = RaplReader(tmp_path)
     assert len(reader.zones) == 1
     start = reader.read()
     (zone / "energy_uj").write_text("100\n")  # wrapped: 900 -> 1000 -> 100

@@ -7,17 +7,11 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 from greencode.config import RewardConfig
-from greencode.env import (
-    CONTINUE,
-    EXIT,
-    ExitEnv,
-    fixed_exit_accuracy,
-    observation_stats,
-    score_exits,
-    shard_paths_for_worker,
-    step_reward,
-)
-from greencode.shards import ShardMeta, build_table, load_shards, optimal_exit, write_shard
+from greencode.env import ExitEnv, observation_stats, shard_paths_for_worker, step_reward
+from greencode.extraction import optimal_exit
+from greencode.policy import CONTINUE, EXIT
+from greencode.scoring import fixed_exit_accuracy, pareto_front, score_exits
+from greencode.shards import ShardMeta, build_table, load_shards, write_shard
 
 REWARD = {"alpha": 0.25, "beta": 0.5, "gamma": 0.5, "epsilon": 0.1}
 META = ShardMeta(exit_points=[2, 4, 6], hidden_size=4, num_layers=8, model_fingerprint="toy")
@@ -59,7 +53,8 @@ def test_reward_table(action, current, optimal, correct, expected):
 def test_penalties_stay_in_minus_one_zero():
     worst = RewardConfig(alpha=1, beta=1, gamma=1, epsilon=1)
     n = 5
-    values = [step_reward(a, c, o, k, n, worst) for a in (0, 1) for c in range(n) for o in range(n + 1) for k in (True, False)]
+    values = [step_reward(a, c, o, k, n, worst)
+              for a in (0, 1) for c in range(n) for o in range(n + 1) for k in (True, False)]
     assert min(values) >= -1.0 and max(values) == 1.0
 
 
@@ -135,3 +130,10 @@ def test_standardised_observations(one_sample):
     np.testing.assert_allclose(obs, (data.hidden[0, 0] - mean) / std, rtol=1e-6)
     with pytest.raises(ValueError, match="obs_mean/obs_std must be 4 values"):
         ExitEnv({"shard_paths": [str(one_sample)], "obs_mean": [0.0], "obs_std": [1.0]})
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    accuracy = np.array([0.9, 0.8, 0.8, 0.7, 0.95])
+    layers = np.array([20.0, 15.0, 18.0, 15.0, 26.0])
+    # (0.8, 18) is beaten by (0.8, 15); (0.7, 15) by (0.8, 15); the others trade accuracy for layers
+    assert pareto_front(accuracy, layers).tolist() == [True, True, False, False, True]

@@ -10,14 +10,10 @@ import torch
 
 from conftest import make_tiny
 from greencode.config import EvalConfig, GenerationConfig
-from greencode.evaluate import (
-    REPORT_FILES,
-    Evaluator,
-    PromptCachingGenerator,
-    evaluate,
-    part_path,
-    plan_settings,
-)
+from greencode.evaluation.parts import part_path
+from greencode.evaluation.plan import plan_settings
+from greencode.evaluation.report import REPORT_FILES
+from greencode.evaluation.runner import Evaluator, PromptReplayGenerator, run_evaluation
 from greencode.gates import ConfidenceGate, FixedGate, FullGate
 from greencode.generate import GatedGenerator
 from greencode.policy import ExitPolicy
@@ -62,7 +58,7 @@ def eval_config(models, corpus, out, **extra):
 def test_harness_writes_every_report_file(models, py_corpus, tmp_path):
     cfg = eval_config(models, f"dir:{py_corpus}", tmp_path / "report", base_model={"name": models["base"]},
                       policy_path=models["policy"])
-    report = evaluate(cfg)
+    report = run_evaluation(cfg)
     for name in REPORT_FILES:
         assert (tmp_path / "report" / name).is_file(), name
     assert (tmp_path / "report" / "quality_vs_layers.png").read_bytes()[:4] == b"\x89PNG"
@@ -90,7 +86,7 @@ def test_harness_writes_every_report_file(models, py_corpus, tmp_path):
 
 def test_rerun_skips_finished_parts_and_redoes_missing_ones(models, py_corpus, tmp_path, monkeypatch):
     cfg = eval_config(models, f"dir:{py_corpus}", tmp_path / "r", gates=["full", "fixed"])
-    first = evaluate(cfg)
+    first = run_evaluation(cfg)
     calls = []
     original = Evaluator.run_batch
 
@@ -99,14 +95,14 @@ def test_rerun_skips_finished_parts_and_redoes_missing_ones(models, py_corpus, t
         return original(self, batch, settings, keys)
 
     monkeypatch.setattr(Evaluator, "run_batch", spy)
-    again = evaluate(cfg)
+    again = run_evaluation(cfg)
     assert calls == []
     assert [r["rouge_l"] for r in again.rows] == [r["rouge_l"] for r in first.rows]
     part_path(tmp_path / "r", "fixed-k6@0.2", "ctx0.2-b0001").unlink()
-    evaluate(cfg)
+    run_evaluation(cfg)
     assert calls == [("ctx0.2-b0001", ["fixed-k6@0.2"])]
     # a stored part from another configuration is not reused
-    evaluate(eval_config(models, f"dir:{py_corpus}", tmp_path / "r", gates=["full", "fixed"],
+    run_evaluation(eval_config(models, f"dir:{py_corpus}", tmp_path / "r", gates=["full", "fixed"],
                          generation={"max_new_tokens": 3}))
     assert len(calls) == 3 and calls[-1][1] == ["full@0.2", "fixed-k4@0.2", "fixed-k6@0.2", "fixed-k10@0.2"]
 
@@ -124,25 +120,38 @@ def test_bad_policy_fails_before_any_work(models, py_corpus, tmp_path):
     bad = ExitPolicy(other.hidden_size, exit_points=other.exit_points, model_fingerprint=other.fingerprint)
     cfg = eval_config(models, f"dir:{py_corpus}", tmp_path / "bad", policy_path=str(bad.save(tmp_path / "bad.pt")))
     with pytest.raises(ValueError, match="was trained on model"):
-        evaluate(cfg)
+        run_evaluation(cfg)
     assert not (tmp_path / "bad" / "parts").exists()
 
 
 def test_policy_gate_alone_without_policy_is_an_error(models, py_corpus, tmp_path):
     with pytest.raises(ValueError, match="nothing to evaluate"):
-        evaluate(eval_config(models, f"dir:{py_corpus}", tmp_path / "none", gates=["policy"]))
+        run_evaluation(eval_config(models, f"dir:{py_corpus}", tmp_path / "none", gates=["policy"]))
 
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])
-def test_replayed_prompt_pass_equals_plain_generation(arch, tokenizer):
+def test_replayed_prompt_pass_is_exact_and_happens(arch, tokenizer):
+    """Replay must happen (one pass for five settings) and equal a fresh pass bit for bit."""
     lm = make_tiny(arch, tokenizer=tokenizer)
     prompts = [list(range(300, 340)), list(range(500, 517))]
-    plain, cached = GatedGenerator(lm), PromptCachingGenerator(lm)
+    plain, replaying = GatedGenerator(lm), PromptReplayGenerator(lm)
     cfg = GenerationConfig(max_new_tokens=6)
-    for gate in (FullGate(), FixedGate(4), ConfidenceGate(0.01), FixedGate(10), FullGate()):
-        expected = [r.token_ids for r in plain.generate(prompts, gate, cfg)]
-        assert [r.token_ids for r in cached.generate(prompts, gate, cfg)] == expected, gate.describe()
-    assert cached._memo is not None  # the prompt pass was stored and replayed
+    gates = (FullGate(), FixedGate(4), ConfidenceGate(0.01), FixedGate(10), FullGate())
+    for gate in gates:
+        expected = plain.generate(prompts, gate, cfg)
+        got = replaying.generate(prompts, gate, cfg)
+        assert [r.token_ids for r in got] == [r.token_ids for r in expected], gate.describe()
+        assert [r.layers_per_token for r in got] == [r.layers_per_token for r in expected], gate.describe()
+    assert (replaying.passes, replaying.replays) == (1, len(gates) - 1)
+    fresh, replayed = plain.prefill(prompts, False), replaying.prefill(prompts, False)
+    assert replaying.replays == len(gates)
+    assert torch.equal(replayed.output.logits, fresh.output.logits)
+    assert torch.equal(replayed.attention_mask, fresh.attention_mask)
+    for mine, theirs in zip(replayed.cache.layers, fresh.cache.layers, strict=True):
+        assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)
+    other = [p[1:] for p in prompts]  # different prompts: a new pass, never a replay
+    replaying.generate(other, FullGate(), cfg)
+    assert (replaying.passes, replaying.replays) == (2, len(gates))
 
 
 # --------------------------------------------------------------------------- Ray + CLI
@@ -160,7 +169,7 @@ def test_ray_run_on_java_zip_matches_in_process(models, tmp_path, ray_local):
                                                  "context_cap": 64})
     report = run(eval_config(models, "", tmp_path / "ray", num_workers=2, **common))
     assert all(p.is_file() for p in report.files())
-    local = evaluate(eval_config(models, "", tmp_path / "local", **common))
+    local = run_evaluation(eval_config(models, "", tmp_path / "local", **common))
     for name in ("full@0.2", "fixed-k6@0.2"):
         ray_part = json.loads(part_path(tmp_path / "ray", name, "ctx0.2-b0000").read_text())
         local_part = json.loads(part_path(tmp_path / "local", name, "ctx0.2-b0000").read_text())
@@ -169,9 +178,9 @@ def test_ray_run_on_java_zip_matches_in_process(models, tmp_path, ray_local):
 
 
 def test_cli_flags_map_to_config(tmp_path):
-    from workflows.evaluate import config_from_args
+    from workflows.evaluate import COMMAND
 
-    cfg, _ = config_from_args(["--model", "m", "--base-model", "b", "--corpus", "zip:/x.zip", "--lang", "java",
+    cfg, _ = COMMAND.parse(["--model", "m", "--base-model", "b", "--corpus", "zip:/x.zip", "--lang", "java",
                                "--samples", "7", "--gates", "full,fixed", "--confidences", "0.5,0.8",
                                "--thresholds", "0.9,0.92", "--context-fractions", "0.2,0.5", "--output", "out",
                                "--set", "batch_size=4"])

@@ -10,25 +10,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny
 
+from conftest import make_tiny
+from greencode.blocks import BlockSampler, BlockSet, build_blocks
+from greencode.checkpoints import TrainerState, read_exit_plan
 from greencode.config import ConfigError, FinetuneConfig, load_config
 from greencode.data import SourceFile
 from greencode.lite import next_token_loss
 from greencode.training import (
-    BlockSampler,
-    BlockSet,
     LiteObjective,
     LiteStepper,
-    build_blocks,
     build_optimizer,
     build_scheduler,
     check_precision,
-    evaluate,
     loss_weights,
-    read_exit_plan,
-    validation_counts,
 )
+from greencode.validation import validation_counts, validation_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -178,7 +175,7 @@ def test_precision_checked_against_hardware():
 def test_validation_counts_match_a_manual_loop(tokenizer):
     lm = make_tiny("opt", tokenizer=tokenizer)
     blocks = random_blocks(3, 10, seed=5)
-    metrics = evaluate(lm, blocks, batch_size=2)
+    metrics = validation_metrics(lm, blocks, batch_size=2)
     layers = lm.exit_points + [lm.num_layers]
     ids = torch.as_tensor(blocks.ids, dtype=torch.long)
     with torch.no_grad():
@@ -215,7 +212,7 @@ def test_fsdp_objective_trains_validates_and_saves_full_weights(tmp_path, tokeni
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from transformers import AutoModelForCausalLM
 
-    from greencode.training import full_params, load_optimizer_state, optimizer_state
+    from greencode.distributed import full_params, load_optimizer_state, optimizer_state
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
@@ -228,7 +225,7 @@ def test_fsdp_objective_trains_validates_and_saves_full_weights(tmp_path, tokeni
         losses = [stepper.train_step([batch]).loss for _ in range(4)]
         assert losses[-1] < losses[0]
         with full_params(objective):
-            assert evaluate(lm, random_blocks(2, 12), 2)["val/loss_l4"] > 0
+            assert validation_metrics(lm, random_blocks(2, 12), 2)["val/loss_l4"] > 0
             lm.model.save_pretrained(tmp_path / "out")
         load_optimizer_state(objective, optimizer, optimizer_state(objective, optimizer))
         saved = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
@@ -267,8 +264,8 @@ def test_ray_train_two_workers_checkpoint_and_resume(ray_local, tiny_model_dir, 
 
     # the held-out validation loss of the published model is below the base model's, at every exit
     _, val = prepare_data(cfg)
-    before = evaluate(load_model(cfg.model), val, 2)
-    after = evaluate(load_model(cfg.model.model_copy(update={"name": str(out)})), val, 2)
+    before = validation_metrics(load_model(cfg.model), val, 2)
+    after = validation_metrics(load_model(cfg.model.model_copy(update={"name": str(out)})), val, 2)
     for layer in (4, 6, 10, 12):
         assert after[f"val/loss_l{layer}"] < before[f"val/loss_l{layer}"]
 
@@ -285,8 +282,8 @@ def test_ray_train_two_workers_checkpoint_and_resume(ray_local, tiny_model_dir, 
     run_dir = tmp_path / "runs" / "t"
     assert sorted(p.name for p in run_dir.glob("checkpoint_0*")) == ["checkpoint_000006", "checkpoint_000009"]
     assert any((run_dir / "tensorboard").iterdir())
-    state = torch.load(run_dir / "checkpoint_000009" / "trainer_state.pt", weights_only=False)
-    assert state["step"] == 9 and state["optimizer"]["state"]
+    state = TrainerState.load(run_dir / "checkpoint_000009")
+    assert state.step == 9 and state.optimizer["state"]
 
 
 @pytest.mark.ray

@@ -62,8 +62,8 @@ def coin_policy(lm, seed=0):
     return policy
 
 
-@pytest.mark.parametrize("gate_factory", [lambda lm: FullGate(), lambda lm: FixedGate(6), lambda lm: ConfidenceGate(1e-5),
-                                          lambda lm: PolicyGate(coin_policy(lm), 0.5)])
+@pytest.mark.parametrize("gate_factory", [lambda lm: FullGate(), lambda lm: FixedGate(6),
+                                          lambda lm: ConfidenceGate(1e-5), lambda lm: PolicyGate(coin_policy(lm), 0.5)])
 def test_batched_equals_per_sample(lm, gate_factory):
     gate = gate_factory(lm)
     gen = GatedGenerator(lm)
@@ -118,19 +118,50 @@ def test_propagated_kv_equals_what_the_layer_caches(lm):
             h = lm.adapter.run_layer(i, h, {**kwargs, "past_key_values": None, "use_cache": False})
 
 
-def test_early_exit_skips_layers_and_keeps_cache_complete(lm):
+def test_skipped_layers_get_the_kv_of_the_exited_state(lm):
+    """After a token exits at layer 4, every layer's cache has its position: layers 1-4 the K/V they computed,
+    each deeper layer the K/V its own projections give the layer-4 state (METHOD §5 (b)), values checked."""
+    from transformers import DynamicCache
+
     gen = GatedGenerator(lm)
-    res = gen.generate([PROMPTS[0]], FixedGate(4), GREEDY)[0]
-    assert res.layers_per_token == [lm.num_layers] + [4] * 11
-    assert res.mean_layers < lm.num_layers
+    prompt = PROMPTS[0]
+    pre = gen.prefill([prompt], False)
+    token = int(pre.output.logits.argmax(-1))
+    attn = torch.ones(1, len(prompt) + 1, dtype=torch.long)
+    out = gen.step(torch.tensor([[token]]), attn, pre.cache, FixedGate(4))
+    assert out.exit_layers.tolist() == [4]
+
+    seq = torch.tensor([prompt + [token]])
+    full = DynamicCache(config=lm.model.config)  # every layer of every position computed for real
+    gen.step(seq, attn, full, FullGate())
+    h4 = lm.forward_exits(seq).hidden_states[lm.exit_points.index(4)][:, -1:]
+    pos = lm.positions(attn)[:, -1:]
+    kwargs = lm.adapter.layer_kwargs(h4, pos, None, None)
+    for j, (got, ref) in enumerate(zip(pre.cache.layers, full.layers, strict=True)):
+        assert got.keys.shape[-2] == len(prompt) + 1, f"layer {j + 1} has no entry for the new token"
+        torch.testing.assert_close(got.keys[..., :-1, :], ref.keys[..., :-1, :], rtol=1e-4, atol=1e-5)
+        if j < 4:  # ran the layer: exactly what the full model caches
+            torch.testing.assert_close(got.keys[..., -1:, :], ref.keys[..., -1:, :], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(got.values[..., -1:, :], ref.values[..., -1:, :], rtol=1e-4, atol=1e-5)
+        else:  # skipped: projected from the exited layer-4 state, not computed from its own input
+            keys, values = lm.adapter.kv_projection(j, h4, kwargs)
+            torch.testing.assert_close(got.keys[..., -1:, :], keys, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(got.values[..., -1:, :], values, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(pre.cache.layers[-1].keys[..., -1:, :], full.layers[-1].keys[..., -1:, :])
 
 
-def test_seeded_sampling_is_reproducible(lm):
+def test_sampling_samples(lm):
+    """Seeded sampling is reproducible, differs between seeds and from greedy; top_p -> 0 keeps only the top token."""
     gen = GatedGenerator(lm)
-    cfg = GenerationConfig(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=123)
-    a = gen.generate([PROMPTS[0]], FullGate(), cfg)[0].token_ids
-    b = gen.generate([PROMPTS[0]], FullGate(), cfg)[0].token_ids
+
+    def tokens(**kw):
+        return gen.generate([PROMPTS[0]], FullGate(), GenerationConfig(max_new_tokens=8, **kw))[0].token_ids
+
+    greedy = tokens()
+    a, b = tokens(temperature=1.0, seed=123), tokens(temperature=1.0, seed=123)
     assert a == b
+    assert a != greedy and tokens(temperature=1.0, seed=7) != a
+    assert tokens(temperature=1.0, top_p=1e-6, seed=5) == greedy
 
 
 def test_stop_sequence_and_eos(tokenizer):
@@ -148,7 +179,47 @@ def test_stop_sequence_and_eos(tokenizer):
     assert eos.token_ids == free.token_ids[: free.token_ids.index(free.token_ids[2]) + 1]
 
 
-def test_result_reports_time_and_unmeasured_energy(lm):
+def test_energy_is_measured_and_split_over_the_batch(lm, tmp_path, monkeypatch):
+    """A RAPL counter that advances 3 J during generation: each of 3 rows reports 1 J, measured, not guessed."""
+    zone = tmp_path / "intel-rapl:0"
+    zone.mkdir()
+    counter = zone / "energy_uj"
+    counter.write_text("1000000\n")
+    monkeypatch.setattr("greencode.energy.RAPL_ROOT", tmp_path)
+    gen = GatedGenerator(lm)
+    assert gen.meter.source == "rapl"
+    items = gen.stream(PROMPTS, FullGate(), GenerationConfig(max_new_tokens=3))
+    next(items)  # the first tokens: the meter is running
+    counter.write_text("4000000\n")
+    *_, finished = items
+    assert [r.energy_j for r in finished.results] == pytest.approx([1.0, 1.0, 1.0])
+    assert all(r.time_s > 0 for r in finished.results)
+
+
+def test_energy_is_null_without_a_meter(lm, tmp_path, monkeypatch):
+    monkeypatch.setattr("greencode.energy.RAPL_ROOT", tmp_path)  # no powercap zones, CPU model: no meter
     res = GatedGenerator(lm).generate([PROMPTS[0]], FullGate(), GREEDY)[0].to_dict()
-    assert res["time_s"] > 0 and res["mean_layers"] == lm.num_layers
-    assert "energy_j" in res  # None on a machine without a meter, never a guess
+    assert res["energy_j"] is None and res["time_s"] > 0 and res["mean_layers"] == lm.num_layers
+
+
+def test_prompts_get_no_bos_even_from_a_tokenizer_that_adds_one(tokenizer):
+    """Prompts are tokenized like the pipeline's data (greencode.tokens.encode): a tokenizer that adds BOS by
+    default (Llama 3 style) must not slip a token into generation that fine-tuning and shards never saw."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    from greencode.data import SourceFile, line_completion_samples
+    from greencode.tokens import encode
+
+    tok = copy.deepcopy(tokenizer)
+    bos = tok.convert_tokens_to_ids("<|im_start|>")
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<|im_start|> $A",
+                                                              special_tokens=[("<|im_start|>", bos)])
+    text = "def add(a, b):\n    return a + b\n" * 20
+    assert tok(text)["input_ids"][0] == bos  # the trap this test is about
+    ids = encode(tok, text)
+    assert bos not in ids
+    assert GatedGenerator(make_tiny("llama", tokenizer=tok)).encode([text]) == [ids]
+    [sample] = line_completion_samples([SourceFile("a.py", text, "python")], tok, 1)
+    assert sample.context_ids == ids[: len(sample.context_ids)]

@@ -10,6 +10,7 @@ from greencode.gates import FullGate, PolicyGate
 from greencode.generate import GatedGenerator
 from greencode.modeling import UnsupportedModelError, adapter_for, wrap_model
 from greencode.policy import ExitPolicy
+from greencode.tokens import encode
 
 
 def test_unsupported_architecture_is_named():
@@ -76,9 +77,10 @@ def test_embedded_full_and_never_exit_policy_equal_hf_generate(embedded):
     prompts = code_prompts()
     assert len(prompts) == 20
     for prompt in prompts:
-        ids = lm.tokenizer(prompt, return_tensors="pt")
-        ref = lm.model.generate(**ids, do_sample=False, max_new_tokens=15, pad_token_id=lm.tokenizer.pad_token_id)
-        ref = ref[0, ids["input_ids"].shape[1]:].tolist()
+        ids = torch.tensor([encode(lm.tokenizer, prompt)])
+        ref = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=15,
+                                pad_token_id=lm.tokenizer.pad_token_id)
+        ref = ref[0, ids.shape[1]:].tolist()
         full = gen.generate([prompt], FullGate(), cfg)[0]
         assert full.token_ids == ref[: len(full.token_ids)] and len(full.token_ids) == len(ref)
         assert gen.generate([prompt], policy_gate, cfg)[0].token_ids == full.token_ids

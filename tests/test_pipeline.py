@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import save_tiny
-from greencode.config import validate, PipelineConfig
+from greencode.config import PipelineConfig, validate
 
 pytestmark = pytest.mark.ray
 

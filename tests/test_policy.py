@@ -4,7 +4,8 @@ import torch
 from conftest import make_tiny
 from greencode.config import GateConfig
 from greencode.gates import PolicyGate, build_gate
-from greencode.policy import ExitPolicy, PolicyMismatchError, model_fingerprint
+from greencode.modeling import model_fingerprint
+from greencode.policy import ExitPolicy, PolicyMismatchError
 
 
 def test_default_shape_is_hidden_64_64_2_tanh():

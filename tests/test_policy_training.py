@@ -9,8 +9,9 @@ import math
 import pytest
 import torch
 
-from greencode.config import ExtractConfig, PolicyTrainConfig, PPOConfig, SweepConfig
+from greencode.config import ExtractConfig, PolicyPPOConfig, PolicyTrainConfig, SweepConfig
 from greencode.env import observation_stats
+from greencode.extraction import MANIFEST
 from greencode.policy import ExitPolicy
 from greencode.shards import list_shards, load_shards, read_meta
 from workflows import extract, sweep, train_policy
@@ -29,9 +30,9 @@ def shards(ray_local, tiny_model_dir, tmp_path_factory):
 
 
 def test_resource_plan_starts_on_two_cores():
-    plan = train_policy.plan_resources(PPOConfig(num_env_runners=2), 2)
+    plan = train_policy.plan_resources(PolicyPPOConfig(num_env_runners=2), 2)
     assert plan.total <= 2 and plan.num_env_runners == 2
-    assert train_policy.plan_resources(PPOConfig(num_env_runners=4, cpus_per_env_runner=1), 16).total == 5
+    assert train_policy.plan_resources(PolicyPPOConfig(num_env_runners=4, cpus_per_env_runner=1), 16).total == 5
 
 
 def test_extraction_writes_resumable_shards(shards):
@@ -42,7 +43,7 @@ def test_extraction_writes_resumable_shards(shards):
     assert meta.exit_points == [4, 6, 10] and meta.hidden_size == 64 and meta.num_layers == 12
     mtimes = {p: p.stat().st_mtime_ns for p in paths}
     paths[1].unlink()
-    (paths[0].parent / extract.MANIFEST).unlink()
+    (paths[0].parent / MANIFEST).unlink()
     assert extract.run(cfg)["shards"] == manifest["shards"]  # only the missing shard is rewritten
     assert paths[0].stat().st_mtime_ns == mtimes[paths[0]] and paths[1].is_file()
 
@@ -64,7 +65,8 @@ def test_ppo_reports_metrics_and_exports_a_policy(trained, tiny_model_dir):
         assert math.isfinite(metrics[name]), name
     assert 4 <= metrics["mean_exit_layer"] <= 12 and 0 <= summary["eval"]["exit_accuracy"] <= 1
     meta = read_meta(list_shards(cfg.shards_dir)[0])
-    policy = ExitPolicy.load(cfg.output_path, hidden_size=64, exit_points=[4, 6, 10], model_fingerprint=meta.model_fingerprint)
+    policy = ExitPolicy.load(cfg.output_path, hidden_size=64, exit_points=[4, 6, 10],
+                             model_fingerprint=meta.model_fingerprint)
     assert policy.metadata["eval"] == summary["eval"]
     assert train_policy.run(cfg) == json.loads(json.dumps(summary))  # finished: reused, not retrained
 
@@ -85,8 +87,8 @@ def test_generate_cli_gates_with_the_trained_policy(trained, tiny_model_dir, cap
     from workflows import generate
 
     cfg, _ = trained
-    generate.main(["--model", str(tiny_model_dir), "--gate", "policy", "--policy", cfg.output_path, "--threshold", "0.5",
-                   "--prompt", "def add(a, b):", "--max-new-tokens", "3", "--json"])
+    generate.main(["--model", str(tiny_model_dir), "--gate", "policy", "--policy", cfg.output_path,
+                   "--threshold", "0.5", "--prompt", "def add(a, b):", "--max-new-tokens", "3", "--json"])
     record = json.loads(capsys.readouterr().out)
     assert record["generated_tokens"] == 3 and 1 <= record["mean_layers"] <= 12
 

@@ -13,10 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-import conftest
 import httpx
 import pytest
 import torch
+
+import conftest
 from conftest import make_tiny
 
 API_KEY = "test-key"
@@ -66,14 +67,14 @@ def server(tmp_path_factory, tokenizer):
     from ray import serve
 
     from greencode.config import ServeConfig
-    from serve_app.app import run
+    from workflows.serve import run
 
     # The loader travels to the replica by value: neither this module nor conftest is importable there.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     ray.cloudpickle.register_pickle_by_value(conftest)
     policy_path = save_varying_policy(make_tiny("llama", tokenizer=tokenizer),
                                       tmp_path_factory.mktemp("policy") / "exit_policy.pt")
-    cfg = ServeConfig(policy_path=str(policy_path), default_threshold=0.5, default_max_new_tokens=8,
+    cfg = ServeConfig(policy_path=str(policy_path), gate={"threshold": 0.5}, generation={"max_new_tokens": 8},
                       max_context_tokens=256, max_batch_size=8, batch_wait_timeout_s=0.05, api_key=API_KEY,
                       num_cpus=1)
     port = free_port()
@@ -134,21 +135,29 @@ def test_shipped_serve_config_is_valid_and_bad_configs_name_the_field():
         build_app({"max_batch_size": 0})
 
 
-def test_cli_flags_become_the_serve_config(tmp_path):
+def test_cli_flags_become_the_serve_config(tmp_path, monkeypatch):
     from greencode.config import ConfigError
-    from serve_app.app import config_from_args, parse_args
+    from workflows.serve import parse
 
     policy = tmp_path / "p.pt"
     policy.write_bytes(b"")
-    args = parse_args(["--model", "runs/lite", "--policy", str(policy), "--replicas", "2", "--num-gpus", "0.5",
-                       "--threshold", "0.8", "--set", "max_context_tokens=4096"])
-    cfg = config_from_args(args)
-    assert (cfg.model.name, cfg.num_replicas, cfg.num_gpus, cfg.default_threshold, cfg.max_context_tokens) == (
+    monkeypatch.setenv("GREENCODE_API_KEY", "from-env")
+    cfg, args = parse(["--model", "runs/lite", "--policy", str(policy), "--replicas", "2", "--num-gpus", "0.5",
+                       "--threshold", "0.8", "--set", "max_context_tokens=4096", "--port", "9000"])
+    assert (cfg.model.name, cfg.num_replicas, cfg.num_gpus, cfg.gate.threshold, cfg.max_context_tokens) == (
         "runs/lite", 2, 0.5, 0.8, 4096)
+    assert cfg.api_key == "from-env" and args.port == 9000
+    assert cfg.gate.temperature == 1.0 and cfg.generation.max_new_tokens == 60  # defaults from the config, not the CLI
     with pytest.raises(ConfigError, match="policy_path"):
-        config_from_args(parse_args(["--policy", str(tmp_path / "missing.pt")]))
-    with pytest.raises(ConfigError, match="default_threshold"):
-        config_from_args(parse_args(["--threshold", "2"]))
+        parse(["--policy", str(tmp_path / "missing.pt")])
+    with pytest.raises(ConfigError, match="gate.threshold"):
+        parse(["--threshold", "2"])
+
+
+def test_serve_app_does_not_reach_into_workflows():
+    import serve_app.app
+
+    assert not hasattr(serve_app.app, "run") and not hasattr(serve_app.app, "main")
 
 
 # --------------------------------------------------------------------------- official clients
@@ -207,7 +216,8 @@ def test_ollama_client_plain_and_stream(server):
 
 @pytest.mark.ray
 def test_ollama_stream_is_the_default_and_reports_ignored_options(http):
-    response = http.post("/api/generate", json={"model": "x", "prompt": PROMPT, "options": {"num_predict": 3, "top_k": 40}})
+    body = {"model": "x", "prompt": PROMPT, "options": {"num_predict": 3, "top_k": 40}}
+    response = http.post("/api/generate", json=body)
     assert response.headers["content-type"].startswith("application/x-ndjson")
     lines = [json.loads(line) for line in response.text.splitlines()]
     assert lines[-1]["done"] and lines[-1]["greencode"]["ignored_parameters"] == ["top_k"]
@@ -269,7 +279,8 @@ def test_raising_the_threshold_uses_more_layers(http):
 
 @pytest.mark.ray
 def test_gate_modes_per_request(http):
-    fixed = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "gate": "fixed", "exit_layer": 6}).json()
+    body = {"prompt": PROMPT, "max_tokens": 4, "gate": "fixed", "exit_layer": 6}
+    fixed = http.post("/v1/completions", json=body).json()
     assert fixed["greencode"]["layers_per_token"] == [12, 6, 6, 6]  # the prefill token always runs every layer
     confident = http.post("/generate", json={"inputs": PROMPT, "parameters": {"max_new_tokens": 4, "gate": "confidence",
                                                                               "confidence": 1e-9}}).json()
@@ -309,7 +320,8 @@ def test_tgi_generate_stream_sse(http):
 
 @pytest.mark.ray
 def test_client_disconnect_stops_generation(server, http):
-    cancelled_before, tokens_before = metric(http, "greencode_cancelled_requests_total"), metric(http, "greencode_generated_tokens_total")
+    cancelled_before = metric(http, "greencode_cancelled_requests_total")
+    tokens_before = metric(http, "greencode_generated_tokens_total")
     body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 240, "gate": "full"}}
     with httpx.Client(base_url=server, headers=AUTH, timeout=60) as client, \
             client.stream("POST", "/generate_stream", json=body) as r:
@@ -389,6 +401,7 @@ def test_api_key_is_required(server):
 
 
 @pytest.mark.ray
+@pytest.mark.fuzz
 def test_schemathesis_finds_no_server_error(server):
     """Bounded fuzzing of the OpenAPI schema: every answer must be < 500."""
     st = Path(sys.executable).with_name("st")

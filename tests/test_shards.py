@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny
 
+from conftest import make_tiny
+from greencode.extraction import ShardSample, extract_rows, meta_for, optimal_exit
 from greencode.shards import (
     ShardError,
     ShardMeta,
     build_table,
-    extract_rows,
+    is_complete,
     load_shards,
-    meta_for,
-    optimal_exit,
     read_meta,
     read_shard,
+    shard_path,
     write_shard,
 )
 
@@ -75,6 +73,9 @@ def test_corrupt_and_foreign_files_are_named(tmp_path):
         read_meta(foreign)
     with pytest.raises(ShardError, match="shard not found"):
         read_shard(tmp_path / "missing.parquet")
+    assert not is_complete(bad) and not is_complete(foreign)
+    good = write_shard(build_table(META, toy_rows()), shard_path(tmp_path, 3))
+    assert good.name == "shard-00003.parquet" and is_complete(good)
 
 
 def test_shards_from_different_models_do_not_mix(tmp_path):
@@ -92,16 +93,9 @@ def test_overflowing_hidden_states_are_refused():
         build_table(META, rows)
 
 
-@dataclass
-class _Sample:
-    sample_id: str
-    context_ids: list[int]
-    target_ids: list[int]
-
-
 def test_extract_rows_matches_a_plain_forward(tokenizer):
     lm = make_tiny("llama", tokenizer=tokenizer)
-    samples = [_Sample("a", list(range(100, 120)), [5, 6]), _Sample("b", list(range(300, 307)), [])]
+    samples = [ShardSample("a", list(range(100, 120)), [5, 6]), ShardSample("b", list(range(300, 307)), [])]
     rows = extract_rows(lm, samples, tokens_per_sample=4)
     assert [r["token_index"] for r in rows] == [0, 1, 2, 3, 0, 1, 2, 3]
     assert [r["dataset_token"] for r in rows[:4]] == [5, 6, -1, -1]

@@ -17,7 +17,7 @@ COMMANDS = {
     "train-policy": ("workflows.train_policy", "PPO exit policy with RLlib"),
     "sweep": ("workflows.sweep", "Ray Tune over reward coefficients / loss budgets"),
     "pipeline": ("workflows.pipeline", "every stage end to end"),
-    "serve": ("serve_app.app", "serve the gated model over HTTP (Ray Serve)"),
+    "serve": ("workflows.serve", "serve the gated model over HTTP (Ray Serve)"),
 }
 
 

@@ -1,42 +1,121 @@
-"""Helpers every entry point shares: logging, Ray start-up, config loading from argv."""
+"""What every entry point shares: quiet logging, Ray start-up, one-line errors, and the one config path.
+
+Every command builds its config the same way (:class:`ConfigCommand`):
+
+    --preset NAME  ->  --config FILE.yaml (repeatable, later files win)  ->  dedicated flags  ->  --set KEY=VALUE
+
+A dedicated flag (``--model``, ``--policy`` ...) is only a short name for one config field: its
+help text and default are read from that field, so no default is restated here.
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
-from typing import Any, TypeVar
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
 
-from greencode.config import ConfigError, load_config, parse_overrides
+from greencode.config import ConfigError, field_info, load_config, parse_overrides
 
 C = TypeVar("C", bound=BaseModel)
 
 
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    """Quiet by default: GreenCode's own one-line reports (INFO) and everyone's warnings.
+
+    ``verbose`` (``-v``) shows GreenCode's DEBUG lines, the libraries' INFO lines and the
+    progress bars of model loading and saving. Also called inside Ray workers (whose root
+    logger Ray configures at INFO), so it sets levels rather than relying on basicConfig.
+    """
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("greencode").setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    if verbose:
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()
 
 
-def config_parser(description: str) -> argparse.ArgumentParser:
-    """Parser with the options every config-driven entry point takes."""
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--config", help="YAML config file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set optim.lr=1e-4 (repeatable)")
-    p.add_argument("-v", "--verbose", action="store_true")
-    return p
+def verbose() -> bool:
+    """Whether -v was given (setup_logging lets GreenCode's DEBUG lines through only then)."""
+    return logging.getLogger("greencode").isEnabledFor(logging.DEBUG)
 
 
-def load_from_args(cls: type[C], args: argparse.Namespace, extra: dict[str, Any] | None = None) -> C:
-    overrides = {**(extra or {}), **parse_overrides(args.overrides)}
-    return load_config(cls, args.config, overrides)
+def comma_list(item: Callable[[str], Any] = str) -> Callable[[str], list[Any]]:
+    """argparse type for ``a,b,c`` lists."""
+
+    def parse(text: str) -> list[Any]:
+        return [item(x.strip()) for x in text.split(",") if x.strip()]
+
+    return parse
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A dedicated flag that sets one config field (``--model`` -> ``model.name``)."""
+
+    option: str
+    field: str
+    type: Callable[[str], Any] | None = None
+    choices: Sequence[str] | None = None
+    append: bool = False  # repeatable; the values form a list
+
+    @property
+    def dest(self) -> str:
+        return "flag_" + self.field.replace(".", "__")
+
+    @property
+    def metavar(self) -> str | None:
+        return None if self.choices else self.field.rsplit(".", 1)[-1].upper()
+
+
+class ConfigCommand(Generic[C]):
+    """The parser of one config-driven command and the config it builds (see the module docstring)."""
+
+    def __init__(self, cls: type[C], description: str, *, prog: str | None = None, flags: Sequence[Flag] = (),
+                 presets: Mapping[str, Path] | None = None) -> None:
+        self.cls, self.flags, self.presets = cls, list(flags), dict(presets or {})
+        p = argparse.ArgumentParser(prog=prog, description=description)
+        if self.presets:
+            p.add_argument("--preset", choices=sorted(self.presets), help="start from a shipped preset")
+        p.add_argument("--config", action="append", default=[], metavar="FILE.yaml",
+                       help=f"YAML file with {cls.__name__} fields; repeatable, later files win")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one field, e.g. --set optim.lr=1e-4 (repeatable; applied last)")
+        p.add_argument("-v", "--verbose", action="store_true", help="verbose logs (and tracebacks on errors)")
+        group = p.add_argument_group("config fields (a flag sets the field in brackets)")
+        for flag in self.flags:
+            description, default = field_info(cls, flag.field)
+            shown = ",".join(map(str, default)) if isinstance(default, list) else default
+            group.add_argument(flag.option, dest=flag.dest, type=flag.type, choices=flag.choices, default=None,
+                               action="append" if flag.append else "store", metavar=flag.metavar,
+                               help=f"{description} [{flag.field}; default: {shown}]")
+        self.parser = p
+
+    def config(self, args: argparse.Namespace) -> C:
+        """preset -> --config files -> flags -> --set, validated (errors name the field)."""
+        paths = [self.presets[args.preset]] if getattr(args, "preset", None) else []
+        paths += list(args.config)
+        overrides = {f.field: getattr(args, f.dest) for f in self.flags if getattr(args, f.dest) is not None}
+        overrides.update(parse_overrides(args.overrides))
+        return load_config(self.cls, paths, overrides)
+
+    def parse(self, argv: Sequence[str] | None) -> tuple[C, argparse.Namespace]:
+        """Parse ``argv``, set up logging, build the config."""
+        args = self.parser.parse_args(argv)
+        setup_logging(args.verbose)
+        return self.config(args), args
 
 
 def init_ray(**kwargs: Any) -> None:
@@ -46,19 +125,29 @@ def init_ray(**kwargs: Any) -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
-    logging.getLogger(__name__).info("starting Ray (%s)", f"address={address}" if address else "local")
+    logging.getLogger("greencode.ray").info("starting Ray (%s)", f"address={address}" if address else "local")
     ray.init(address=address or None, log_to_driver=True, **kwargs)
 
 
-def exit_on_config_error(func):
-    """Decorator for main(): a ConfigError becomes a one-line message and exit status 2."""
+def cli_errors(main: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator for ``main(argv)``: bad input becomes one line and exit status 1, not a traceback.
 
-    def wrapper(*a, **kw):
+    A ConfigError reads ``config error: <field>: <problem>``; a missing file, a corpus, shard or
+    policy that does not fit reads ``error: ...``. With ``-v`` the traceback is kept.
+    """
+
+    @functools.wraps(main)
+    def wrapper(argv: Sequence[str] | None = None) -> Any:
+        given = sys.argv[1:] if argv is None else list(argv)
         try:
-            return func(*a, **kw)
+            return main(argv)
         except ConfigError as err:
+            if "-v" in given or "--verbose" in given:
+                raise
             raise SystemExit(f"config error: {err}") from None
+        except (FileNotFoundError, ValueError) as err:
+            if "-v" in given or "--verbose" in given:
+                raise
+            raise SystemExit(f"error: {err}") from None
 
-    wrapper.__doc__ = func.__doc__
-    wrapper.__name__ = func.__name__
     return wrapper

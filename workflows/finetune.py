@@ -6,7 +6,8 @@
 
 The driver tokenizes the corpus once and ships the blocks to the workers through the
 object store; each worker trains on its own slice of a seeded per-epoch permutation
-(greencode.training.BlockSampler), so a resumed run sees the same data order.
+(greencode.blocks.BlockSampler), so a resumed run sees the same data order. The worker
+loop is :class:`LiteRecipe`: setup, train_step, validate, save_checkpoint, read by name.
 Checkpoints are Hugging Face dirs (+ exit_plan.json + trainer_state.pt); the last one
 is copied atomically to ``output_dir``. See docs/finetune.md.
 """
@@ -24,38 +25,24 @@ from typing import Any
 
 import torch
 
+from greencode.blocks import BlockSampler, BlockSet, build_blocks
+from greencode.checkpoints import TrainerState, exit_plan, publish_model_dir, read_exit_plan, save_model_dir
 from greencode.config import ConfigError, FinetuneConfig
 from greencode.data import CorpusError, load_corpus
-from greencode.modeling import load_model, resolve_model_path
+from greencode.distributed import full_params, load_optimizer_state, optimizer_state
+from greencode.modeling import load_model, load_tokenizer
 from greencode.training import (
-    TRAINER_STATE_FILE,
-    BlockSampler,
-    BlockSet,
     LiteObjective,
     LiteStepper,
+    MetricWindow,
     StepStats,
-    all_reduce_sum,
-    build_blocks,
     build_optimizer,
     build_scheduler,
     check_precision,
-    evaluate,
-    exit_plan,
-    full_params,
-    load_optimizer_state,
     loss_weights,
-    optimizer_state,
-    publish_model_dir,
-    read_exit_plan,
-    save_model_dir,
 )
-from workflows.common import (
-    config_parser,
-    exit_on_config_error,
-    init_ray,
-    load_from_args,
-    setup_logging,
-)
+from greencode.validation import validation_metrics
+from workflows.common import ConfigCommand, cli_errors, init_ray, setup_logging, verbose
 
 log = logging.getLogger("greencode.finetune")
 
@@ -77,7 +64,8 @@ def final_model_dir(cfg: FinetuneConfig) -> Path:
     if cfg.output_dir:
         return Path(cfg.output_dir).absolute()
     if is_remote(cfg.storage_path):
-        raise ConfigError(f"storage_path {cfg.storage_path!r} is remote: set output_dir to a local path for the final model")
+        raise ConfigError(f"storage_path {cfg.storage_path!r} is remote: set output_dir to a local path "
+                          "for the final model")
     return Path(run_dir(cfg)) / "model"
 
 
@@ -126,11 +114,8 @@ def check_resources(cfg: FinetuneConfig) -> None:
 
 def prepare_data(cfg: FinetuneConfig) -> tuple[BlockSet, BlockSet]:
     """Train blocks (every train file) and validation blocks (``val_batches`` x ``batch_size``)."""
-    from transformers import AutoTokenizer
-
     try:
-        path, gguf_file = resolve_model_path(cfg.model)
-        tokenizer = AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
+        tokenizer = load_tokenizer(cfg.model)
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.name {cfg.model.name!r} cannot be loaded: {err}") from None
     try:
@@ -153,7 +138,7 @@ def prepare_data(cfg: FinetuneConfig) -> tuple[BlockSet, BlockSet]:
 def fit(cfg: FinetuneConfig):
     """Run (or resume) the TorchTrainer; returns its ``ray.train.Result``."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     check_config(cfg)
@@ -169,13 +154,16 @@ def fit(cfg: FinetuneConfig):
             "train_blocks": ray.put(train),
             "val_blocks": ray.put(val),
             "tensorboard_dir": None if is_remote(storage) else f"{storage}/tensorboard",
+            "verbose": verbose(),
         },
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=cfg.run_name, storage_path=storage.rsplit("/", 1)[0],
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-                             failure_config=FailureConfig(max_failures=cfg.max_failures)),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING")),
     )
-    log.info("fine-tuning %s: %d worker(s), %d steps, run dir %s", cfg.model.name, cfg.num_workers, cfg.max_steps, storage)
+    log.info("fine-tuning %s: %d worker(s), %d steps, run dir %s", cfg.model.name, cfg.num_workers, cfg.max_steps,
+             storage)
     result = trainer.fit()
     if result.error:
         raise result.error
@@ -210,144 +198,170 @@ def _short(metrics: dict[str, Any] | None) -> str:
 # --------------------------------------------------------------------------- worker side
 
 
-class MetricWindow:
-    """Sums of step statistics between two reports, averaged across ranks when flushed."""
+class LiteRecipe:
+    """One Ray Train worker's LITE fine-tuning, phase by phase (the shape of a torchtune recipe).
 
-    def __init__(self, num_losses: int, device: torch.device) -> None:
-        self.num_losses, self.device = num_losses, device
-        self._reset()
+    :meth:`setup` loads the model (or the checkpoint Ray Train hands back after a restart) and
+    builds objective, optimizer and stepper; :meth:`train` runs the remaining steps, calling
+    :meth:`train_step`, :meth:`validate` and :meth:`save_checkpoint` as they fall due. Every
+    rank runs every phase (validation, reports and checkpoints are collectives); rank 0 alone
+    logs, shows the progress bar and writes TensorBoard and the checkpoint files.
+    """
 
-    def _reset(self) -> None:
-        self.sums = torch.zeros(self.num_losses + 5, dtype=torch.float64)  # loss, exits..., grad norm, tokens, steps, ranks
-        self.started = time.perf_counter()
+    def __init__(self, cfg: FinetuneConfig, train_blocks: BlockSet, val_blocks: BlockSet,
+                 tensorboard_dir: str | None = None) -> None:
+        import ray.train
+        import ray.train.torch
 
-    def add(self, stats: StepStats) -> None:
-        self.sums += torch.tensor([stats.loss, *stats.exit_losses, stats.grad_norm, stats.tokens, 1.0, 0.0],
-                                  dtype=torch.float64)
+        self.cfg, self.train_blocks, self.val_blocks = cfg, train_blocks, val_blocks
+        torch.set_num_threads(max(1, math.floor(cfg.cpus_per_worker)))
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        check_precision(cfg.precision, self.device)
+        self.tensorboard_dir = tensorboard_dir if self.rank == 0 else None
+        self.start_step = 0
 
-    def flush(self, layers: list[int]) -> dict[str, float]:
-        """Collective (every rank must call it): mean losses over steps and ranks, global tokens/s."""
-        sums = self.sums.clone()
-        sums[-1] = 1.0  # rank count
-        elapsed = time.perf_counter() - self.started
-        sums = all_reduce_sum(sums.to(self.device)).cpu()
-        steps_x_ranks, ranks = float(sums[-2]), float(sums[-1])
-        self._reset()
-        if steps_x_ranks == 0:
-            return {}
-        out = {"train/loss": float(sums[0]) / steps_x_ranks}
-        for i, layer in enumerate(layers):
-            out[f"train/loss_l{layer}"] = float(sums[1 + i]) / steps_x_ranks
-        out["train/grad_norm"] = float(sums[-4]) / steps_x_ranks
-        out["train/tokens_per_s"] = float(sums[-3]) / max(elapsed, 1e-9)
-        out["train/ranks"] = ranks
-        return out
+    # ------------------------------------------------------------------ phases
+
+    def setup(self) -> None:
+        """Model, objective (DDP/FSDP-wrapped), optimizer, schedule; resumed from Ray Train's checkpoint if any."""
+        import ray.train
+        import ray.train.torch
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        checkpoint = ray.train.get_checkpoint()
+        with checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None) as ckpt_dir:
+            source = ckpt_dir or cfg.model.name
+            self.lm = load_model(cfg.model.model_copy(update={"name": str(source), "device": "cpu"}), cfg.exits)
+            state = TrainerState.load(ckpt_dir) if ckpt_dir else None
+        objective = LiteObjective(self.lm, loss_weights(self.lm, cfg))
+        strategy = cfg.strategy if self.world > 1 else None
+        self.objective = ray.train.torch.prepare_model(objective, parallel_strategy=strategy)
+        self.optimizer = build_optimizer(self.objective.named_parameters(), cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.max_steps)
+        self.stepper = LiteStepper(self.objective, self.optimizer, self.scheduler, cfg, self.device)
+        if state is not None:
+            load_optimizer_state(self.objective, self.optimizer, state.optimizer)
+            self.scheduler.load_state_dict(state.scheduler)
+            self.stepper.scaler.load_state_dict(state.scaler)
+            self.start_step = state.step
+            if self.rank == 0:
+                log.info("resuming at step %d from %s", self.start_step, checkpoint.path)
+        self.sampler = BlockSampler(len(self.train_blocks), cfg.batch_size, cfg.grad_accum, self.world, self.rank,
+                                    cfg.seed)
+        self.layers = list(self.lm.exit_points) + [self.lm.num_layers]
+        self.window = MetricWindow(len(self.layers), self.device)
+        self.writer = _tensorboard(self.tensorboard_dir)
+
+    def train_step(self, step: int) -> StepStats:
+        """One optimizer step on this rank's micro-batches of ``step``."""
+        batches = [self.train_blocks.batch(rows, self.device) for rows in self.sampler.micro_batches(step)]
+        stats = self.stepper.train_step(batches)
+        self.window.add(stats)
+        return stats
+
+    def validate(self) -> dict[str, float]:
+        """Per-exit validation metrics over the validation blocks, split across ranks (collective)."""
+        with full_params(self.objective):
+            return validation_metrics(self.lm, self.val_blocks, self.cfg.batch_size, rank=self.rank,
+                                      world_size=self.world, precision=self.cfg.precision)
+
+    def save_checkpoint(self, step: int, metrics: dict[str, float]) -> None:
+        """Report ``metrics`` with a checkpoint: the HF model dir + exit plan + trainer state (collective)."""
+        import ray.train
+
+        optim_state = optimizer_state(self.objective, self.optimizer)  # collective under FSDP
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            with full_params(self.objective):  # collective under FSDP
+                if self.rank == 0:
+                    save_model_dir(self.lm.model, self.lm.tokenizer, exit_plan(self.lm, self.cfg, step), tmp)
+                    TrainerState(step, optim_state, self.scheduler.state_dict(), self.stepper.scaler.state_dict(),
+                                 self.cfg.model_dump(mode="json")).save(tmp)
+                    ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(self._with_progress(step, metrics), checkpoint=ckpt,
+                             checkpoint_dir_name=f"checkpoint_{step:06d}")
+
+    def report(self, step: int, metrics: dict[str, float]) -> None:
+        """Report ``metrics`` to Ray Train (and TensorBoard) without a checkpoint."""
+        import ray.train
+
+        ray.train.report(self._with_progress(step, metrics))
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> None:
+        """Steps from the resumed one to ``max_steps``; validation before the first step of a fresh run."""
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        validate = len(self.val_blocks) > 0
+        if self.start_step == 0 and validate:
+            before = self.validate()
+            self._log(0, before)
+            self.report(0, before)
+        bar = tqdm(total=cfg.max_steps, initial=self.start_step, desc="LITE fine-tuning", disable=self.rank != 0,
+                   mininterval=2)
+        for step in range(self.start_step, cfg.max_steps):
+            stats = self.train_step(step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats.loss:.3f}")
+            done = step + 1
+            last = done == cfg.max_steps
+            due_val = validate and (done % cfg.val_every == 0 or last)
+            due_ckpt = done % cfg.checkpoint_every == 0 or last
+            if not (done % cfg.report_every == 0 or due_val or due_ckpt):
+                continue
+            metrics = self.window.flush(self.layers)
+            if due_val:
+                metrics.update(self.validate())
+            self._log(done, metrics)
+            if due_ckpt:
+                self.save_checkpoint(done, metrics)
+            else:
+                self.report(done, metrics)
+        bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _with_progress(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        metrics = {"step": step, "start_step": self.start_step, "epoch": self.sampler.epoch(step),
+                   "lr": self.scheduler.get_last_lr()[0], **metrics}
+        if self.writer is not None:
+            for key, value in metrics.items():
+                self.writer.add_scalar(key, value, step)
+            self.writer.flush()
+        return metrics
+
+    def _log(self, step: int, metrics: dict[str, float]) -> None:
+        """One line per report, from rank 0 only (the full metrics go to TensorBoard and Ray Train)."""
+        if self.rank == 0:
+            log.info("step %d/%d: %s", step, self.cfg.max_steps, _report_line(metrics, self.layers))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """One Ray Train worker: load (or resume) the model, train LITE, report, validate, checkpoint.
-
-    Shared by Ray Train and Ray Tune trainables: everything it needs is in ``config``.
-    """
+    """Ray Train's worker function: everything it needs is in ``config`` (shared by Ray Train and Tune)."""
     import ray
-    import ray.train
-    import ray.train.torch
-    from tqdm import tqdm
 
-    cfg = FinetuneConfig.model_validate(config["cfg"])
-    torch.set_num_threads(max(1, math.floor(cfg.cpus_per_worker)))
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    check_precision(cfg.precision, device)
-    train_blocks: BlockSet = ray.get(config["train_blocks"])
-    val_blocks: BlockSet = ray.get(config["val_blocks"])
-    torch.manual_seed(cfg.seed)
-
-    checkpoint = ray.train.get_checkpoint()
-    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None) as ckpt_dir:
-        source = ckpt_dir or cfg.model.name
-        lm = load_model(cfg.model.model_copy(update={"name": str(source), "device": "cpu"}), cfg.exits)
-        state = torch.load(Path(ckpt_dir) / TRAINER_STATE_FILE, map_location="cpu", weights_only=False) if ckpt_dir else None
-    tokenizer = lm.tokenizer
-    objective = LiteObjective(lm, loss_weights(lm, cfg))
-    objective = ray.train.torch.prepare_model(objective, parallel_strategy=cfg.strategy if world > 1 else None)
-    optimizer = build_optimizer(objective.named_parameters(), cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.max_steps)
-    stepper = LiteStepper(objective, optimizer, scheduler, cfg, device)
-    start = 0
-    if state is not None:
-        load_optimizer_state(objective, optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        stepper.scaler.load_state_dict(state["scaler"])
-        start = int(state["step"])
-        log.info("rank %d resumes at step %d from %s", rank, start, checkpoint.path)
-
-    sampler = BlockSampler(len(train_blocks), cfg.batch_size, cfg.grad_accum, world, rank, cfg.seed)
-    layers = list(lm.exit_points) + [lm.num_layers]
-    writer = _tensorboard(config.get("tensorboard_dir")) if rank == 0 else None
-    window = MetricWindow(len(layers), device)
-    validate = len(val_blocks) > 0
-
-    def report(step: int, metrics: dict[str, float], save: bool) -> None:
-        metrics = {"step": step, "start_step": start, "epoch": sampler.epoch(step), "lr": scheduler.get_last_lr()[0],
-                   **metrics}
-        if writer is not None:
-            for key, value in metrics.items():
-                writer.add_scalar(key, value, step)
-            writer.flush()
-        if not save:
-            ray.train.report(metrics)
-            return
-        optim_state = optimizer_state(objective, optimizer)  # collective under FSDP
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            with full_params(objective):  # collective under FSDP
-                if rank == 0:
-                    save_model_dir(lm.model, tokenizer, exit_plan(lm, cfg, step), tmp)
-                    torch.save({"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
-                                "scaler": stepper.scaler.state_dict(), "config": cfg.model_dump(mode="json")},
-                               Path(tmp) / TRAINER_STATE_FILE)
-                    ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:06d}")
-
-    def validation() -> dict[str, float]:
-        with full_params(objective):
-            return evaluate(lm, val_blocks, cfg.batch_size, rank=rank, world_size=world, precision=cfg.precision)
-
-    if start == 0 and validate:
-        before = validation()
-        if rank == 0:
-            log.info("before training: %s", _agreement_line(before, layers))
-        report(0, before, save=False)
-
-    bar = tqdm(total=cfg.max_steps, initial=start, desc="LITE fine-tuning", disable=rank != 0, mininterval=2)
-    for step in range(start, cfg.max_steps):
-        batches = [train_blocks.batch(rows, device) for rows in sampler.micro_batches(step)]
-        stats = stepper.train_step(batches)
-        window.add(stats)
-        bar.update(1)
-        bar.set_postfix(loss=f"{stats.loss:.3f}")
-        done = step + 1
-        last = done == cfg.max_steps
-        due_val = validate and (done % cfg.val_every == 0 or last)
-        due_ckpt = done % cfg.checkpoint_every == 0 or last
-        if not (done % cfg.report_every == 0 or due_val or due_ckpt or last):
-            continue
-        metrics = window.flush(layers)
-        if due_val:
-            metrics.update(validation())
-            if rank == 0:
-                log.info("step %d: %s", done, _agreement_line(metrics, layers))
-        report(done, metrics, save=due_ckpt)
-    bar.close()
-    if writer is not None:
-        writer.close()
+    setup_logging(config.get("verbose", False))  # Ray Train logs every rank's whole report at INFO otherwise
+    recipe = LiteRecipe(FinetuneConfig.model_validate(config["cfg"]), ray.get(config["train_blocks"]),
+                        ray.get(config["val_blocks"]), config.get("tensorboard_dir"))
+    recipe.setup()
+    recipe.train()
 
 
-def _agreement_line(metrics: dict[str, float], layers: list[int]) -> str:
-    parts = [f"L{k}={metrics[f'val/agree_l{k}']:.3f}" for k in layers[:-1] if f"val/agree_l{k}" in metrics]
-    return "agreement with the final layer " + " ".join(parts)
+def _report_line(metrics: dict[str, float], layers: list[int]) -> str:
+    parts = []
+    if "train/loss" in metrics:
+        parts.append(f"loss {metrics['train/loss']:.3f}, {metrics['train/tokens_per_s']:.0f} tokens/s")
+    agree = [f"L{k}={metrics[f'val/agree_l{k}']:.3f}" for k in layers[:-1] if f"val/agree_l{k}" in metrics]
+    if agree:
+        parts.append("agreement with the final layer " + " ".join(agree))
+    return "; ".join(parts)
 
 
 def _tensorboard(log_dir: str | None):
@@ -364,12 +378,13 @@ def _tensorboard(log_dir: str | None):
 # --------------------------------------------------------------------------- CLI
 
 
-@exit_on_config_error
+COMMAND = ConfigCommand(FinetuneConfig, "LITE fine-tuning on Ray Train (writes a Hugging Face model dir).",
+                        prog="greencode finetune")
+
+
+@cli_errors
 def main(argv: list[str] | None = None) -> None:
-    parser = config_parser("LITE fine-tuning on Ray Train (writes a Hugging Face model dir)")
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    cfg = load_from_args(FinetuneConfig, args)
+    cfg, _ = COMMAND.parse(argv)
     print(run(cfg))
 
 

@@ -25,21 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from greencode.atomic import write_json
-from greencode.config import (
-    ModelConfig,
-    PipelineConfig,
-    dump_yaml,
-    load_config,
-    load_yaml,
-    parse_overrides,
-    validate,
-)
-from workflows.common import (
-    config_parser,
-    exit_on_config_error,
-    init_ray,
-    setup_logging,
-)
+from greencode.config import ModelConfig, PipelineConfig, dump_yaml, validate
+from workflows.common import ConfigCommand, cli_errors, init_ray
 
 log = logging.getLogger("greencode.pipeline")
 
@@ -47,8 +34,9 @@ PRESETS = ("demo", "paper")
 
 
 def preset_path(name: str) -> Path:
+    """The shipped preset file ``name`` (a PipelineConfig YAML; --config files and --set go over it)."""
     if name not in PRESETS:
-        raise SystemExit(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return Path(str(resources.files("workflows") / "presets" / f"{name}.yaml"))
 
 
@@ -135,15 +123,17 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
     )
 
     policy_path = str(root / "policy" / "exit_policy.pt")
-    policy = section("policy", shards_dir=str(root / "shards" / "train"), eval_shards_dir=str(root / "shards" / "heldout"),
-                     output_path=policy_path, storage_path=str(root / "rllib"))
+    policy = section("policy", shards_dir=str(root / "shards" / "train"),
+                     eval_shards_dir=str(root / "shards" / "heldout"), output_path=policy_path,
+                     storage_path=str(root / "rllib"))
     return {
         "finetune": validate(FinetuneConfig, section("finetune", model=cfg.model.model_dump(), **shared,
-                                                      storage_path=str(root / "finetune"), output_dir=str(root / "model"))),
+                                                      storage_path=str(root / "finetune"),
+                                                      output_dir=str(root / "model"))),
         "extract": validate(ExtractConfig, section("extract", model=model.model_dump(), **shared, split="train",
                                                    output_dir=str(root / "shards" / "train"))),
-        "extract_heldout": validate(ExtractConfig, section("extract", model=model.model_dump(), **shared, split="validation",
-                                                           num_samples=cfg.heldout_samples,
+        "extract_heldout": validate(ExtractConfig, section("extract", model=model.model_dump(), **shared,
+                                                           split="validation", num_samples=cfg.heldout_samples,
                                                            output_dir=str(root / "shards" / "heldout"))),
         "train_policy": validate(PolicyTrainConfig, policy),
         "sweep": validate(SweepConfig, section("sweep", base=policy, storage_path=str(root / "sweep"))),
@@ -155,14 +145,18 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
     }
 
 
-def _stages(cfg: PipelineConfig, plans: dict[str, Any]) -> list[tuple[str, Any, Callable[[Any], Any], Callable[[Any], list[Path]]]]:
+Stage = tuple[str, Any, Callable[[Any], Any], Callable[[Any], list[Path]]]
+
+
+def _stages(cfg: PipelineConfig, plans: dict[str, Any]) -> list[Stage]:
     """(name, stage config, run function, artifacts of a finished run) in pipeline order."""
     from workflows import evaluate, extract, finetune, sweep, train_policy
 
     out = [
         ("finetune", plans["finetune"], finetune.run, lambda r: [Path(r)]),
         ("extract", plans["extract"], extract.run, lambda r: [Path(plans["extract"].output_dir)]),
-        ("extract_heldout", plans["extract_heldout"], extract.run, lambda r: [Path(plans["extract_heldout"].output_dir)]),
+        ("extract_heldout", plans["extract_heldout"], extract.run,
+         lambda r: [Path(plans["extract_heldout"].output_dir)]),
         ("train_policy", plans["train_policy"], train_policy.run, lambda r: [Path(plans["train_policy"].output_path)]),
         ("sweep", plans["sweep"], sweep.run, lambda r: [Path(plans["sweep"].base.output_path)]),
         ("evaluate", plans["evaluate"], evaluate.run, lambda r: [Path(plans["evaluate"].output_dir) / "results.json"]),
@@ -175,7 +169,8 @@ def _summary(result: Any) -> Any:
     if isinstance(result, (str, Path)):
         return str(result)
     if isinstance(result, dict):
-        return {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool, type(None), dict)) and k != "config"}
+        plain = (int, float, str, bool, type(None), dict)
+        return {k: v for k, v in result.items() if isinstance(v, plain) and k != "config"}
     return {"output_dir": str(getattr(result, "output_dir", ""))} if hasattr(result, "output_dir") else str(result)
 
 
@@ -218,37 +213,15 @@ def final_message(cfg: PipelineConfig, outcome: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@exit_on_config_error
+COMMAND = ConfigCommand(PipelineConfig, "Run the GreenCode pipeline end to end.", prog="greencode pipeline",
+                        presets={name: preset_path(name) for name in PRESETS})
+
+
+@cli_errors
 def main(argv: list[str] | None = None) -> None:
-    parser = config_parser("Run the GreenCode pipeline end to end.")
-    parser.add_argument("--preset", choices=PRESETS, help="start from a shipped preset (demo: 2 CPU cores, ~20 min)")
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    data: dict[str, Any] = load_yaml(preset_path(args.preset)) if args.preset else {}
-    if args.config:
-        data = _merge(data, load_yaml(args.config))
-    overrides = parse_overrides(args.overrides)
-    cfg = load_config(PipelineConfig, None, {**_flatten(data), **overrides})
+    cfg, _ = COMMAND.parse(argv)
     outcome = run(cfg)
     print(final_message(cfg, outcome), flush=True)
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in data.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in top.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 if __name__ == "__main__":

@@ -21,21 +21,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from greencode.atomic import write_json
 from greencode.config import ConfigError, PolicyTrainConfig, SweepConfig, validate
-from greencode.env import score_exits
 from greencode.policy import ExitPolicy
+from greencode.scoring import pareto_front, policy_logits, score_exits
 from greencode.shards import list_shards, load_shards, read_meta
-from workflows.common import (
-    config_parser,
-    exit_on_config_error,
-    init_ray,
-    load_from_args,
-    setup_logging,
-)
-from workflows.train_policy import algo_config, plan_resources, policy_logits, train
+from workflows.common import ConfigCommand, cli_errors, init_ray
+from workflows.train_policy import algo_config, plan_resources, train
 
 log = logging.getLogger("greencode.sweep")
 
@@ -90,15 +82,6 @@ def trial(config: dict[str, Any]) -> None:
         tune.report(last, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
-def pareto_front(accuracy: np.ndarray, layers: np.ndarray) -> np.ndarray:
-    """True where no other trial is at least as accurate with fewer layers (or more accurate at no more)."""
-    front = np.ones(len(accuracy), dtype=bool)
-    for i in range(len(accuracy)):
-        better = (accuracy >= accuracy[i]) & (layers <= layers[i]) & ((accuracy > accuracy[i]) | (layers < layers[i]))
-        front[i] = not better.any()
-    return front
-
-
 def run(cfg: SweepConfig) -> dict[str, Any]:
     """Run the sweep (or reuse a finished one); returns the best trial's rewards and scores."""
     import ray
@@ -120,7 +103,8 @@ def run(cfg: SweepConfig) -> dict[str, Any]:
     ppo_config = algo_config(cfg.base, shard_paths, plan)
     resources = ppo_config.algo_class.default_resource_request(ppo_config)
     concurrent = cfg.max_concurrent or max(1, math.floor(cluster_cpus / plan.total))
-    log.info("%d trials x %d samples, up to %d at a time (%.3g CPU each)", len(grid), cfg.num_samples, concurrent, plan.total)
+    log.info("%d trials x %d samples, up to %d at a time (%.3g CPU each)", len(grid), cfg.num_samples, concurrent,
+             plan.total)
     tuner = tune.Tuner(
         tune.with_resources(trial, resources),
         param_space={"base": _absolute(cfg.base), "reward": tune.grid_search(grid)},
@@ -150,11 +134,13 @@ def run(cfg: SweepConfig) -> dict[str, Any]:
     return summary
 
 
-@exit_on_config_error
+COMMAND = ConfigCommand(SweepConfig, "Ray Tune sweep over the exit-policy reward coefficients.", prog="greencode sweep")
+
+
+@cli_errors
 def main(argv: list[str] | None = None) -> None:
-    args = config_parser("Ray Tune sweep over the exit-policy reward coefficients.").parse_args(argv)
-    setup_logging(args.verbose)
-    print(json.dumps(run(load_from_args(SweepConfig, args)), indent=2))
+    cfg, _ = COMMAND.parse(argv)
+    print(json.dumps(run(cfg), indent=2))
 
 
 if __name__ == "__main__":

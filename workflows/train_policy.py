@@ -21,23 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from ray.rllib.callbacks.callbacks import RLlibCallback
 
 from greencode.atomic import write_json
-from greencode.config import PolicyTrainConfig
-from greencode.config import PPOConfig as PPOSettings
-from greencode.env import ExitEnv, ExitScore, observation_stats, score_exits
+from greencode.config import PolicyPPOConfig, PolicyTrainConfig
+from greencode.env import ExitEnv, observation_stats
 from greencode.policy import ExitPolicy, PolicyMismatchError
-from greencode.shards import ShardMeta, list_shards, load_shards, read_meta
-from workflows.common import (
-    config_parser,
-    exit_on_config_error,
-    init_ray,
-    load_from_args,
-    setup_logging,
-)
+from greencode.policy_export import ObsStats, export_policy
+from greencode.scoring import score_policy
+from greencode.shards import list_shards, load_shards, read_meta
+from workflows.common import ConfigCommand, cli_errors, init_ray
 
 log = logging.getLogger("greencode.train_policy")
 
@@ -70,7 +64,7 @@ class ResourcePlan:
         return self.cpus_for_main + self.num_env_runners * self.cpus_per_env_runner
 
 
-def plan_resources(ppo: PPOSettings, cluster_cpus: float) -> ResourcePlan:
+def plan_resources(ppo: PolicyPPOConfig, cluster_cpus: float) -> ResourcePlan:
     """Fractional CPUs so N runners + the learner start even on 2 cores (RLlib wants 1 + N otherwise)."""
     main = min(1.0, cluster_cpus / 4)
     runners = ppo.num_env_runners
@@ -78,11 +72,8 @@ def plan_resources(ppo: PPOSettings, cluster_cpus: float) -> ResourcePlan:
     return ResourcePlan(runners, round(per_runner, 3), main)
 
 
-ObsStats = tuple[np.ndarray, np.ndarray]
-
-
 def algo_config(cfg: PolicyTrainConfig, shard_paths: list[str], plan: ResourcePlan, obs_stats: ObsStats | None = None):
-    """The RLlib PPOConfig for METHOD §4 (separate value net, tanh MLP, linear lr decay)."""
+    """RLlib's PPO algorithm config for METHOD §4 (separate value net, tanh MLP, linear lr decay)."""
     from ray.rllib.algorithms.ppo import PPOConfig
     from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
 
@@ -121,44 +112,12 @@ def algo_config(cfg: PolicyTrainConfig, shard_paths: list[str], plan: ResourcePl
     )
 
 
-def export_policy(module: torch.nn.Module, meta: ShardMeta, ppo: PPOSettings, obs_stats: ObsStats | None = None,
-                  metadata: dict[str, Any] | None = None) -> ExitPolicy:
-    """Copy the RLModule's actor (encoder.actor_encoder + pi head) into a plain ExitPolicy MLP.
-
-    Observation standardisation (h - mean) / std folds into the first layer, so the exported
-    policy reads raw hidden states: W' = W / std, b' = b - W' mean.
-    """
-    actor = [m for m in module.encoder.actor_encoder.modules() if isinstance(m, torch.nn.Linear)]
-    actor += [m for m in module.pi.modules() if isinstance(m, torch.nn.Linear)]
-    policy = ExitPolicy(meta.hidden_size, ppo.hidden_sizes, ppo.activation, meta.exit_points, meta.model_fingerprint, metadata)
-    targets = [m for m in policy.net if isinstance(m, torch.nn.Linear)]
-    if [tuple(m.weight.shape) for m in actor] != [tuple(m.weight.shape) for m in targets]:
-        raise RuntimeError(f"RLModule actor layers {[m.weight.shape for m in actor]} do not match ExitPolicy {policy.net}")
-    with torch.no_grad():
-        for src, dst in zip(actor, targets):
-            dst.weight.copy_(src.weight)
-            dst.bias.copy_(src.bias)
-        if obs_stats is not None:
-            first = targets[0]
-            mean, std = (torch.from_numpy(np.asarray(x, dtype=np.float32)) for x in obs_stats)
-            first.weight.div_(std)
-            first.bias.sub_(first.weight @ mean)
-    return policy.eval()
-
-
-def policy_logits(policy: ExitPolicy) -> Callable[[np.ndarray], np.ndarray]:
-    def logits(hidden: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return policy(torch.from_numpy(hidden)).numpy()
-
-    return logits
-
-
 def iteration_metrics(result: dict[str, Any]) -> dict[str, float]:
     runners = result.get("env_runners", {})
     metrics = {"episode_return_mean": runners.get("episode_return_mean", math.nan)}
     metrics.update({name: runners.get(name, math.nan) for name in EPISODE_METRICS})
-    metrics["env_steps"] = result.get("num_env_steps_sampled_lifetime") or runners.get("num_env_steps_sampled_lifetime", 0)
+    key = "num_env_steps_sampled_lifetime"
+    metrics["env_steps"] = result.get(key) or runners.get(key, 0)
     return {k: float(v) for k, v in metrics.items()}
 
 
@@ -200,9 +159,10 @@ def train(
             bar.update(int(metrics["env_steps"]) - bar.n)
             bar.set_postfix(ret=f"{metrics['episode_return_mean']:.2f}", acc=f"{metrics['exit_accuracy']:.3f}",
                             layer=f"{metrics['mean_exit_layer']:.1f}/{metrics['mean_optimal_layer']:.1f}")
-            log.info("iter %d steps %d: return %.3f, step reward %.3f, exit accuracy %.3f, exit layer %.2f (optimal %.2f)",
-                     iteration, metrics["env_steps"], metrics["episode_return_mean"], metrics["step_reward_mean"],
-                     metrics["exit_accuracy"], metrics["mean_exit_layer"], metrics["mean_optimal_layer"])
+            log.info("iter %d steps %d: return %.3f, step reward %.3f, exit accuracy %.3f, exit layer %.2f "
+                     "(optimal %.2f)", iteration, metrics["env_steps"], metrics["episode_return_mean"],
+                     metrics["step_reward_mean"], metrics["exit_accuracy"], metrics["mean_exit_layer"],
+                     metrics["mean_optimal_layer"])
             if on_iteration is not None:
                 on_iteration(metrics, export_policy(algo.get_module(), meta, cfg.ppo, obs_stats))
             if checkpoint and iteration % 10 == 0:
@@ -219,16 +179,6 @@ def train(
     return policy, metrics
 
 
-def evaluate(policy: ExitPolicy, eval_shards_dir: str, thresholds: list[float]) -> dict[float, ExitScore]:
-    """Held-out exit accuracy and mean layer vs fixed exits of the same mean depth, per gate threshold."""
-    if not (Path(eval_shards_dir) / "manifest.json").is_file():
-        log.warning("%s has no manifest.json: its extraction may be unfinished, scoring the shards present", eval_shards_dir)
-    data = load_shards(list_shards(eval_shards_dir))
-    policy.check_compatible(hidden_size=data.meta.hidden_size, exit_points=data.meta.exit_points,
-                            model_fingerprint=data.meta.model_fingerprint, source="policy")
-    return {t: score_exits(data, policy_logits(policy), threshold=t) for t in thresholds}
-
-
 def _finished(cfg: PolicyTrainConfig) -> dict[str, Any] | None:
     """The summary of an earlier run when its policy file is complete and fits the shards."""
     out, summary = Path(cfg.output_path), Path(cfg.output_path).with_suffix(".json")
@@ -236,7 +186,8 @@ def _finished(cfg: PolicyTrainConfig) -> dict[str, Any] | None:
         return None
     meta = read_meta(list_shards(cfg.shards_dir)[0])
     try:
-        ExitPolicy.load(out, hidden_size=meta.hidden_size, exit_points=meta.exit_points, model_fingerprint=meta.model_fingerprint)
+        ExitPolicy.load(out, hidden_size=meta.hidden_size, exit_points=meta.exit_points,
+                        model_fingerprint=meta.model_fingerprint)
     except PolicyMismatchError as err:
         log.warning("retraining: %s", err)
         return None
@@ -245,6 +196,7 @@ def _finished(cfg: PolicyTrainConfig) -> dict[str, Any] | None:
 
 def run(cfg: PolicyTrainConfig) -> dict[str, Any]:
     """Train (or reuse) the policy, export it, score it on held-out shards; returns the summary."""
+    list_shards(cfg.shards_dir)  # missing shards: one clear error before Ray starts
     done = _finished(cfg)
     if done is not None:
         log.info("policy %s already trained; delete it to retrain", cfg.output_path)
@@ -252,9 +204,10 @@ def run(cfg: PolicyTrainConfig) -> dict[str, Any]:
     init_ray()
     start = time.perf_counter()
     policy, metrics = train(cfg, checkpoint_dir=Path(cfg.storage_path) / "checkpoint")
-    summary: dict[str, Any] = {"policy_path": cfg.output_path, "train": metrics, "train_time_s": time.perf_counter() - start}
+    summary: dict[str, Any] = {"policy_path": cfg.output_path, "train": metrics,
+                               "train_time_s": time.perf_counter() - start}
     if cfg.eval_shards_dir:
-        scores = evaluate(policy, cfg.eval_shards_dir, cfg.eval_thresholds)
+        scores = score_policy(policy, cfg.eval_shards_dir, cfg.eval_thresholds)
         for threshold, score in scores.items():
             log.info("held-out, T=%.2f: exit accuracy %.3f at %.2f mean layers; fixed exits at the same depth %.3f "
                      "(fixed at layer %d: %.3f); optimal mean layer %.2f", threshold, score.exit_accuracy,
@@ -269,12 +222,14 @@ def run(cfg: PolicyTrainConfig) -> dict[str, Any]:
     return summary
 
 
-@exit_on_config_error
+COMMAND = ConfigCommand(PolicyTrainConfig, "Train the PPO exit policy on hidden-state shards (RLlib).",
+                        prog="greencode train-policy")
+
+
+@cli_errors
 def main(argv: list[str] | None = None) -> None:
-    args = config_parser("Train the PPO exit policy on hidden-state shards (RLlib).").parse_args(argv)
-    setup_logging(args.verbose)
-    summary = run(load_from_args(PolicyTrainConfig, args))
-    print(json.dumps(summary, indent=2))
+    cfg, _ = COMMAND.parse(argv)
+    print(json.dumps(run(cfg), indent=2))
 
 
 if __name__ == "__main__":

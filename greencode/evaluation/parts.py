@@ -1,0 +1,73 @@
+"""Finished work on disk: one JSON part per (setting, batch), so an interrupted evaluation resumes.
+
+    OUTPUT/parts/<setting>/<batch>.json   written atomically (temp file + rename)
+
+A part is reused only when its key matches the run (same model, samples, gate and generation
+settings); anything else is redone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from greencode.atomic import write_atomic
+from greencode.config import EvalConfig
+from greencode.evaluation.plan import Batch, EvalPlan, Setting
+
+
+def part_path(out_dir: Path, setting: str, batch_id: str) -> Path:
+    return out_dir / "parts" / setting / f"{batch_id}.json"
+
+
+def run_keys(cfg: EvalConfig, plan: EvalPlan, batch: Batch) -> dict[str, str]:
+    """Identity of each (setting, batch) result: a stored part is reused only when it matches."""
+    common = {
+        "samples": [(s.sample_id, len(s.context_ids), s.target_ids) for s in batch.samples],
+        "generation": cfg.generation.model_dump(mode="json"),
+        "exit_points": plan.exit_points,
+    }
+    keys = {}
+    for setting in plan.settings_for(batch):
+        model = cfg.base_model.model_dump(mode="json") if setting.uses_base_model else plan.model_fingerprint
+        blob = json.dumps({**common, "model": model, "gate": setting.gate.model_dump(mode="json")}, sort_keys=True)
+        keys[setting.name] = hashlib.sha256(blob.encode()).hexdigest()[:20]
+    return keys
+
+
+def load_part(path: Path, key: str) -> dict[str, Any] | None:
+    try:
+        part = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return part if isinstance(part, dict) and part.get("key") == key else None
+
+
+@dataclass
+class PendingBatch:
+    """A batch with the settings it still lacks: the unit of work handed to an Evaluator."""
+
+    batch: Batch
+    settings: list[Setting]
+    keys: dict[str, str]
+
+
+def pending_batches(cfg: EvalConfig, plan: EvalPlan, out_dir: Path) -> list[PendingBatch]:
+    """Every batch with unfinished settings."""
+    pending = []
+    for batch in plan.batches:
+        keys = run_keys(cfg, plan, batch)
+        todo = [s for s in plan.settings_for(batch)
+                if load_part(part_path(out_dir, s.name, batch.batch_id), keys[s.name]) is None]
+        if todo:
+            pending.append(PendingBatch(batch, todo, keys))
+    return pending
+
+
+def save_parts(out_dir: Path, parts: Iterable[dict[str, Any]]) -> None:
+    for part in parts:
+        write_atomic(part_path(out_dir, part["setting"], part["batch_id"]), json.dumps(part))

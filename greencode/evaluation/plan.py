@@ -1,0 +1,121 @@
+"""What an evaluation runs: every setting the config asks for, over batches of held-out samples.
+
+A *setting* is one row of the report: base model full, fine-tuned full, fixed exit at each exit
+point, confidence at each c, policy at each T; each at every context fraction. Samples are
+line completions (METHOD §6) from the test split, topped up from the validation split.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from greencode.config import ConfigError, EvalConfig, GateConfig
+from greencode.data import CompletionSample, CorpusError, line_completion_samples, load_corpus
+from greencode.modeling import EarlyExitModel
+from greencode.policy import ExitPolicy
+
+log = logging.getLogger(__name__)
+
+FAMILIES = ("base", "full", "fixed", "confidence", "policy")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of the report: a gate on one model at one context fraction."""
+
+    name: str  # unique and file-safe, e.g. "fixed-k6@0.2"
+    family: str  # one of FAMILIES
+    param: float | None  # k, c or T
+    context_fraction: float
+    gate: GateConfig
+
+    @property
+    def uses_base_model(self) -> bool:
+        return self.family == "base"
+
+
+@dataclass(frozen=True)
+class Batch:
+    batch_id: str  # e.g. "ctx0.2-b0003"
+    context_fraction: float
+    samples: tuple[CompletionSample, ...]
+
+
+@dataclass
+class EvalPlan:
+    settings: list[Setting]
+    batches: list[Batch]
+    samples: dict[float, list[CompletionSample]]
+    num_layers: int
+    exit_points: list[int]
+    model_fingerprint: str
+
+    def settings_for(self, batch: Batch) -> list[Setting]:
+        return [s for s in self.settings if s.context_fraction == batch.context_fraction]
+
+
+def plan_settings(cfg: EvalConfig, exit_points: Sequence[int]) -> list[Setting]:
+    """Every setting the config asks for; policy rows only when a policy file is given."""
+    if "policy" in cfg.gates and not cfg.policy_path:
+        log.info("no policy file given: the policy rows are left out of the report")
+    settings = []
+    for frac in cfg.context_fractions:
+        rows: list[tuple[str, str, float | None, GateConfig]] = []
+        if "full" in cfg.gates:
+            if cfg.base_model is not None:
+                rows.append(("base", "base", None, GateConfig(mode="full")))
+            rows.append(("full", "full", None, GateConfig(mode="full")))
+        if "fixed" in cfg.gates:
+            rows += [(f"fixed-k{k}", "fixed", k, GateConfig(mode="fixed", exit_layer=k)) for k in exit_points]
+        if "confidence" in cfg.gates:
+            rows += [(f"confidence-c{c}", "confidence", c, GateConfig(mode="confidence", confidence=c))
+                     for c in cfg.confidences]
+        if "policy" in cfg.gates and cfg.policy_path:
+            rows += [(f"policy-T{t}", "policy", t, GateConfig(mode="policy", threshold=t, policy_path=cfg.policy_path))
+                     for t in cfg.thresholds]
+        settings += [Setting(f"{name}@{frac}", family, param, frac, gate) for name, family, param, gate in rows]
+    return settings
+
+
+def build_samples(cfg: EvalConfig, tokenizer: Any) -> dict[float, list[CompletionSample]]:
+    """Line-completion samples per context fraction from the test split, topped up from the
+    validation split (also never trained on) when the test split has too few usable files."""
+    corpus = load_corpus(cfg.data)
+    test, validation = corpus.split("test"), corpus.split("validation")
+    d = cfg.data
+    out = {}
+    for frac in cfg.context_fractions:
+        def make(files, n, frac=frac):
+            return line_completion_samples(
+                files, tokenizer, n, context_fraction=frac, context_cap=d.context_cap, target_tokens=d.target_tokens,
+                min_file_tokens=d.min_file_tokens, seed=d.seed)
+
+        samples = make(test, cfg.num_samples)
+        if len(samples) < cfg.num_samples and validation:
+            log.warning("test split gave %d of %d samples; topping up from the validation split",
+                        len(samples), cfg.num_samples)
+            samples += make(validation, cfg.num_samples - len(samples))
+        if not samples:
+            raise CorpusError(f"data.corpus {d.corpus!r} gave no samples: no held-out file has "
+                              f">= {d.min_file_tokens} tokens")
+        out[frac] = samples
+    return out
+
+
+def make_plan(cfg: EvalConfig, lm: EarlyExitModel) -> EvalPlan:
+    """Settings and batches of a run; a policy that does not fit the model fails here, before any work."""
+    settings = plan_settings(cfg, lm.exit_points)
+    if not settings:
+        raise ConfigError(f"gates {cfg.gates} give nothing to evaluate (the policy gate needs policy_path / --policy)")
+    if any(s.family == "policy" for s in settings):
+        ExitPolicy.load_for(cfg.policy_path, lm)
+    samples = build_samples(cfg, lm.tokenizer)
+    batches = [
+        Batch(f"ctx{frac}-b{i // cfg.batch_size:04d}", frac, tuple(group[i : i + cfg.batch_size]))
+        for frac, group in samples.items()
+        for i in range(0, len(group), cfg.batch_size)
+    ]
+    return EvalPlan(settings, batches, samples, lm.num_layers, lm.exit_points, lm.fingerprint)
