@@ -36,13 +36,15 @@ def pick_tokens(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
                 generator: torch.Generator | None = None, greedy_below: float = GREEDY_BELOW) -> Picked:
     """Greedy or top-p sampling for each row of ``logits`` [B, V]; never raises on NaN/inf."""
     logits = logits.float()
-    failed = torch.isnan(logits).any(dim=-1) | torch.isposinf(logits).any(dim=-1) | torch.isneginf(logits).all(dim=-1)
-    safe = torch.where(failed[:, None], torch.zeros_like(logits), logits)
+    top = logits.amax(dim=-1, keepdim=True)  # NaN if the row holds one, +inf if any is, -inf if all are
+    failed = ~torch.isfinite(top[:, 0])
+    if bool(failed.any()):  # one reduction per step; the rewrite only when a row broke
+        logits = torch.where(failed[:, None], torch.zeros_like(logits), logits)
+        top = torch.where(failed[:, None], torch.zeros_like(top), top)
     temperature = effective_temperature(temperature, greedy_below)
     if temperature == 0.0:
-        return Picked(safe.argmax(dim=-1), failed)
-    scaled = (safe - safe.amax(dim=-1, keepdim=True)) / temperature  # <= 0, the top token at exactly 0
-    probs = torch.softmax(scaled, dim=-1)
+        return Picked(logits.argmax(dim=-1), failed)
+    probs = torch.softmax((logits - top) / temperature, dim=-1)  # scaled logits <= 0, the top token at exactly 0
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < top_p
