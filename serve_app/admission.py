@@ -10,7 +10,7 @@ times the queue ahead, per slot (1 s before anything was measured), clamped to
 ``[1, max_retry_after_s]``.
 
 One instance per lane (e.g. streams and batches), all on the replica's event loop (not
-thread-safe, and need not be).
+thread-safe, and need not be). The limits are deployment config: ``ServeConfig.admission``.
 """
 
 from __future__ import annotations
@@ -23,18 +23,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, Field
-
-
-class AdmissionLimits(BaseModel):
-    """Queue bounds and the request timeout of one lane of one replica."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_active: int = Field(16, ge=1, description="requests doing model work at once (>= max_batch_size)")
-    max_queued: int = Field(32, ge=0, description="requests waiting for a slot; one more is a 429")
-    request_timeout_s: float = Field(60.0, gt=0, description="arrival to last byte; then a 503 or a stream error event")
-    max_retry_after_s: int = Field(60, ge=1, description="cap of the Retry-After estimate")
+from greencode.config import AdmissionLimits
 
 
 class Refused(Exception):

@@ -10,6 +10,8 @@ request" status, 422 for TGI, 400 otherwise; 413 for an oversized body). Order o
    fail later in the tokenizer or in the response encoder;
 3. ``check_request`` on what the request asks for, before tokenizing (prompt characters bound
    the tokenizer's work; the token count is then checked against the context limit).
+
+The limits themselves are deployment config: ``ServeConfig.limits`` (greencode/config.py).
 """
 
 from __future__ import annotations
@@ -18,20 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
-
-class RequestLimits(BaseModel):
-    """Per-request limits of one deployment; the defaults are safe for a developer's machine."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="request body size; TGI's payload limit (2 MiB)")
-    max_prompt_chars: int = Field(100_000, ge=1, description="prompt + suffix characters, checked before tokenizing")
-    max_stop_sequences: int = Field(16, ge=0, description="stop sequences per request")
-    max_stop_chars: int = Field(256, ge=1, description="characters of one stop sequence")
-    max_new_tokens: int = Field(4096, ge=1, description="tokens one sequence may ask for")
-    max_sequences: int = Field(16, ge=1, description="sequences one request expands to (OpenAI: prompts x n)")
+from greencode.config import RequestLimits
 
 
 @dataclass(frozen=True)
