@@ -8,7 +8,11 @@ reaches the server as same-origin, but its ``Host`` header still names that doma
 loopback deployment only loopback host names are accepted (403), and an ``Origin`` header, when
 a browser sends one, must name an allowed host too (403). The API key is compared before a
 single body byte is read (401 with ``WWW-Authenticate``), and the body is counted as it arrives
-(413 past ``max_body_bytes``, at once when ``Content-Length`` says so).
+(413 past ``max_body_bytes``, at once when ``Content-Length`` says so). A body that is not
+UTF-8, or whose JSON holds a lone surrogate (key or value), is refused naming the field (the
+tokenizer and the reply encoder would fail on it later, possibly for a whole batch).
+With ``require_json=False`` (an explicit opt-out, for a trusted front end) any POST body is read
+as JSON whatever its content type, as Ollama does.
 
 :class:`Guard` is a plain ASGI middleware (no BaseHTTPMiddleware: client disconnects must still
 reach streaming responses). Refusals use the calling client's error shape (serve_app.formats).
@@ -18,14 +22,14 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
+from greencode.config import LOOPBACK_HOSTS
 from serve_app import formats
-from serve_app.limits import RequestLimits, Violation, body_too_large, check_content_length
+from serve_app.limits import RequestLimits, Violation, body_too_large, check_content_length, invalid_unicode
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 ANY_HOST = "*"
 BODY_METHODS = ("POST", "PUT", "PATCH")
 OPEN_PATHS = ("/health", "/docs", "/openapi.json")  # no key needed: liveness, and the API's own description
@@ -71,15 +75,13 @@ class Guard:
 
     def __init__(self, app: Any, *, limits: RequestLimits, api_key: str | None = None,
                  open_paths: Sequence[str] = OPEN_PATHS, allowed_hosts: Sequence[str] = LOOPBACK_HOSTS,
-                 allowed_origins: Sequence[str] = (), require_json: bool = True,
-                 on_refusal: Callable[[str, int], None] | None = None) -> None:
+                 allowed_origins: Sequence[str] = (), require_json: bool = True) -> None:
         if api_key is not None and not api_key.strip():
             raise ValueError("api_key: an empty key would let every request in; leave it unset or set a real key")
         self.app, self.limits, self.api_key = app, limits, api_key
         self.open_paths, self.allowed_hosts = tuple(open_paths), tuple(allowed_hosts)
         self.allowed_origins = tuple(allowed_origins)
         self.require_json = require_json
-        self.on_refusal = on_refusal  # (protocol, status): e.g. the /metrics error counter
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -90,7 +92,10 @@ class Guard:
         if refusal is None and scope["method"] in BODY_METHODS:
             body, refusal = await self._read_body(receive)
             if refusal is None:
+                refusal = check_text(body)
                 receive = _replay(body, receive)
+            if refusal is None and not is_json_content_type(headers.get("content-type")):
+                scope = _as_json(scope)  # require_json is off: read it as JSON anyway
         if refusal is not None:
             await self._refuse(scope, send, refusal)
             return
@@ -128,9 +133,8 @@ class Guard:
                 return b"".join(chunks), None
 
     async def _refuse(self, scope: dict[str, Any], send: Any, refusal: Violation) -> None:
-        status, protocol = refusal.status or 400, formats.protocol_of(scope["path"])
-        if self.on_refusal is not None:
-            self.on_refusal(protocol, status)
+        protocol = formats.protocol_of(scope["path"])
+        status = refusal.status or formats.invalid_request_status(protocol)
         body = json.dumps(formats.error_body(protocol, refusal.message, status, refusal.param)).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         if status == 401:
@@ -139,6 +143,28 @@ class Guard:
             headers.append((b"connection", b"close"))  # the unread rest of the body is not worth reading
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+def check_text(body: bytes) -> Violation | None:
+    """The body is UTF-8 and its JSON (when it parses; the app reports JSON errors) has no lone surrogate.
+
+    Surrogates encoded as UTF-8 bytes are let through the decoding so the JSON check names their field.
+    """
+    try:
+        text = body.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError as err:
+        return Violation(f"request body is not valid UTF-8 (byte {err.start}: {body[err.start:err.start + 1]!r}): "
+                         "send UTF-8 JSON", None)
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    return invalid_unicode(data)
+
+
+def _as_json(scope: dict[str, Any]) -> dict[str, Any]:
+    headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
+    return {**scope, "headers": headers + [(b"content-type", b"application/json")]}
 
 
 def _replay(body: bytes, receive: Any) -> Any:

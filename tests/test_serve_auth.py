@@ -2,7 +2,7 @@
 
 The server here has a key and an exit policy file (whose path /health must not show). Unit
 tests of serve_app/guard.py's key check, then real HTTP, including a raw socket that sends the
-headers and never the body. ``xfail(strict=True)`` marks what phase 2 of issue 13 wires in.
+headers and never the body.
 """
 
 import asyncio
@@ -12,15 +12,13 @@ import socket
 import httpx
 import pytest
 
-from greencode.config import ConfigError, ServeConfig, validate
+from greencode.config import ConfigError, RequestLimits, ServeConfig, validate
 from serve_app.guard import Guard
-from serve_app.limits import RequestLimits
 from serve_helpers import PROMPT, PROTOCOL_IDS, PROTOCOLS, TGI, assert_error, save_policy, shared_app, tiny_loader
 
 SERVE_APP = "keyed"
 API_KEY = "s3cret-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-PHASE2 = pytest.mark.xfail(strict=True, reason="issue 13 phase 2: key checks not wired in yet")
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +41,6 @@ def http(server):
 # --------------------------------------------------------------------------- startup and serve_app/guard.py (no Ray)
 
 
-@PHASE2
 @pytest.mark.parametrize("key", ["", "   "])
 def test_an_empty_api_key_is_refused_at_startup(key):
     """An empty key used to switch auth off without a word."""
@@ -112,7 +109,6 @@ def test_missing_or_wrong_key_is_a_401_in_the_client_shape(http, protocol, heade
     assert_error(protocol.post(http, protocol.body(), headers=headers), 401, "API key")
 
 
-@PHASE2
 @pytest.mark.ray
 @pytest.mark.parametrize("protocol", PROTOCOLS, ids=PROTOCOL_IDS)
 def test_a_401_names_the_scheme(http, protocol):
@@ -126,7 +122,6 @@ def test_the_scheme_is_case_insensitive_and_the_key_is_served(http):
     assert response.status_code == 200, response.text
 
 
-@PHASE2
 @pytest.mark.ray
 @pytest.mark.parametrize("protocol", PROTOCOLS, ids=PROTOCOL_IDS)
 def test_the_key_is_checked_before_the_body_is_parsed(http, protocol):
@@ -142,7 +137,6 @@ def test_the_key_is_checked_before_the_body_size(http, protocol):
     assert_error(protocol.post(http, body, headers=WRONG["wrong"]), 401, "API key")
 
 
-@PHASE2
 @pytest.mark.ray
 def test_the_key_is_checked_before_the_body_arrives(server):
     """Headers announce a 1 MB body that never comes: the 401 must not wait for it."""
@@ -155,7 +149,6 @@ def test_the_key_is_checked_before_the_body_arrives(server):
     assert reply.startswith(b"HTTP/1.1 401"), reply[:200]
 
 
-@PHASE2
 @pytest.mark.ray
 def test_health_is_open_and_shows_no_paths(server, policy_path):
     response = httpx.get(f"{server}/health", timeout=60)

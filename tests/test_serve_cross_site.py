@@ -3,8 +3,7 @@
 With the documented setup (127.0.0.1, no key) a web page the developer opens can POST to the
 server; a browser does so without asking first only for text/plain, form or absent content
 types. A DNS-rebinding page reaches it as same-origin but with its own name in ``Host``.
-Unit tests of serve_app/guard.py, then the same over real HTTP; ``xfail(strict=True)`` marks
-what phase 2 of issue 13 wires in.
+Unit tests of serve_app/guard.py, then the same over real HTTP.
 """
 
 import asyncio
@@ -13,12 +12,12 @@ import json
 import httpx
 import pytest
 
+from greencode.config import RequestLimits
 from serve_app.guard import Guard, host_allowed, host_name, is_json_content_type, origin_allowed
-from serve_app.limits import RequestLimits
+from serve_app.metrics import ErrorCounter
 from serve_helpers import PROTOCOL_IDS, PROTOCOLS, TGI, abuse_server, assert_error
 
 SERVE_APP = "abuse"
-PHASE2 = pytest.mark.xfail(strict=True, reason="issue 13 phase 2: the Guard middleware is not wired in yet")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -74,16 +73,19 @@ async def _echo(scope, receive, send):
     await send({"type": "http.response.body", "body": json.dumps({"received": body.decode()}).encode()})
 
 
-def guarded(**kwargs) -> httpx.AsyncClient:
-    guard = Guard(_echo, limits=RequestLimits(max_body_bytes=2048), **kwargs)
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=guard), base_url="http://127.0.0.1:8000")
+def guarded(record=None, **kwargs) -> httpx.AsyncClient:
+    """The echo app behind the Guard, behind the error counter when ``record`` is given (as the app wires them)."""
+    app = Guard(_echo, limits=RequestLimits(max_body_bytes=2048), **kwargs)
+    if record is not None:
+        app = ErrorCounter(app, record=record)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1:8000")
 
 
 def test_guard_refuses_in_the_client_shape_and_passes_the_body_on():
     refused = []
 
     async def run():
-        async with guarded(on_refusal=lambda protocol, status: refused.append((protocol, status))) as client:
+        async with guarded(record=lambda protocol, status: refused.append((protocol, status))) as client:
             ok = await client.post("/generate", content='{"inputs": "é"}'.encode(),
                                    headers={"content-type": "application/json"})
             plain = await client.post("/v1/completions", content=b"{}", headers={"content-type": "text/plain"})
@@ -97,21 +99,34 @@ def test_guard_refuses_in_the_client_shape_and_passes_the_body_on():
                 yield b'"}'
 
             big = await client.post("/generate", content=chunks(), headers={"content-type": "application/json"})
-            return ok, plain, rebound, page, big
+            latin1 = await client.post("/generate", content=b'{"inputs": "caf\xe9"}',
+                                       headers={"content-type": "application/json"})
+            return ok, plain, rebound, page, big, latin1
 
-    ok, plain, rebound, page, big = asyncio.run(run())
+    ok, plain, rebound, page, big, latin1 = asyncio.run(run())
     assert ok.json() == {"received": '{"inputs": "é"}'}
     assert plain.status_code == 415 and set(plain.json()["error"]) == {"message", "type", "param", "code"}
     assert rebound.status_code == 403 and set(rebound.json()) == {"error", "error_type"}
     assert page.status_code == 403 and set(page.json()) == {"error"}
     assert big.status_code == 413 and "2048" in big.json()["error"]
-    assert refused == [("openai", 415), ("tgi", 403), ("ollama", 403), ("tgi", 413)]
+    assert latin1.status_code == 422 and "UTF-8" in latin1.json()["error"]
+    assert refused == [("openai", 415), ("tgi", 403), ("ollama", 403), ("tgi", 413), ("tgi", 422)]
+
+
+def test_without_require_json_any_body_is_read_as_json():
+    """The documented opt-out (a trusted front end): curl -d sends a form type, the app still gets JSON."""
+    async def run():
+        async with guarded(require_json=False) as client:
+            return await client.post("/generate", content=b'{"inputs": "x"}',
+                                     headers={"content-type": "application/x-www-form-urlencoded"})
+
+    response = asyncio.run(run())
+    assert response.status_code == 200 and response.json() == {"received": '{"inputs": "x"}'}
 
 
 # --------------------------------------------------------------------------- over HTTP
 
 
-@PHASE2
 @pytest.mark.ray
 @pytest.mark.parametrize("protocol", PROTOCOLS, ids=PROTOCOL_IDS)
 @pytest.mark.parametrize("content_type", [
@@ -132,7 +147,6 @@ def test_json_with_a_charset_is_served(http, protocol):
     assert response.status_code == 200, response.text
 
 
-@PHASE2
 @pytest.mark.ray
 @pytest.mark.parametrize("protocol", PROTOCOLS, ids=PROTOCOL_IDS)
 @pytest.mark.parametrize("host", ["evil.example", "evil.example:{port}", "localhost.evil.example:{port}"])
@@ -143,7 +157,6 @@ def test_a_foreign_host_name_is_a_403(http, protocol, host):
     assert_error(response, 403, "Host")
 
 
-@PHASE2
 @pytest.mark.ray
 @pytest.mark.parametrize("path", ["/health", "/metrics", "/v1/models"])
 def test_a_foreign_host_name_cannot_read_either(http, path):
@@ -157,7 +170,6 @@ def test_loopback_host_names_are_served(http, host):
     assert response.status_code == 200, response.text
 
 
-@PHASE2
 @pytest.mark.ray
 @pytest.mark.parametrize("protocol", PROTOCOLS, ids=PROTOCOL_IDS)
 @pytest.mark.parametrize("origin", ["http://evil.example", "null", "https://localhost.evil.example"])
@@ -172,7 +184,6 @@ def test_a_loopback_origin_is_served(http, origin):
     assert response.status_code == 200, response.text
 
 
-@PHASE2
 @pytest.mark.ray
 @pytest.mark.parametrize("protocol", PROTOCOLS, ids=PROTOCOL_IDS)
 def test_a_simple_cross_site_post_as_a_browser_sends_it_is_refused(http, protocol):

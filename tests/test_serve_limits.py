@@ -2,7 +2,6 @@
 
 Unit tests of serve_app/limits.py, then the same limits over real HTTP in each client's error
 shape. The server runs with the default RequestLimits, so the payloads here are sized from them.
-``xfail(strict=True)`` marks what the app does not do yet (issue 13 phase 2 wires the module in).
 """
 
 import json
@@ -10,12 +9,12 @@ import json
 import httpx
 import pytest
 
-from serve_app.limits import RequestLimits, body_too_large, check_content_length, check_request, invalid_unicode
+from greencode.config import RequestLimits
+from serve_app.limits import body_too_large, check_content_length, check_request, invalid_unicode
 from serve_helpers import OLLAMA, OPENAI, PROTOCOL_IDS, PROTOCOLS, TGI, abuse_server, assert_error, metric
 
 SERVE_APP = "abuse"
 LIMITS = RequestLimits()
-PHASE2 = pytest.mark.xfail(strict=True, reason="issue 13 phase 2: limits not wired into the app yet")
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +77,6 @@ def test_request_checks_name_the_protocol_field():
 # --------------------------------------------------------------------------- over HTTP
 
 
-@PHASE2
 @pytest.mark.ray
 @pytest.mark.parametrize("protocol", PROTOCOLS, ids=PROTOCOL_IDS)
 def test_body_over_the_limit_is_a_413(http, protocol):
@@ -86,7 +84,6 @@ def test_body_over_the_limit_is_a_413(http, protocol):
     assert_error(protocol.post(http, body), 413, "bytes")
 
 
-@PHASE2
 @pytest.mark.ray
 def test_chunked_body_over_the_limit_is_a_413_while_it_arrives(http):
     """No Content-Length: the body is counted as it comes, and refused before it ends."""
@@ -101,7 +98,6 @@ def test_chunked_body_over_the_limit_is_a_413_while_it_arrives(http):
     assert_error(response, 413, "bytes")
 
 
-@PHASE2
 @pytest.mark.ray
 @pytest.mark.parametrize("protocol", PROTOCOLS, ids=PROTOCOL_IDS)
 def test_prompt_over_max_chars_is_refused_before_tokenizing(http, protocol):
@@ -117,7 +113,6 @@ def test_too_many_stop_sequences(http, protocol):
     assert_error(protocol.post(http, body), protocol.validation_status, protocol.field("stop"))
 
 
-@PHASE2
 @pytest.mark.ray
 @pytest.mark.parametrize("protocol", PROTOCOLS, ids=PROTOCOL_IDS)
 def test_too_long_stop_sequence(http, protocol):
@@ -140,7 +135,6 @@ def test_prompts_times_n_within_the_limit_is_served(http):
     assert response.status_code == 200 and len(response.json()["choices"]) == LIMITS.max_sequences
 
 
-@PHASE2
 @pytest.mark.ray
 def test_prompts_times_n_over_the_limit(http):
     """16 prompts x n=8 would be 128 sequences from one request."""
@@ -149,7 +143,6 @@ def test_prompts_times_n_over_the_limit(http):
     assert response.json()["error"]["param"] == "n"
 
 
-@PHASE2
 @pytest.mark.ray
 def test_refusals_are_counted_by_status_in_metrics(http):
     name = "greencode_request_errors_total"

@@ -1,8 +1,8 @@
 """Overload (issue 13): a bounded queue, 429/503 with Retry-After beyond it, /health up, streams not starved.
 
 Unit tests of serve_app/admission.py (asyncio, no Ray), then bursts over real HTTP against one
-replica running the default AdmissionLimits. ``xfail(strict=True)`` marks what phase 2 of
-issue 13 wires in (admission per lane, lanes that keep streams moving).
+replica running the default AdmissionLimits (one lane for streams, one for batches; model
+work interleaves step by step, so streams keep moving).
 """
 
 import asyncio
@@ -13,11 +13,11 @@ import time
 import httpx
 import pytest
 
-from serve_app.admission import Admission, AdmissionLimits, Overloaded, TimedOut
+from greencode.config import AdmissionLimits
+from serve_app.admission import Admission, Overloaded, TimedOut
 from serve_helpers import PROMPT, PROTOCOLS, TGI, abuse_server, assert_error, metric
 
 SERVE_APP = "abuse"
-PHASE2 = pytest.mark.xfail(strict=True, reason="issue 13 phase 2: admission and lanes not wired in yet")
 LIMITS = AdmissionLimits()
 
 
@@ -164,7 +164,6 @@ def test_random_arrivals_timeouts_and_cancels_never_lose_a_slot():
 # --------------------------------------------------------------------------- over HTTP
 
 
-@PHASE2
 @pytest.mark.ray
 def test_a_burst_beyond_the_queue_is_refused_with_retry_after_while_health_answers(server):
     """Capacity + 16 requests at once: each is a 200 or a 429/503 in its client's shape, in time."""
@@ -207,7 +206,6 @@ def test_a_burst_beyond_the_queue_is_refused_with_retry_after_while_health_answe
     assert max(seconds for _, seconds in health) < 2.0, health
 
 
-@PHASE2
 @pytest.mark.ray
 def test_a_stream_is_not_starved_by_a_running_batch(server):
     """A stream opened while a batch generates gets its first token long before the batch ends."""

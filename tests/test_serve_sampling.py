@@ -2,8 +2,7 @@
 
 The served model says " x" greedily wherever no script is placed (a logit of 8 against 0 for
 every other token), so greedy output is known and sampling at temperature 1 visibly differs.
-``xfail(strict=True)`` marks what phase 2 of issue 13 fixes (greencode/sampling.py wired into
-the generator); the rest guards what already holds.
+greencode/sampling.py picks the generator's tokens.
 """
 
 import asyncio
@@ -15,7 +14,6 @@ import pytest
 from serve_helpers import PROMPT, PROTOCOL_IDS, PROTOCOLS, TGI, abuse_server, assert_error
 
 SERVE_APP = "abuse"
-PHASE2 = pytest.mark.xfail(strict=True, reason="issue 13 phase 2: NaN-proof sampling not wired in yet")
 GREEDY = " x x x x"  # what greedy decoding says for PROMPT in 4 tokens
 JSON = {"content-type": "application/json"}
 
@@ -49,13 +47,12 @@ def test_greedy_and_sampled_differ_and_a_seed_repeats(http, protocol):
 @pytest.mark.ray
 @pytest.mark.parametrize("protocol", PROTOCOLS, ids=PROTOCOL_IDS)
 @pytest.mark.parametrize("temperature", [
-    pytest.param(1e-300, marks=PHASE2), pytest.param(5e-324, marks=PHASE2), 1e-30,
+    1e-300, 5e-324, 1e-30,
 ])
 def test_near_zero_temperature_is_greedy(http, protocol, temperature):
     assert completion(http, protocol, temperature=temperature, seed=3) == GREEDY
 
 
-@PHASE2
 @pytest.mark.ray
 @pytest.mark.parametrize("protocol", PROTOCOLS, ids=PROTOCOL_IDS)
 def test_near_zero_temperature_streams_greedy_text(http, protocol):
@@ -65,7 +62,6 @@ def test_near_zero_temperature_streams_greedy_text(http, protocol):
     assert stream.error is None and stream.text == GREEDY
 
 
-@PHASE2
 @pytest.mark.ray
 @pytest.mark.parametrize("protocol", PROTOCOLS, ids=PROTOCOL_IDS)
 def test_near_zero_top_p_keeps_the_top_token(http, protocol):
@@ -100,7 +96,6 @@ def test_largest_seed_and_do_sample_are_served(http):
     assert completion(http, TGI, do_sample=True, seed=1) != GREEDY  # TGI: do_sample without temperature = 1
 
 
-@PHASE2
 @pytest.mark.ray
 def test_a_near_zero_temperature_does_not_fail_the_requests_batched_with_it(server):
     bodies = [TGI.body(prompt=f"{PROMPT}# {i}\n") for i in range(5)] + [TGI.body(temperature=1e-300)]

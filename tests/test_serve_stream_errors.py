@@ -5,8 +5,7 @@ The served model's " poison" token has a NaN embedding (tests/serve_helpers.py):
 row only; a prompt holding the token fails in the prompt pass. That is a server-side fault, so
 the failed request itself gets the protocol's failure status (TGI 424 "generation", OpenAI and
 Ollama 500) or, once a stream has started, an error event (SSE ``event: error``, an NDJSON
-``{"error"}`` line) that the official clients raise as an error. ``xfail(strict=True)`` marks
-what phase 2 of issue 13 wires in (NaN-proof sampling reporting failed rows, error events).
+``{"error"}`` line) that the official clients raise as an error.
 """
 
 import asyncio
@@ -27,7 +26,6 @@ from serve_helpers import (
 )
 
 SERVE_APP = "abuse"
-PHASE2 = pytest.mark.xfail(strict=True, reason="issue 13 phase 2: failed rows and stream error events not wired in")
 SAID_BEFORE_FAILING = " one two three poison"
 
 
@@ -53,7 +51,6 @@ def stream(http, protocol, prompt: str, **knobs):
     return protocol.read_stream(response)  # reads the whole body: a cut connection raises here
 
 
-@PHASE2
 @pytest.mark.ray
 @pytest.mark.parametrize("protocol", PROTOCOLS, ids=PROTOCOL_IDS)
 def test_a_stream_that_fails_midway_ends_with_an_error_event(http, plan, protocol):
@@ -65,7 +62,6 @@ def test_a_stream_that_fails_midway_ends_with_an_error_event(http, plan, protoco
         assert result.error_event == "error"
 
 
-@PHASE2
 @pytest.mark.ray
 @pytest.mark.parametrize("protocol", PROTOCOLS, ids=PROTOCOL_IDS)
 def test_a_stream_that_fails_in_the_prompt_pass_sends_only_the_error(http, plan, protocol):
@@ -74,7 +70,6 @@ def test_a_stream_that_fails_in_the_prompt_pass_sends_only_the_error(http, plan,
     check_error_body(protocol, result.error, protocol.failure_status)
 
 
-@PHASE2
 @pytest.mark.ray
 def test_official_clients_raise_the_stream_error(server, plan):
     import ollama
@@ -94,7 +89,6 @@ def test_official_clients_raise_the_stream_error(server, plan):
                                                   stream=True))
 
 
-@PHASE2
 @pytest.mark.ray
 @pytest.mark.parametrize("protocol", PROTOCOLS, ids=PROTOCOL_IDS)
 def test_a_failed_generation_is_the_protocols_failure_status(http, plan, protocol):
@@ -102,7 +96,6 @@ def test_a_failed_generation_is_the_protocols_failure_status(http, plan, protoco
     assert_error(response, protocol.failure_status)
 
 
-@PHASE2
 @pytest.mark.ray
 @pytest.mark.parametrize("sampling", [{}, {"temperature": 0.5, "seed": 3}], ids=["greedy", "sampled"])
 def test_a_failed_row_does_not_fail_the_rest_of_its_batch(server, plan, sampling):
@@ -123,7 +116,6 @@ def test_a_failed_row_does_not_fail_the_rest_of_its_batch(server, plan, sampling
     assert_error(failed, 424, protocol=TGI)
 
 
-@PHASE2
 @pytest.mark.ray
 def test_failures_are_counted_in_metrics(http, plan):
     before_failed = metric(http, "greencode_request_errors_total", status="424")

@@ -3,8 +3,7 @@
 The served model says known texts (tests/serve_helpers.py TEXTS): CJK and emoji split across
 one token per UTF-8 byte, mixed scripts as the tokenizer splits them, and an ASCII control. A
 stop sequence that spans tokens (or sits inside split characters) must not leak into the stream
-either. ``xfail(strict=True)`` marks what phase 2 of issue 13 fixes (greencode/detokenize.py
-wired into the generator); the controls must pass today.
+either (greencode/detokenize.py releases the text inside the generator).
 """
 
 import httpx
@@ -13,7 +12,6 @@ import pytest
 from serve_helpers import OLLAMA, PROTOCOL_IDS, PROTOCOLS, TGI, AbuseScripts, abuse_server
 
 SERVE_APP = "abuse"
-PHASE2 = pytest.mark.xfail(strict=True, reason="issue 13 phase 2: incremental detokenization not wired in yet")
 MAX_NEW = 64  # more than any script: every script ends with EOS
 
 
@@ -58,8 +56,7 @@ def test_the_non_streamed_text_is_what_the_model_said(http, plan, protocol, scri
 @pytest.mark.ray
 @pytest.mark.parametrize("protocol", PROTOCOLS, ids=PROTOCOL_IDS)
 @pytest.mark.parametrize("script", [
-    pytest.param("cjk_bytes", marks=PHASE2), pytest.param("emoji_bytes", marks=PHASE2),
-    pytest.param("mixed", marks=PHASE2), "ascii",
+    "cjk_bytes", "emoji_bytes", "mixed", "ascii",
 ])
 def test_the_joined_stream_is_the_text_without_replacement_characters(http, plan, protocol, script):
     result = streamed(http, protocol, plan.scripts[script].prompt)
@@ -72,9 +69,9 @@ def test_the_joined_stream_is_the_text_without_replacement_characters(http, plan
 @pytest.mark.ray
 @pytest.mark.parametrize("protocol", PROTOCOLS, ids=PROTOCOL_IDS)
 @pytest.mark.parametrize("script, stop, expected", [
-    pytest.param("stop", "本語", "# 日", marks=PHASE2),  # inside characters split across byte tokens
-    pytest.param("stop", "\nprint", "# 日本語です", marks=PHASE2),
-    pytest.param("ascii", " + fib", " return fib(n - 1)", marks=PHASE2),  # spans tokens: ' +', ' fib'
+    ("stop", "本語", "# 日"),  # inside characters split across byte tokens
+    ("stop", "\nprint", "# 日本語です"),
+    ("ascii", " + fib", " return fib(n - 1)"),  # spans tokens: ' +', ' fib'
 ])
 def test_a_stop_sequence_never_reaches_the_stream(http, plan, protocol, script, stop, expected):
     prompt = plan.scripts[script].prompt
@@ -90,7 +87,6 @@ def test_a_stop_sequence_is_honoured_without_streaming(http, plan, protocol):
     assert complete(http, protocol, plan.scripts["stop"].prompt, stop=["本語"]) == "# 日"
 
 
-@PHASE2
 @pytest.mark.ray
 def test_official_clients_join_to_the_text(server, plan):
     import ollama
