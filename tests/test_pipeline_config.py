@@ -19,6 +19,8 @@ def test_cluster_yaml_validates_against_rays_schema():
     types = config["available_node_types"]
     assert any("GPU" in t["resources"] for t in types.values())
     assert "GPU" not in types[config["head_node_type"]]["resources"]
+    [start] = [c for c in config["head_start_ray_commands"] if " start " in c]
+    assert "--dashboard-host=127.0.0.1" in start  # its job API runs any command: reached over `ray dashboard` SSH
 
 
 @pytest.mark.parametrize("name", PRESETS)

@@ -152,6 +152,12 @@ def test_cli_flags_become_the_serve_config(tmp_path, monkeypatch):
         parse(["--policy", str(tmp_path / "missing.pt")])
     with pytest.raises(ConfigError, match="gate.threshold"):
         parse(["--threshold", "2"])
+    assert cfg.allowed_hosts == ["127.0.0.1", "localhost", "::1"]  # loopback: only its own names (DNS rebinding)
+    assert parse(["--host", "0.0.0.0"])[0].allowed_hosts == ["*"]  # exposed: names the server cannot know
+    assert parse(["--host", "0.0.0.0", "--set", "allowed_hosts=[gpu1.lan]"])[0].allowed_hosts == ["gpu1.lan"]
+    monkeypatch.setenv("GREENCODE_API_KEY", "")
+    with pytest.raises(ConfigError, match="api_key"):
+        parse([])
 
 
 def test_serve_app_does_not_reach_into_workflows():
