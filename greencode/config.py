@@ -302,6 +302,7 @@ class RequestLimits(_Strict):
     """What one request may ask for, checked before any model work (TGI's validation limits, per protocol)."""
 
     max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="request body size; TGI's payload limit (2 MiB)")
+    body_timeout_s: float = Field(30.0, gt=0, description="seconds for the whole body to arrive; then a 408")
     max_prompt_chars: int = Field(100_000, ge=1, description="prompt + suffix characters, checked before tokenizing")
     max_stop_sequences: int = Field(16, ge=0, le=16, description="stop sequences per request (at most 16)")
     max_stop_chars: int = Field(256, ge=1, description="characters of one stop sequence")

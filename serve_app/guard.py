@@ -8,9 +8,10 @@ reaches the server as same-origin, but its ``Host`` header still names that doma
 loopback deployment only loopback host names are accepted (403), and an ``Origin`` header, when
 a browser sends one, must name an allowed host too (403). The API key is compared before a
 single body byte is read (401 with ``WWW-Authenticate``), and the body is counted as it arrives
-(413 past ``max_body_bytes``, at once when ``Content-Length`` says so). A body that is not
-UTF-8, or whose JSON holds a lone surrogate (key or value), is refused naming the field (the
-tokenizer and the reply encoder would fail on it later, possibly for a whole batch).
+(413 past ``max_body_bytes``, at once when ``Content-Length`` says so; 408 if it has not all
+arrived within ``body_timeout_s``: a slow sender must not hold a connection). A body that is
+not UTF-8, or whose JSON holds a lone surrogate (key or value), is refused naming the field
+(the tokenizer and the reply encoder would fail on it later, possibly for a whole batch).
 With ``require_json=False`` (an explicit opt-out, for a trusted front end) any POST body is read
 as JSON whatever its content type, as Ollama does.
 
@@ -20,6 +21,7 @@ reach streaming responses). Refusals use the calling client's error shape (serve
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from collections.abc import Sequence
@@ -119,9 +121,16 @@ class Guard:
         return None
 
     async def _read_body(self, receive: Any) -> tuple[bytes, Violation | None]:
+        """The whole body, counted as it arrives and within ``body_timeout_s`` (a slow sender holds a connection)."""
         chunks, size = [], 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.body_timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                return b"", Violation(f"the request body did not arrive within {self.limits.body_timeout_s:g} s",
+                                      None, 408)
             if message["type"] != "http.request":  # the client left while sending
                 return b"", Violation("the client disconnected before sending its body", None, 400)
             chunk = message.get("body", b"")

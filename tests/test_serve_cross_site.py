@@ -113,6 +113,31 @@ def test_guard_refuses_in_the_client_shape_and_passes_the_body_on():
     assert refused == [("openai", 415), ("tgi", 403), ("ollama", 403), ("tgi", 413), ("tgi", 422)]
 
 
+def test_a_body_that_does_not_arrive_in_time_is_a_408():
+    """A client that announces a body and sends it too slowly (slowloris) is answered, not waited for."""
+    sent = []
+
+    async def trickle():  # the first part, then nothing
+        yield {"type": "http.request", "body": b'{"inputs": "', "more_body": True}
+        await asyncio.sleep(30)
+
+    async def run():
+        parts = trickle()
+        guard = Guard(_echo, limits=RequestLimits(body_timeout_s=0.2))
+        scope = {"type": "http", "method": "POST", "path": "/generate",
+                 "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")]}
+
+        async def send(message):
+            sent.append(message)
+
+        start = asyncio.get_running_loop().time()
+        await guard(scope, parts.__anext__, send)
+        return asyncio.get_running_loop().time() - start
+
+    assert asyncio.run(run()) < 2
+    assert sent[0]["status"] == 408 and json.loads(sent[1]["body"])["error_type"] == "validation"
+
+
 def test_without_require_json_any_body_is_read_as_json():
     """The documented opt-out (a trusted front end): curl -d sends a form type, the app still gets JSON."""
     async def run():
