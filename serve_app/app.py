@@ -265,9 +265,16 @@ class GreenCodeServer:
         return Completion(result=result, text=text, token_texts=[tok.decode([t]) for t in result.token_ids],
                           gate=gate, ignored=job.ask.ignored, batch_size=batch_size, seed=job.generation.seed)
 
-    async def _step(self, steps: Iterator[Any]) -> Any:
-        """One generation step on the generation thread: streams and batches take turns step by step."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, next, steps)
+    async def _step(self, steps: Iterator[Any], deadline: Deadline | None = None) -> Any:
+        """One generation step on the generation thread: streams and batches take turns step by step.
+        With a deadline, waiting for the step (behind the others' steps) ends at it with TimedOut."""
+        step = asyncio.get_running_loop().run_in_executor(self.executor, next, steps)
+        if deadline is None:
+            return await step
+        try:
+            return await asyncio.wait_for(step, deadline.remaining())
+        except TimeoutError:
+            raise self._timed_out() from None
 
     async def _generate_group(self, group: list[Job]) -> list[Completion | None]:
         """One batch of jobs sharing settings; stops if every client left. A failed row fails only its job."""
@@ -350,7 +357,8 @@ class GreenCodeServer:
         steps = self.generator.stream([job.prompt_ids], gate, job.generation)
         last: TokenEvent | None = None
         try:
-            while not isinstance(item := await self._step(steps), Finished):
+            # past the deadline the wait for the next step ends; once the last token is out, Finished is awaited
+            while not isinstance(item := await self._step(steps, deadline if last is None else None), Finished):
                 for event in item:
                     if event.error is not None:
                         raise GenerationFailed(event.error)
@@ -359,8 +367,6 @@ class GreenCodeServer:
                         yield event, None
                     else:
                         last = event
-                if last is None and deadline.expired:
-                    raise self._timed_out()
             [result] = item.results
             self.stats.record_energy(gate.name, result.energy_j)
             yield last, self._completion(job, result, gate.describe(), 1)
