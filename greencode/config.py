@@ -62,6 +62,10 @@ class LiteLossConfig(_Strict):
 
 
 GateMode = Literal["full", "fixed", "confidence", "policy"]
+# fill-in-the-middle prompt layout (greencode/fim.py): prefix-suffix-middle, or suffix first
+FimOrder = Literal["psm", "spm"]
+_FIM_ORDER = ("fill-in-the-middle layout: psm (every FIM model), or spm (suffix first; StarCoder, SantaCoder, "
+              "Code Llama: while the user types only the prefix grows, so the prefix cache keeps the suffix)")
 
 
 class GateParams(_Strict):
@@ -108,6 +112,7 @@ class GenerateConfig(_Strict):
     exits: ExitConfig = Field(default_factory=ExitConfig, description="exit points of the model")
     gate: GateConfig = Field(default_factory=GateConfig, description="the gate every generated token uses")
     generation: GenerationConfig = Field(default_factory=GenerationConfig, description="decoding settings")
+    fim_order: FimOrder = Field("psm", description=_FIM_ORDER)
 
 
 # --------------------------------------------------------------------------- data
@@ -281,6 +286,11 @@ class EvalConfig(_Strict):
     thresholds: list[float] = Field(default_factory=lambda: [0.6, 0.8, 0.9, 0.91, 0.92],
                                     description="T of the policy rows")
     context_fractions: list[float] = Field(default_factory=lambda: [0.2], description="context shares, one table each")
+    task: Literal["completion", "fim"] = Field(
+        "completion", description="completion: the model sees the context; fim: also the file after the reference "
+                                  "span, as a fill-in-the-middle prompt (needs a model with FIM tokens)")
+    fim_suffix_tokens: int = Field(256, ge=1, description="fim task: tokens of the file after the span given as suffix")
+    fim_order: FimOrder = Field("psm", description=_FIM_ORDER)
     num_samples: int = Field(1000, ge=1, description="completions per setting and context fraction")
     output_dir: str = Field("reports/eval", description="report directory (resumable)")
     quality_margin: float = Field(0.05, ge=0, description="stated tolerance on ROUGE-L vs full")
@@ -340,6 +350,10 @@ class ServeConfig(_Strict):
         default_factory=_serve_generation, description="decoding defaults of requests (max_new_tokens 60) and kv_mode"
     )
     max_context_tokens: int = Field(2048, ge=1, description="prompt + new tokens, capped by the model's positions")
+    prefix_cache_mb: float = Field(
+        256.0, ge=0, description="per replica: MiB of full-depth prompt K/V kept so the next keystroke's request "
+                                 "reuses its prefix (on the replica's device); 0 = off")
+    fim_order: FimOrder = Field("psm", description=_FIM_ORDER)
     max_batch_size: int = Field(8, ge=1, description="requests generated together (Serve batching)")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill")
     num_replicas: int = Field(1, ge=1, description="Serve replicas")

@@ -381,21 +381,27 @@ class CompletionSample:
     target_ids: list[int]
     context_text: str
     target_text: str
+    suffix_text: str = ""  # fill-in-the-middle samples: the file after the target (the model sees it too)
 
 
 def _sample(tokenizer: Any, sample_id: str, src: SourceFile, ids: list[int], cut: int, context_cap: int,
-            target_tokens: int) -> CompletionSample:
+            target_tokens: int, suffix_tokens: int = 0) -> CompletionSample:
     context, target = ids[:cut][-context_cap:], ids[cut : cut + target_tokens]
+    suffix = ids[cut + target_tokens : cut + target_tokens + suffix_tokens]
     return CompletionSample(sample_id, src.path, src.lang, context, target,
-                            tokenizer.decode(context), tokenizer.decode(target))
+                            tokenizer.decode(context), tokenizer.decode(target),
+                            tokenizer.decode(suffix) if suffix else "")
 
 
 def line_completion_samples(files: Sequence[SourceFile], tokenizer: Any, num_samples: int, *,
                             context_fraction: float = 0.2, context_cap: int = 512, target_tokens: int = 15,
-                            min_file_tokens: int = 64, seed: int = 0) -> list[CompletionSample]:
+                            min_file_tokens: int = 64, seed: int = 0,
+                            suffix_tokens: int = 0) -> list[CompletionSample]:
     """METHOD §6: one sample per file (files in a seeded order): context = the first
     ``context_fraction`` of its tokens (the last ``context_cap`` of them), target = the
-    next ``target_tokens``. Files shorter than ``min_file_tokens`` are passed over."""
+    next ``target_tokens``. Files shorter than ``min_file_tokens`` are passed over.
+    ``suffix_tokens`` > 0 makes fill-in-the-middle samples: the target is then a span cut from
+    the file, and up to that many tokens after it are the sample's ``suffix_text``."""
     if not 0 < context_fraction < 1:
         raise ValueError(f"context_fraction must be in (0, 1), got {context_fraction}")
     order = sorted(files, key=lambda f: _hash_key(seed, f.path))
@@ -407,7 +413,8 @@ def line_completion_samples(files: Sequence[SourceFile], tokenizer: Any, num_sam
         if len(ids) < max(min_file_tokens, 2):
             continue
         cut = max(1, min(int(len(ids) * context_fraction), len(ids) - 1))
-        samples.append(_sample(tokenizer, f"{src.path}@{context_fraction}", src, ids, cut, context_cap, target_tokens))
+        samples.append(_sample(tokenizer, f"{src.path}@{context_fraction}", src, ids, cut, context_cap, target_tokens,
+                               suffix_tokens))
     if len(samples) < num_samples:
         log.warning("only %d of %d requested samples: too few files with >= %d tokens",
                     len(samples), num_samples, min_file_tokens)

@@ -17,6 +17,11 @@ finite (a fault of the model, e.g. NaN weights it reached) ends with ``finish_re
 cannot itself produce NaN). A row's text is released by greencode/detokenize.py: the
 streamed pieces join to exactly the whole-sequence text, for any Unicode and stop sequence.
 
+With a :class:`~greencode.prefix_cache.PrefixCache` the prompt pass reuses the keys/values
+of the longest prefix an earlier request stored and runs only the rest; the end of a stream
+stores each prompt with the full-depth part of its completion (issue 12: an IDE's next
+keystroke sends nearly the same prompt).
+
 The contract other decoders build on (see :meth:`GatedGenerator.stream`):
 :meth:`~GatedGenerator.prefill` is the prompt pass, :meth:`~GatedGenerator.step` one
 forward of new tokens with per-row exits, and ``stream`` yields the tokens of every
@@ -35,8 +40,10 @@ import torch
 from greencode.config import GenerationConfig
 from greencode.detokenize import Detokenizer
 from greencode.energy import EnergyMeter
+from greencode.fim import detect_fim
 from greencode.gates import FullGate, Gate
 from greencode.modeling import EarlyExitModel
+from greencode.prefix_cache import PrefixCache, full_depth_tokens
 from greencode.sampling import pick_tokens
 from greencode.tokens import encode
 
@@ -56,6 +63,7 @@ class GenerationResult:
     energy_j: float | None = None
     exit_states: torch.Tensor | None = None  # [T, n_exits, H] when asked for (shard extraction)
     error: str | None = None  # why the sequence failed (finish_reason 'error'); its text is what came before
+    cached_prompt_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
 
     @property
     def mean_layers(self) -> float:
@@ -112,6 +120,7 @@ class Prefill:
     attention_mask: torch.Tensor  # [B, W] 0 on padding
     cache: Any  # transformers DynamicCache holding every layer's K/V of the prompts; None without a cache
     output: StepOutput  # the last position through all layers (FullGate): the first token's logits
+    cached_tokens: list[int] | None = None  # per row: prompt tokens whose K/V came from a prefix cache
 
 
 @dataclass
@@ -122,9 +131,14 @@ class Finished:
 
 
 class GatedGenerator:
-    """Runs gated generation on an :class:`EarlyExitModel`."""
+    """Runs gated generation on an :class:`EarlyExitModel`, optionally over a shared prefix cache.
 
-    def __init__(self, lm: EarlyExitModel, meter: EnergyMeter | None = None) -> None:
+    ``prefix_cache`` (checked against the model here) may be shared by generators on several
+    threads: entries are immutable and every request copies what it reuses into its own cache.
+    """
+
+    def __init__(self, lm: EarlyExitModel, meter: EnergyMeter | None = None,
+                 prefix_cache: PrefixCache | None = None) -> None:
         self.lm = lm
         self.meter = meter or EnergyMeter(lm.device)
         cfg = lm.model.generation_config
@@ -132,7 +146,13 @@ class GatedGenerator:
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if lm.tokenizer is not None and lm.tokenizer.eos_token_id is not None:
             eos_ids.add(lm.tokenizer.eos_token_id)
+        fim = detect_fim(lm.tokenizer)
+        if fim is not None and fim.end_id is not None:  # Code Llama ends a fill with <EOT>, not EOS
+            eos_ids.add(fim.end_id)
         self.eos_ids = eos_ids
+        if prefix_cache is not None:
+            prefix_cache.check_model(lm.fingerprint, lm.model.config)
+        self.prefix_cache = prefix_cache
 
     # ------------------------------------------------------------------ one forward step
 
@@ -244,9 +264,12 @@ class GatedGenerator:
         """The prompt pass: left-pad ``encoded`` and run it through every layer (METHOD §5: no gate).
 
         Called once per :meth:`stream`; override it to reuse prompt work (the evaluator replays the
-        last batch's pass, a prefix cache reuses stored prefixes) as long as the returned
-        :class:`Prefill` equals what this method computes. ``use_cache=False`` (``kv_mode='none'``)
-        returns no cache: every later step re-runs the whole sequence.
+        last batch's pass) as long as the returned :class:`Prefill` equals what this method
+        computes. With a prefix cache, the longest stored prefix of each row is loaded and only
+        the remaining positions run; the prompts are stored right after the pass, so a request
+        its client cancels still warms the cache for the next keystroke. ``use_cache=False``
+        (``kv_mode='none'``) returns no cache and leaves the prefix cache alone: every later step
+        re-runs the whole sequence.
         """
         from transformers import DynamicCache
 
@@ -260,8 +283,12 @@ class GatedGenerator:
             ids[r, width - len(p) :] = torch.tensor(p, device=device)
             attn[r, width - len(p) :] = 1
         cache = DynamicCache(config=lm.model.config) if use_cache else None
-        out = self.step(ids, attn, cache, FullGate(), collect_exit_states=collect_exit_states)
-        return Prefill(ids, attn, cache, out)
+        store = self.prefix_cache if use_cache else None
+        past, reused = store.reuse(cache, encoded) if store is not None else (0, [0] * bsz)
+        out = self.step(ids[:, past:], attn, cache, FullGate(), collect_exit_states=collect_exit_states)
+        if store is not None:
+            store.remember(cache, attn, encoded)
+        return Prefill(ids, attn, cache, out, reused)
 
     @torch.no_grad()
     def stream(
@@ -283,6 +310,8 @@ class GatedGenerator:
 
         ``collect_exit_states`` records, for every generated token, the hidden state at each
         exit point of the position that predicted it (what the exit environment observes).
+        With a prefix cache, the end stores each prompt with its completion's full-depth tokens
+        (:func:`~greencode.prefix_cache.full_depth_tokens`: never K/V propagated from an exit).
         """
         cfg = cfg or GenerationConfig()
         lm = self.lm
@@ -321,7 +350,11 @@ class GatedGenerator:
                 seq = torch.cat([seq, next_ids[:, None]], dim=1)
                 step_ids = next_ids[:, None] if use_cache else seq
                 out = self.step(step_ids, attn, cache, gate, active, collect_exit_states)
+            if cache is not None and self.prefix_cache is not None:
+                self.prefix_cache.remember(cache, attn, [full_depth_tokens(p, row.ids, row.layers, lm.num_layers)
+                                                         for p, row in zip(encoded, rows)])
 
+        cached = pre.cached_tokens or [0] * bsz
         share = measured.energy_j / bsz if measured.energy_j is not None else None
         yield Finished([
             GenerationResult(
@@ -336,8 +369,9 @@ class GatedGenerator:
                 energy_j=share,
                 exit_states=torch.stack(row.exit_states) if row.exit_states else None,
                 error=row.error,
+                cached_prompt_tokens=reused,
             )
-            for row in rows
+            for row, reused in zip(rows, cached)
         ])
 
     def generate(

@@ -12,14 +12,17 @@ A request passes, in order: the Guard (guard.py: Host, Origin, API key before th
 JSON content type, body size, UTF-8 and lone surrogates), the request schema (schemas.py),
 the request limits (limits.py), admission to its lane (admission.py: streams and
 non-streaming batches are admitted separately; 429 with Retry-After when the lane's queue is
-full, 503 when no slot frees before the request timeout), tokenization (on its own thread),
-then generation. Non-streaming requests go through Serve batching: requests that arrive
+full, 503 when no slot frees before the request timeout), tokenization (on its own thread;
+fill-in-the-middle requests get the served model's own FIM layout, prompts.py), then
+generation. Non-streaming requests go through Serve batching: requests that arrive
 together and share gate + sampling settings run as one batch, each row still exiting (and
-failing) on its own. All model work runs one step at a time on one worker thread per
-replica, so a stream's tokens interleave with a batch's steps and the event loop keeps
-accepting requests; a client that disconnects cancels its request, which stops a stream
-after the current token and a batch once all its rows are gone. Response shapes are in
-formats.py, errors in errors.py, metrics (and the error counter) in metrics.py.
+failing) on its own. Each replica keeps a prefix cache (``prefix_cache_mb``): a request reuses
+the full-depth keys/values of the longest prompt prefix an earlier one stored. All model work
+runs one step at a time on one worker thread per replica, so a stream's tokens interleave with
+a batch's steps and the event loop keeps accepting requests; a client that disconnects cancels
+its request, which stops a stream after the current token and a batch once all its rows are
+gone. Response shapes are in formats.py, errors in errors.py, metrics (and the error counter)
+in metrics.py.
 """
 
 
@@ -48,7 +51,7 @@ from greencode.gates import build_gate
 from greencode.generate import Finished, GatedGenerator, GenerationResult, TokenEvent
 from greencode.modeling import EarlyExitModel, load_model
 from greencode.policy import ExitPolicy
-from greencode.tokens import encode
+from greencode.prefix_cache import PrefixCache
 from serve_app import errors, formats
 from serve_app.admission import Admission, Deadline, TimedOut
 from serve_app.errors import ERRORS, ApiError, GenerationFailed
@@ -56,6 +59,7 @@ from serve_app.formats import OLLAMA, OPENAI, TGI, Completion
 from serve_app.guard import Guard
 from serve_app.limits import check_request
 from serve_app.metrics import ErrorCounter, ServeMetrics
+from serve_app.prompts import PromptBuilder
 from serve_app.schemas import (
     Ask,
     CompletionRequest,
@@ -67,8 +71,6 @@ from serve_app.schemas import (
 log = logging.getLogger("greencode.serve")
 
 ModelLoader = Callable[[ServeConfig], EarlyExitModel]
-FIM_TOKENS = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>")
-
 
 api = FastAPI(
     title="GreenCode",
@@ -84,19 +86,19 @@ errors.install(api)
 
 @dataclass(eq=False)
 class Job:
-    """One sequence to generate: validated gate and sampling settings, the prompt text, then its token ids."""
+    """One sequence to generate: validated gate and sampling settings, then (tokenizer thread) its prompt ids."""
 
     ask: Ask
-    prompt_text: str
     gate: GateConfig
     generation: GenerationConfig
     prompt_ids: list[int] = field(default_factory=list)  # filled on the tokenizer thread
+    cache_prompt: bool = True  # read and write the replica's prefix cache
     cancelled: bool = False
 
     @property
     def batch_key(self) -> str:
         """Jobs with equal keys can share one generation batch."""
-        return self.gate.model_dump_json() + self.generation.model_dump_json()
+        return self.gate.model_dump_json() + self.generation.model_dump_json() + str(self.cache_prompt)
 
 
 def load_served_model(cfg: ServeConfig) -> EarlyExitModel:
@@ -141,24 +143,30 @@ class GreenCodeServer:
         self.default_gate = self.cfg.default_gate
         if self.default_gate == "policy" and self.policy is None:
             self.default_gate = "full"
-        self.generator = GatedGenerator(self.lm)
+        budget = int(self.cfg.prefix_cache_mb * 2**20)
+        self.prefix_cache = PrefixCache(budget, self.lm.fingerprint) if budget else None
+        self.generator = GatedGenerator(self.lm, prefix_cache=self.prefix_cache)
+        # requests that say cache_prompt: false (benchmarks, privacy) neither read nor write the cache
+        self.uncached = GatedGenerator(self.lm, self.generator.meter) if self.prefix_cache else self.generator
         self.model_name = Path(self.cfg.model.name).name
         positions = getattr(self.lm.model.config, "max_position_embeddings", None) or math.inf
         self.context_limit = int(min(self.cfg.max_context_tokens, positions))
-        vocab = self.lm.tokenizer.get_vocab()
-        self.has_fim = all(t in vocab for t in FIM_TOKENS)
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="greencode-generate")
         # prompts are tokenized on their own thread, with their own copy of the tokenizer: the generation
         # thread decodes with the model's at the same time
-        self.prompt_tokenizer = copy.deepcopy(self.lm.tokenizer)
+        self.prompts = PromptBuilder(copy.deepcopy(self.lm.tokenizer), self.cfg.fim_order)
+        self.fim = self.prompts.fim
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="greencode-generate")
         self.tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="greencode-tokenize")
         self.streams, self.batches = Admission(self.cfg.admission), Admission(self.cfg.admission)
         self.stats = ServeMetrics(_replica_name(), self.lm.num_layers)
+        if self.prefix_cache is not None:
+            self.stats.watch_prefix_cache(self.prefix_cache.stats)
         self._generate_batch.set_max_batch_size(self.cfg.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
-        log.info("serving %s: %d layers, exit points %s, default gate %s, policy %s, energy meter %s, device %s",
-                 self.model_name, self.lm.num_layers, self.lm.exit_points, self.default_gate,
-                 self.cfg.policy_path, self.generator.meter.source, self.lm.device)
+        log.info("serving %s: %d layers, exit points %s, default gate %s, policy %s, energy meter %s, device %s, "
+                 "prefix cache %s MiB, FIM %s", self.model_name, self.lm.num_layers, self.lm.exit_points,
+                 self.default_gate, self.cfg.policy_path, self.generator.meter.source, self.lm.device,
+                 self.cfg.prefix_cache_mb, f"{self.fim.family} ({self.cfg.fim_order})" if self.fim else "none")
 
     def __serve_build_asgi_app__(self) -> Any:
         """Serve (2.60) calls this after ``__init__`` to get the replica's ASGI app: Serve's copy of ``api``,
@@ -198,14 +206,6 @@ class GreenCodeServer:
                            "exit_layer")
         return gate
 
-    def _prompt_text(self, ask: Ask) -> str:
-        if not ask.suffix:
-            return ask.prompt
-        if not self.has_fim:
-            raise ApiError("suffix (fill-in-the-middle) needs a tokenizer with <fim_prefix>/<fim_suffix>/<fim_middle> "
-                           "tokens and this model has none: send the prompt without a suffix", "suffix")
-        return f"<fim_prefix>{ask.prompt}<fim_suffix>{ask.suffix}<fim_middle>"
-
     def _limits(self, asks: list[Ask]) -> None:
         """The request limits, in the fields the client sent (``parameters.stop``...), before any model work."""
         first, where = asks[0], asks[0].fields
@@ -226,7 +226,7 @@ class GreenCodeServer:
                                                      **{k: v for k, v in asked.items() if v is not None}})
         except ConfigError as err:
             raise ApiError(str(err), "max_new_tokens") from None
-        return Job(ask, self._prompt_text(ask), gate, generation)
+        return Job(ask, gate, generation, cache_prompt=ask.cache_prompt is not False)
 
     def _jobs(self, protocol: str, asks: list[Ask]) -> list[Job]:
         """Validated jobs of a request, nothing tokenized yet (a refusal here costs no model work)."""
@@ -240,7 +240,7 @@ class GreenCodeServer:
     def _encode(self, jobs: list[Job]) -> None:
         """Runs on the tokenizer thread: each job's prompt ids, checked against the context limit."""
         for job in jobs:
-            ids = encode(self.prompt_tokenizer, job.prompt_text)
+            ids = self.prompts.ids(job.ask)  # FIM in the model's own layout, or an ApiError naming the field
             if not ids:
                 raise ApiError("the prompt is empty", job.ask.fields.prompt)
             needed = len(ids) + job.generation.max_new_tokens
@@ -279,7 +279,8 @@ class GreenCodeServer:
     async def _generate_group(self, group: list[Job]) -> list[Completion | None]:
         """One batch of jobs sharing settings; stops if every client left. A failed row fails only its job."""
         gate = build_gate(group[0].gate, self.policy)
-        steps = self.generator.stream([j.prompt_ids for j in group], gate, group[0].generation)
+        generator = self.generator if group[0].cache_prompt else self.uncached
+        steps = generator.stream([j.prompt_ids for j in group], gate, group[0].generation)
         try:
             while not isinstance(item := await self._step(steps), Finished):
                 if all(j.cancelled for j in group):
@@ -354,7 +355,7 @@ class GreenCodeServer:
         the job's Completion, taken from the generator's Finished event. Stops when the consumer does;
         raises GenerationFailed when the row fails and TimedOut past the deadline."""
         gate = build_gate(job.gate, self.policy)
-        steps = self.generator.stream([job.prompt_ids], gate, job.generation)
+        steps = (self.generator if job.cache_prompt else self.uncached).stream([job.prompt_ids], gate, job.generation)
         last: TokenEvent | None = None
         try:
             # past the deadline the wait for the next step ends; once the last token is out, Finished is awaited
@@ -455,13 +456,13 @@ class GreenCodeServer:
     async def ollama_show(self, body: OllamaShowRequest) -> dict[str, Any]:
         arch = getattr(self.lm.model.config, "model_type", "unknown")
         return {
-            "modelfile": "", "parameters": "", "template": "{{ .Prompt }}",
+            "modelfile": "", "parameters": "", "template": formats.ollama_template(self.fim, self.cfg.fim_order),
             "details": {"format": "safetensors", "family": arch, "families": [arch],
                         "parameter_size": f"{sum(p.numel() for p in self.lm.model.parameters()) / 1e6:.0f}M",
                         "quantization_level": str(self.lm.model.dtype).removeprefix("torch.")},
             "model_info": {"general.architecture": arch, f"{arch}.context_length": self.context_limit,
                            f"{arch}.block_count": self.lm.num_layers},
-            "capabilities": ["completion"] + (["insert"] if self.has_fim else []),
+            "capabilities": ["completion"] + (["insert"] if self.fim else []),
         }
 
     @api.get("/api/tags", responses=ERRORS, tags=["ollama"], summary="Ollama model list (the one served model)")
@@ -500,7 +501,8 @@ class GreenCodeServer:
         return {"status": "ok", "model": self.model_name, "num_layers": self.lm.num_layers,
                 "exit_points": self.lm.exit_points, "default_gate": self.default_gate,
                 "policy_loaded": self.policy is not None, "energy_meter": self.generator.meter.source,
-                "context_limit": self.context_limit, "max_batch_size": self.cfg.max_batch_size}
+                "context_limit": self.context_limit, "max_batch_size": self.cfg.max_batch_size,
+                "prefix_cache_mb": self.cfg.prefix_cache_mb, "fim": self.fim.family if self.fim else None}
 
     @api.get("/metrics", responses=ERRORS, tags=["ops"], summary="Prometheus metrics of the replica that answers",
              response_class=PlainTextResponse)

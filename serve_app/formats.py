@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from greencode.fim import FimFormat
 from greencode.generate import GenerationResult, TokenEvent
 
 TGI, OLLAMA, OPENAI = "tgi", "ollama", "openai"
@@ -87,6 +88,7 @@ def greencode_details(result: GenerationResult, gate: str, ignored: list[str], b
         "time_s": round(result.time_s, 6),
         "gate_time_s": round(result.gate_time_s, 6),
         "energy_j": result.energy_j,
+        "cached_prompt_tokens": result.cached_prompt_tokens,
         "batch_size": batch_size,
         "ignored_parameters": ignored,
     }
@@ -162,6 +164,17 @@ def ollama_final(model: str, c: Completion, total_s: float, *, text: str = "") -
     }
 
 
+def ollama_template(fim: FimFormat | None, order: str) -> str:
+    """The model card's prompt template in Ollama's syntax. Continue sends ``suffix`` only to models whose
+    template names ``.Suffix``, so a model with FIM tokens gets one (the server builds the real prompt)."""
+    if fim is None:
+        return "{{ .Prompt }}"
+    p, s, m = fim.text
+    prompt, suffix = "{{ .Prompt }}", "{{ .Suffix }}"
+    fill = f"{p}{s}{suffix}{m}{prompt}" if order == "spm" else f"{p}{prompt}{s}{suffix}{m}"
+    return f"{{{{- if .Suffix }}}}{fill}{{{{- else }}}}{prompt}{{{{- end }}}}"
+
+
 def ollama_loaded(model: str) -> dict[str, Any]:
     """Ollama answers an empty prompt by (re)loading the model and returning at once."""
     return {"model": model, "created_at": now_iso(), "response": "", "done": True, "done_reason": "load"}
@@ -192,7 +205,8 @@ def openai_response(model: str, completions: list[Completion]) -> dict[str, Any]
             for i, c in enumerate(completions)
         ],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
-                  "total_tokens": prompt_tokens + generated},
+                  "total_tokens": prompt_tokens + generated,
+                  "prompt_tokens_details": {"cached_tokens": sum(c.result.cached_prompt_tokens for c in completions)}},
         "greencode": _summary(completions),
     }
 
@@ -208,6 +222,7 @@ def _summary(completions: list[Completion]) -> dict[str, Any]:
         "num_layers": completions[0].result.num_layers,
         "time_s": round(max(c.result.time_s for c in completions), 6),
         "energy_j": None if any(e is None for e in energies) else sum(energies),
+        "cached_prompt_tokens": sum(c.result.cached_prompt_tokens for c in completions),
         "ignored_parameters": completions[0].ignored,
     }
 

@@ -11,7 +11,7 @@ refusals before the routes included; a stream that fails after its 200 counts as
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -21,7 +21,9 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from greencode.prefix_cache import PrefixCacheStats
 from serve_app.formats import protocol_of
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
@@ -88,6 +90,10 @@ class ServeMetrics:
     def record_error(self, protocol: str, status: int) -> None:
         self.errors.labels(self.replica, protocol, str(status)).inc()
 
+    def watch_prefix_cache(self, stats: Callable[[], PrefixCacheStats]) -> None:
+        """Export the replica's prefix cache, read at scrape time (its counters live under the cache's lock)."""
+        self.registry.register(_PrefixCacheCollector(self.replica, stats))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -118,3 +124,31 @@ class ErrorCounter:
             if not started:  # Starlette's outermost handler answers it with a 500
                 self.record(protocol, 500)
             raise
+
+
+class _PrefixCacheCollector:
+    """``greencode_prefix_cache_*``: lookups, hits, prompt and reused tokens, hit rate, bytes held, evictions."""
+
+    def __init__(self, replica: str, stats: Callable[[], PrefixCacheStats]) -> None:
+        self.replica, self.stats = replica, stats
+
+    def collect(self) -> Iterator[Metric]:
+        st = self.stats()
+        counters = (("lookups", "prompts looked up in the prefix cache", st.lookups),
+                    ("hits", "prompts that reused at least one cached token", st.hits),
+                    ("prompt_tokens", "tokens of the prompts looked up", st.prompt_tokens),
+                    ("reused_tokens", "prompt tokens whose K/V came from the cache", st.reused_tokens),
+                    ("evictions", "entries dropped (least recently used) to stay within the budget", st.evictions),
+                    ("rejected", "sequences not stored because they alone exceed the budget", st.rejected))
+        gauges = (("hit_rate", "share of looked-up prompt tokens served from the cache", st.hit_rate),
+                  ("bytes", "bytes of K/V held", st.bytes_held),
+                  ("budget_bytes", "the cache's budget (prefix_cache_mb)", st.budget_bytes),
+                  ("entries", "token sequences held", st.entries))
+        for name, doc, value in counters:
+            family = CounterMetricFamily(f"greencode_prefix_cache_{name}", doc, labels=["replica"])
+            family.add_metric([self.replica], value)
+            yield family
+        for name, doc, value in gauges:
+            family = GaugeMetricFamily(f"greencode_prefix_cache_{name}", doc, labels=["replica"])
+            family.add_metric([self.replica], value)
+            yield family

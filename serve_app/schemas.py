@@ -47,6 +47,9 @@ class GateKnobs(_Body):
     exit_layer: int | None = Field(None, ge=1, description="fixed gate: 1-based layer every token exits after")
     confidence: float | None = Field(None, gt=0, le=1, description="confidence gate: exit when max prob >= c")
 
+    cache_prompt: bool | None = Field(
+        None, description="reuse and store prompt K/V in the replica's prefix cache (llama.cpp's name); default true")
+
     def gate_fields(self) -> dict[str, Any]:
         threshold = self.threshold if self.threshold is not None else self.RL_agent_thresh
         return {"mode": self.gate, "threshold": threshold, "temperature": self.gate_temperature,
@@ -112,6 +115,7 @@ class Ask:
     ignored: list[str] = field(default_factory=list)
     include_prompt: bool = False
     fields: Fields = Fields()
+    cache_prompt: bool | None = None
 
 
 def _knobs_ask(prompt: str, knobs: GenerationKnobs | None, fields: Fields, suffix: str | None = None,
@@ -135,6 +139,7 @@ def _knobs_ask(prompt: str, knobs: GenerationKnobs | None, fields: Fields, suffi
         ignored=sorted(set(knobs.ignored()) | set(ignored or [])),
         include_prompt=bool(flat.return_full_text),
         fields=fields,
+        cache_prompt=flat.cache_prompt,
     )
 
 
@@ -199,7 +204,8 @@ class CompletionRequest(GateKnobs):
 
     model: str | None = None
     prompt: str | list[str] = Field(..., description="one prompt, or a list (one choice per prompt)")
-    suffix: str | None = None
+    suffix: str | None = Field(None, description="fill-in-the-middle: the text after the completion "
+                                                 "(needs a tokenizer with FIM tokens)")
     max_tokens: int | None = Field(None, ge=1, le=4096)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -235,7 +241,7 @@ class CompletionRequest(GateKnobs):
             Ask(
                 prompt=p, suffix=self.suffix, max_new_tokens=self.max_tokens, temperature=self.temperature,
                 top_p=self.top_p, stop=list(self.stop or []), seed=self.seed, gate=self.gate_fields(),
-                ignored=self.ignored(), include_prompt=bool(self.echo),
+                ignored=self.ignored(), include_prompt=bool(self.echo), cache_prompt=self.cache_prompt,
             )
             for p in self.prompts()
             for _ in range(self.n)

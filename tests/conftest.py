@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random Llama- and OPT-shaped models built in the test (never downloaded)."""
+"""Shared fixtures: tiny random Llama-, Qwen2- and OPT-shaped models built in the test (never downloaded)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 def make_tiny(arch: str = "llama", num_layers: int = 12, vocab_size: int = 49152, hidden: int = 64,
               seed: int = 0, tokenizer=None, exit_points=None):
     """A tiny random model wrapped as an EarlyExitModel (12 layers -> exit points [4, 6, 10])."""
-    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     from greencode.config import ExitConfig
     from greencode.modeling import wrap_model
@@ -26,6 +26,11 @@ def make_tiny(arch: str = "llama", num_layers: int = 12, vocab_size: int = 49152
                           num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
                           max_position_embeddings=1024, tie_word_embeddings=True)
         model = LlamaForCausalLM(cfg)
+    elif arch == "qwen2":  # the Llama layout with q/k/v biases (Qwen2.5-Coder's shape)
+        cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                          num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=1024, tie_word_embeddings=True, use_sliding_window=False)
+        model = Qwen2ForCausalLM(cfg)
     elif arch == "opt":
         cfg = OPTConfig(vocab_size=vocab_size, hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=num_layers,
                         num_attention_heads=4, max_position_embeddings=1024, word_embed_proj_dim=hidden)
@@ -46,6 +51,38 @@ def tokenizer():
 
     path, _ = resolve_model_path(ModelConfig(name="embedded"))
     return AutoTokenizer.from_pretrained(path)
+
+
+FIM_SENTINELS = {  # as each family's tokenizer spells them
+    "starcoder": ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
+    "santacoder": ("<fim-prefix>", "<fim-suffix>", "<fim-middle>"),
+    "qwen": ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),
+    "deepseek": ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),
+}
+DEEPSEEK_BOS = "<｜begin▁of▁sentence｜>"
+
+
+def fim_tokenizer(family: str, extra: tuple[str, ...] = ()):
+    """The embedded SmolLM2 tokenizer (byte-level BPE like StarCoder's, Qwen2.5-Coder's and DeepSeek-Coder's)
+    with one family's FIM sentinels added as special tokens (ids from 49152 on)."""
+    from transformers import AutoTokenizer
+
+    from greencode.config import ModelConfig
+    from greencode.modeling import resolve_model_path
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(ModelConfig(name="embedded"))[0])
+    if family == "deepseek":  # DeepSeek-Coder's tokenizer puts its BOS before any text
+        tok.add_special_tokens({"bos_token": DEEPSEEK_BOS})
+        tok.add_bos_token = True
+        tok.update_post_processor()
+    tok.add_special_tokens({"additional_special_tokens": [*FIM_SENTINELS[family], *extra]})
+    return tok
+
+
+def make_tiny_qwen_fim(cfg=None):
+    """A tiny Qwen2-shaped model with a Qwen FIM tokenizer (usable as a serve model loader)."""
+    tok = fim_tokenizer("qwen")
+    return make_tiny("qwen2", vocab_size=len(tok), tokenizer=tok)
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import save_tiny
+from conftest import make_tiny_qwen_fim, save_tiny
 from greencode.policy import ExitPolicy
 from workflows import cli
 
@@ -53,6 +53,34 @@ def test_generate_with_policy_file(model_dir, tmp_path, capsys):
     rec = generate(capsys, "--model", str(d), "--gate", "policy", "--policy", str(path), "--threshold", "0.9",
                    "--max-new-tokens", "4", "--prompt", "import os")
     assert rec["layers_per_token"] == [12, 4, 4, 4]
+
+
+def test_suffix_file_generates_in_the_fim_layout(tmp_path, capsys):
+    from greencode.config import GenerationConfig, ModelConfig
+    from greencode.fim import fim_prompt_ids
+    from greencode.gates import FullGate
+    from greencode.generate import GatedGenerator
+    from greencode.modeling import load_model
+
+    saved = make_tiny_qwen_fim()
+    d = tmp_path / "tiny-qwen-fim"
+    saved.model.save_pretrained(d)
+    saved.tokenizer.save_pretrained(d)
+    lm = load_model(ModelConfig(name=str(d)))  # as the command loads it
+    (tmp_path / "before.py").write_text("def area(r):\n    return ")
+    (tmp_path / "after.py").write_text("\n\nprint(area(2.0))\n")
+    rec = generate(capsys, "--model", str(d), "--gate", "full", "--max-new-tokens", "6",
+                   "--prompt-file", str(tmp_path / "before.py"), "--suffix-file", str(tmp_path / "after.py"))
+    ids = fim_prompt_ids(lm.tokenizer, "def area(r):\n    return ", "\n\nprint(area(2.0))\n")
+    [want] = GatedGenerator(lm).generate([ids], FullGate(), GenerationConfig(max_new_tokens=6))
+    assert rec["token_ids"] == want.token_ids and rec["prompt_tokens"] == len(ids)
+
+
+def test_suffix_file_on_a_model_without_fim_tokens_is_one_clear_error(model_dir, tmp_path):
+    d, _ = model_dir
+    (tmp_path / "after.py").write_text("return x\n")
+    with pytest.raises(SystemExit, match="error: fill-in-the-middle needs a model whose tokenizer has FIM tokens"):
+        cli.main(["generate", "--model", str(d), "--prompt", "def f(x):", "--suffix-file", str(tmp_path / "after.py")])
 
 
 def test_policy_for_another_model_is_refused(model_dir, tmp_path):

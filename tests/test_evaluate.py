@@ -8,7 +8,7 @@ import zipfile
 import pytest
 import torch
 
-from conftest import make_tiny
+from conftest import make_tiny, make_tiny_qwen_fim
 from greencode.config import EvalConfig, GenerationConfig
 from greencode.evaluation.parts import part_path
 from greencode.evaluation.plan import plan_settings
@@ -107,6 +107,38 @@ def test_rerun_skips_finished_parts_and_redoes_missing_ones(models, py_corpus, t
     assert len(calls) == 3 and calls[-1][1] == ["full@0.2", "fixed-k4@0.2", "fixed-k6@0.2", "fixed-k10@0.2"]
 
 
+def test_fim_task_gives_the_model_the_text_after_the_span(py_corpus, tmp_path):
+    from greencode.data import load_corpus
+    from greencode.evaluation.plan import make_plan
+    from greencode.fim import fim_prompt_ids
+    from greencode.modeling import load_model
+
+    saved = make_tiny_qwen_fim()
+    saved.model.save_pretrained(tmp_path / "qwen")
+    saved.tokenizer.save_pretrained(tmp_path / "qwen")
+    cfg = eval_config({"lite": str(tmp_path / "qwen")}, f"dir:{py_corpus}", tmp_path / "fim", gates=["full"],
+                      task="fim", fim_suffix_tokens=20)
+    report = run_evaluation(cfg)
+    [row] = report.rows
+    assert row["samples"] == 3
+    assert "task: fim (psm, up to 20 suffix tokens)" in (tmp_path / "fim" / "report.md").read_text()
+    lm = load_model(cfg.model)  # as the evaluation loads it (a Qwen2 dir gets Qwen2's tokenizer class)
+    texts = {f.path: f.text for f in load_corpus(cfg.data).files}
+    samples = make_plan(cfg, lm).samples[0.2]
+    for s in samples:  # the span is cut from the middle: the model is given the code on both sides of it
+        assert s.suffix_text and s.context_text + s.target_text + s.suffix_text in texts[s.path]
+    prompts = [fim_prompt_ids(lm.tokenizer, s.context_text, s.suffix_text) for s in samples[:2]]
+    want = GatedGenerator(lm).generate(prompts, FullGate(), cfg.generation)
+    part = json.loads(part_path(tmp_path / "fim", "full@0.2", "ctx0.2-b0000").read_text())
+    assert [c["token_ids"] for c in part["completions"]] == [r.token_ids for r in want]
+
+
+def test_fim_task_on_a_model_without_fim_tokens_fails_before_any_work(models, py_corpus, tmp_path):
+    with pytest.raises(ValueError, match="fill-in-the-middle needs a model whose tokenizer has FIM tokens"):
+        run_evaluation(eval_config(models, f"dir:{py_corpus}", tmp_path / "nofim", task="fim"))
+    assert not (tmp_path / "nofim" / "parts").exists()
+
+
 def test_policy_rows_absent_without_policy():
     cfg = EvalConfig(gates=["full", "fixed", "confidence", "policy"], confidences=[0.5], context_fractions=[0.2, 0.5])
     settings = plan_settings(cfg, [4, 6])
@@ -183,11 +215,11 @@ def test_cli_flags_map_to_config(tmp_path):
     cfg, _ = COMMAND.parse(["--model", "m", "--base-model", "b", "--corpus", "zip:/x.zip", "--lang", "java",
                                "--samples", "7", "--gates", "full,fixed", "--confidences", "0.5,0.8",
                                "--thresholds", "0.9,0.92", "--context-fractions", "0.2,0.5", "--output", "out",
-                               "--set", "batch_size=4"])
+                               "--task", "fim", "--fim-order", "spm", "--set", "batch_size=4"])
     assert (cfg.model.name, cfg.base_model.name, cfg.data.corpus, cfg.data.lang) == ("m", "b", "zip:/x.zip", "java")
     assert cfg.num_samples == 7 and cfg.gates == ["full", "fixed"] and cfg.thresholds == [0.9, 0.92]
     assert cfg.confidences == [0.5, 0.8] and cfg.context_fractions == [0.2, 0.5]
-    assert cfg.output_dir == "out" and cfg.batch_size == 4
+    assert cfg.output_dir == "out" and cfg.batch_size == 4 and (cfg.task, cfg.fim_order) == ("fim", "spm")
 
 
 def test_cli_rejects_bad_input_with_a_named_field():
@@ -197,3 +229,4 @@ def test_cli_rejects_bad_input_with_a_named_field():
         main(["--gates", "full,bogus"])
     with pytest.raises(SystemExit, match="num_samples"):
         main(["--samples", "0"])
+

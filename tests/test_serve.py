@@ -1,8 +1,9 @@
 """The Serve app over real HTTP on 127.0.0.1, called with the official client libraries.
 
-One app on a tiny random Llama (real SmolLM2 tokenizer) and a policy whose exit
-probability varies with the hidden state, started once for the module on a local
-Ray (2 CPUs). Every request carries the bearer key the app is started with.
+One app on a tiny random Llama (real SmolLM2 tokenizer: no FIM tokens) and a policy whose exit
+probability varies with the hidden state, started once for the module on a local Ray (2 CPUs);
+a second app on a tiny Qwen2-shaped model with a Qwen FIM tokenizer for fill-in-the-middle.
+Every request carries the bearer key the apps are started with.
 """
 
 import asyncio
@@ -20,13 +21,15 @@ import pytest
 import torch
 
 import conftest
-from conftest import make_tiny
+from conftest import fim_tokenizer, make_tiny, make_tiny_qwen_fim
 
 log = logging.getLogger(__name__)
 
 API_KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 PROMPT = "def fibonacci(n):\n    "
+FIM_PREFIX, FIM_SUFFIX = "def area(r):\n    return ", "\n\nprint(area(2.0))\n"
+STARCODER_FIM = f"<fim_prefix>{FIM_PREFIX}<fim_suffix>{FIM_SUFFIX}<fim_middle>"  # llm-vscode's default template
 
 
 def tiny_loader(cfg):
@@ -89,6 +92,21 @@ def server(tmp_path_factory, tokenizer):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def fim_server(server):
+    """A second app on the same Ray: the tiny Qwen2-shaped model with a Qwen FIM tokenizer, under /fim."""
+    from ray import serve
+
+    from greencode.config import ServeConfig
+    from serve_app.app import build_app_with_loader
+
+    cfg = ServeConfig(generation={"max_new_tokens": 8}, default_gate="full", api_key=API_KEY, num_cpus=1,
+                      max_context_tokens=256)
+    serve.run(build_app_with_loader(cfg, make_tiny_qwen_fim), name="fim", route_prefix="/fim")
+    yield f"{server}/fim"
+    serve.delete("fim")
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +180,62 @@ def test_cli_flags_become_the_serve_config(tmp_path, monkeypatch):
     monkeypatch.setenv("GREENCODE_API_KEY", "")
     with pytest.raises(ConfigError, match="api_key"):
         parse([])
+
+
+def qwen_ids(tok, prefix, suffix):
+    """PSM with Qwen's sentinels, the code as plain text: what the served Qwen model must receive."""
+    p, s, m = tok.convert_tokens_to_ids(["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"])
+    plain = tok.encode(prefix, add_special_tokens=False), tok.encode(suffix, add_special_tokens=False)
+    return [p, *plain[0], s, *plain[1], m]
+
+
+def test_fim_bodies_get_the_models_own_token_layout():
+    """Ollama and OpenAI `suffix`, llm-vscode's and Continue's pre-formatted prompts: one layout, the model's tokens."""
+    from greencode.config import ConfigError
+    from serve_app.prompts import PromptBuilder
+    from serve_app.schemas import CompletionRequest, OllamaRequest, TGIRequest
+
+    tok = fim_tokenizer("qwen")
+    expected = qwen_ids(tok, FIM_PREFIX, FIM_SUFFIX)
+    asks = {
+        "ollama suffix (Continue)": OllamaRequest.model_validate(
+            {"model": "greencode", "prompt": FIM_PREFIX, "suffix": FIM_SUFFIX, "raw": True, "stream": True}).to_ask(),
+        "openai suffix": CompletionRequest.model_validate(
+            {"model": "greencode", "prompt": FIM_PREFIX, "suffix": FIM_SUFFIX, "max_tokens": 8}).to_asks()[0],
+        "llm-vscode tgi": TGIRequest.model_validate(
+            {"inputs": STARCODER_FIM, "parameters": {"max_new_tokens": 60, "temperature": 0.2}}).to_ask(),
+        "llm-vscode ollama": OllamaRequest.model_validate(
+            {"prompt": STARCODER_FIM, "model": "greencode", "stream": False, "parameters": {"max_new_tokens": 60}}
+        ).to_ask(),
+        "continue qwen template": OllamaRequest.model_validate(
+            {"prompt": f"<|fim_prefix|>{FIM_PREFIX}<|fim_suffix|>{FIM_SUFFIX}<|fim_middle|>", "raw": True}).to_ask(),
+    }
+    builder = PromptBuilder(tok)
+    assert {name: builder.ids(ask) for name, ask in asks.items()} == {name: expected for name in asks}
+    assert builder.ids(OllamaRequest.model_validate({"prompt": FIM_PREFIX}).to_ask()) == \
+        tok.encode(FIM_PREFIX, add_special_tokens=False)  # no suffix: plain completion
+
+    starcoder = fim_tokenizer("starcoder")
+    p, s, m = starcoder.convert_tokens_to_ids(["<fim_prefix>", "<fim_suffix>", "<fim_middle>"])
+    spm = PromptBuilder(starcoder, "spm").ids(asks["openai suffix"])
+    assert spm == [p, s, *starcoder.encode(FIM_SUFFIX, add_special_tokens=False), m,
+                   *starcoder.encode(FIM_PREFIX, add_special_tokens=False)]
+    with pytest.raises(ConfigError, match="fim_order"):
+        PromptBuilder(tok, "spm")  # Qwen was trained PSM only
+
+
+def test_a_model_without_fim_tokens_refuses_fim_naming_the_field(tokenizer):
+    from serve_app.errors import ApiError
+    from serve_app.prompts import PromptBuilder
+    from serve_app.schemas import OllamaRequest, TGIRequest
+
+    builder = PromptBuilder(tokenizer)  # the embedded SmolLM2 tokenizer
+    with pytest.raises(ApiError, match="fill-in-the-middle") as err:
+        builder.ids(OllamaRequest.model_validate({"prompt": FIM_PREFIX, "suffix": FIM_SUFFIX}).to_ask())
+    assert err.value.param == "suffix"
+    with pytest.raises(ApiError, match="fillInTheMiddle.enabled") as err:
+        builder.ids(TGIRequest.model_validate({"inputs": STARCODER_FIM}).to_ask())
+    assert err.value.param == "prompt"
 
 
 def test_serve_app_does_not_reach_into_workflows():
@@ -360,6 +434,60 @@ def test_health_metrics_and_openapi(server, http):
     assert {"/generate", "/generate_stream", "/", "/api/generate", "/api/show", "/v1/completions"} <= set(paths)
     show = http.post("/api/show", json={"model": "greencode"}).json()
     assert show["model_info"]["llama.context_length"] == 256
+    assert show["capabilities"] == ["completion"] and ".Suffix" not in show["template"]  # no FIM tokens
+
+
+@pytest.mark.ray
+def test_prefix_cache_per_response_and_in_metrics(http):
+    """The same prompt twice: the second reuses all but its last token and answers the same; cache_prompt: false
+    neither reads nor writes the cache."""
+    reused_before = metric(http, "greencode_prefix_cache_reused_tokens_total")
+    body = {"model": "greencode", "prompt": PROMPT + "# prefix cache\n", "max_tokens": 5, "gate": "full"}
+    first, second = (http.post("/v1/completions", json=body).json() for _ in range(2))
+    prompt_tokens = second["usage"]["prompt_tokens"]
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == prompt_tokens - 1
+    assert second["choices"][0]["greencode"]["cached_prompt_tokens"] == prompt_tokens - 1
+    assert second["choices"][0]["text"] == first["choices"][0]["text"]
+    off = http.post("/v1/completions", json={**body, "cache_prompt": False}).json()
+    assert off["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert off["choices"][0]["text"] == first["choices"][0]["text"]
+    tgi = http.post("/generate", json={"inputs": body["prompt"], "parameters": {"max_new_tokens": 5, "gate": "full"}})
+    assert tgi.json()["greencode"]["cached_prompt_tokens"] == prompt_tokens - 1
+    ollama = http.post("/api/generate", json={"prompt": body["prompt"], "stream": False,
+                                              "options": {"num_predict": 5, "gate": "full"}}).json()
+    assert ollama["greencode"]["cached_prompt_tokens"] == prompt_tokens - 1
+    assert metric(http, "greencode_prefix_cache_reused_tokens_total") - reused_before >= 3 * (prompt_tokens - 1)
+    text = http.get("/metrics").text
+    for name in ("greencode_prefix_cache_lookups_total", "greencode_prefix_cache_hits_total",
+                 "greencode_prefix_cache_hit_rate", "greencode_prefix_cache_bytes", "greencode_prefix_cache_evictions"):
+        assert name in text
+    assert 0 < metric(http, "greencode_prefix_cache_bytes") <= metric(http, "greencode_prefix_cache_budget_bytes")
+
+
+@pytest.mark.ray
+def test_fim_requests_reach_the_model_in_its_own_layout(fim_server):
+    """Over HTTP, on the Qwen FIM model: each client's FIM body is answered with the greedy completion of the
+    PSM token layout, which differs from the completion of the code before the cursor alone."""
+    from greencode.config import GenerationConfig
+    from greencode.gates import FullGate
+    from greencode.generate import GatedGenerator
+
+    lm = make_tiny_qwen_fim()  # the replica's model: same seed, same weights
+    gen, cfg = GatedGenerator(lm), GenerationConfig(max_new_tokens=8)
+    [want] = gen.generate([qwen_ids(lm.tokenizer, FIM_PREFIX, FIM_SUFFIX)], FullGate(), cfg)
+    [without_suffix] = gen.generate([FIM_PREFIX], FullGate(), cfg)
+    assert without_suffix.token_ids != want.token_ids  # the comparison below can tell the layouts apart
+    with httpx.Client(base_url=fim_server, headers=AUTH, timeout=60) as client:
+        ollama = client.post("/api/generate", json={"model": "greencode", "prompt": FIM_PREFIX, "suffix": FIM_SUFFIX,
+                                                    "stream": False}).json()
+        openai = client.post("/v1/completions", json={"model": "greencode", "prompt": FIM_PREFIX,
+                                                      "suffix": FIM_SUFFIX}).json()
+        tgi = client.post("/generate", json={"inputs": STARCODER_FIM, "parameters": {"max_new_tokens": 8}}).json()
+        show = client.post("/api/show", json={"model": "greencode"}).json()
+    assert [t["id"] for t in tgi["details"]["tokens"]] == want.token_ids
+    assert ollama["response"] == openai["choices"][0]["text"] == tgi["generated_text"] == want.text
+    assert ollama["prompt_eval_count"] == len(qwen_ids(lm.tokenizer, FIM_PREFIX, FIM_SUFFIX))
+    assert "insert" in show["capabilities"] and ".Suffix" in show["template"]  # Continue then sends `suffix`
 
 
 # --------------------------------------------------------------------------- bad input -> 4xx in the client's shape
@@ -384,6 +512,8 @@ LONG_PROMPT = "x = 1\n" * 300
     ("/v1/completions", {"prompt": PROMPT, "threshold": 1.5}, 400, "threshold"),
     ("/v1/completions", [1, 2], 400, "JSON object"),
     ("/api/generate", {"prompt": PROMPT, "suffix": "return x", "stream": False}, 400, "fill-in-the-middle"),
+    ("/v1/completions", {"prompt": PROMPT, "suffix": "return x"}, 400, "fill-in-the-middle"),
+    ("/generate", {"inputs": STARCODER_FIM}, 422, "llm.fillInTheMiddle.enabled"),
     ("/api/generate", {"prompt": PROMPT, "options": {"num_predict": 0}}, 400, "num_predict"),
     ("/api/generate", {"prompt": PROMPT, "options": {"RL_agent_thresh": "high"}}, 400, "RL_agent_thresh"),
 ])

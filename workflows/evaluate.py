@@ -3,6 +3,7 @@
     greencode eval --model embedded --corpus stdlib --samples 100 --gates full,fixed,confidence
     greencode eval --model runs/demo/lite --base-model embedded --policy runs/demo/policy/exit_policy.pt \
         --corpus zip:/usr/lib/jvm/java-17-openjdk-amd64/lib/src.zip --lang java --output reports/java
+    greencode eval --model Qwen/Qwen2.5-Coder-0.5B --task fim --context-fractions 0.5 --output reports/fim
 
 Each Ray actor loads the model once and takes whole batches (every pending setting on
 that batch, so the shared prompt pass is computed once per batch); the driver writes each
@@ -92,6 +93,8 @@ COMMAND = ConfigCommand(
         Flag("--confidences", "confidences", type=comma_list(float)),
         Flag("--thresholds", "thresholds", type=comma_list(float)),
         Flag("--context-fractions", "context_fractions", type=comma_list(float)),
+        Flag("--task", "task", choices=["completion", "fim"]),
+        Flag("--fim-order", "fim_order", choices=["psm", "spm"]),
         Flag("--batch-size", "batch_size", type=int),
         Flag("--workers", "num_workers", type=int),
         Flag("--output", "output_dir"),

@@ -3,6 +3,7 @@
     greencode generate --model embedded --gate policy --policy runs/demo/policy/exit_policy.pt \
         --threshold 0.9 --max-new-tokens 15 --prompt-file snippet.py --json
     greencode generate --config my-gate.yaml --set generation.temperature=0.2 --prompt 'def fib(n):'
+    greencode generate --model Qwen/Qwen2.5-Coder-0.5B --prompt-file before.py --suffix-file after.py   (FIM)
 
 Needs no Ray: the model runs in this process.
 """
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 from greencode.config import GenerateConfig
+from greencode.fim import fim_prompt_ids
 from greencode.gates import build_gate
 from greencode.generate import GatedGenerator
 from greencode.modeling import load_model
@@ -40,11 +42,14 @@ COMMAND = ConfigCommand(
         Flag("--stop", "generation.stop", append=True),
         Flag("--seed", "generation.seed", type=int),
         Flag("--kv-mode", "generation.kv_mode", choices=["propagate", "none"]),
+        Flag("--fim-order", "fim_order", choices=["psm", "spm"]),
     ],
 )
 _source = COMMAND.parser.add_mutually_exclusive_group(required=True)
 _source.add_argument("--prompt", help="prompt text")
 _source.add_argument("--prompt-file", help="file holding the prompt ('-' = stdin)")
+COMMAND.parser.add_argument("--suffix-file", help="fill-in-the-middle: file holding the text after the cursor "
+                            "(the prompt is the text before it); needs a model with FIM tokens")
 COMMAND.parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -57,10 +62,12 @@ def main(argv: list[str] | None = None) -> None:
         prompt = args.prompt
     if not prompt:
         raise SystemExit("error: the prompt is empty")
+    suffix = Path(args.suffix_file).read_text() if args.suffix_file else None
     lm = load_model(cfg.model, cfg.exits)
     policy = ExitPolicy.load_for(cfg.gate.policy_path, lm) if cfg.gate.mode == "policy" else None
     gate = build_gate(cfg.gate, policy)
-    result = GatedGenerator(lm).generate([prompt], gate, cfg.generation)[0]
+    source = fim_prompt_ids(lm.tokenizer, prompt, suffix, cfg.fim_order) if suffix is not None else prompt
+    result = GatedGenerator(lm).generate([source], gate, cfg.generation)[0]
     record = {"gate": gate.describe(), "model": cfg.model.name, **result.to_dict()}
     if args.json:
         print(json.dumps(record))

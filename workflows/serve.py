@@ -31,6 +31,8 @@ COMMAND = ConfigCommand(
         Flag("--num-cpus", "num_cpus", type=float),
         Flag("--num-gpus", "num_gpus", type=float),
         Flag("--max-batch-size", "max_batch_size", type=int),
+        Flag("--prefix-cache-mb", "prefix_cache_mb", type=float),
+        Flag("--fim-order", "fim_order", choices=["psm", "spm"]),
         Flag("--api-key", "api_key"),
     ],
 )

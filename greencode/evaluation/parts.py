@@ -31,6 +31,8 @@ def run_keys(cfg: EvalConfig, plan: EvalPlan, batch: Batch) -> dict[str, str]:
         "generation": cfg.generation.model_dump(mode="json"),
         "exit_points": plan.exit_points,
     }
+    if cfg.task == "fim":  # (completion parts keep the keys they always had)
+        common["fim"] = [cfg.fim_order, cfg.fim_suffix_tokens, [len(s.suffix_text) for s in batch.samples]]
     keys = {}
     for setting in plan.settings_for(batch):
         model = cfg.base_model.model_dump(mode="json") if setting.uses_base_model else plan.model_fingerprint

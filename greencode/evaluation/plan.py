@@ -2,7 +2,9 @@
 
 A *setting* is one row of the report: base model full, fine-tuned full, fixed exit at each exit
 point, confidence at each c, policy at each T; each at every context fraction. Samples are
-line completions (METHOD §6) from the test split, topped up from the validation split.
+line completions (METHOD §6) from the test split, topped up from the validation split. With
+``task: fim`` the same spans are filled in the middle: the model also sees up to
+``fim_suffix_tokens`` of the file after the span, in its own FIM layout (greencode/fim.py).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 from greencode.config import ConfigError, EvalConfig, GateConfig
 from greencode.data import CompletionSample, CorpusError, line_completion_samples, load_corpus
+from greencode.fim import fim_format, fim_prompt_ids
 from greencode.modeling import EarlyExitModel
 from greencode.policy import ExitPolicy
 
@@ -86,12 +89,13 @@ def build_samples(cfg: EvalConfig, tokenizer: Any) -> dict[float, list[Completio
     corpus = load_corpus(cfg.data)
     test, validation = corpus.split("test"), corpus.split("validation")
     d = cfg.data
+    suffix_tokens = cfg.fim_suffix_tokens if cfg.task == "fim" else 0
     out = {}
     for frac in cfg.context_fractions:
         def make(files, n, frac=frac):
             return line_completion_samples(
                 files, tokenizer, n, context_fraction=frac, context_cap=d.context_cap, target_tokens=d.target_tokens,
-                min_file_tokens=d.min_file_tokens, seed=d.seed)
+                min_file_tokens=d.min_file_tokens, seed=d.seed, suffix_tokens=suffix_tokens)
 
         samples = make(test, cfg.num_samples)
         if len(samples) < cfg.num_samples and validation:
@@ -105,13 +109,26 @@ def build_samples(cfg: EvalConfig, tokenizer: Any) -> dict[float, list[Completio
     return out
 
 
+def prompt_ids(cfg: EvalConfig, tokenizer: Any, sample: CompletionSample) -> list[int]:
+    """What the model is given for ``sample``: its context, or (task fim) the FIM prompt around the span."""
+    if cfg.task == "fim":
+        return fim_prompt_ids(tokenizer, sample.context_text, sample.suffix_text, cfg.fim_order)
+    return list(sample.context_ids)
+
+
 def make_plan(cfg: EvalConfig, lm: EarlyExitModel) -> EvalPlan:
-    """Settings and batches of a run; a policy that does not fit the model fails here, before any work."""
+    """Settings and batches of a run; a policy that does not fit the model, or a FIM task on a model without FIM
+    tokens, fails here, before any work."""
     settings = plan_settings(cfg, lm.exit_points)
     if not settings:
         raise ConfigError(f"gates {cfg.gates} give nothing to evaluate (the policy gate needs policy_path / --policy)")
     if any(s.family == "policy" for s in settings):
         ExitPolicy.load_for(cfg.policy_path, lm)
+    if cfg.task == "fim":
+        fim = fim_format(lm.tokenizer)
+        if cfg.fim_order == "spm" and not fim.spm:
+            raise ConfigError(f"fim_order: the {fim.family} FIM format was trained prefix-suffix-middle only: "
+                              "use 'psm'")
     samples = build_samples(cfg, lm.tokenizer)
     batches = [
         Batch(f"ctx{frac}-b{i // cfg.batch_size:04d}", frac, tuple(group[i : i + cfg.batch_size]))

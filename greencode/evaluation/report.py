@@ -113,6 +113,8 @@ def write_report(cfg: EvalConfig, plan: EvalPlan, out_dir: Path) -> EvalReport:
         "base_model": cfg.base_model.name if cfg.base_model else None,
         "policy": cfg.policy_path,
         "corpus": cfg.data.corpus,
+        "task": cfg.task if cfg.task == "completion" else
+        f"fim ({cfg.fim_order}, up to {cfg.fim_suffix_tokens} suffix tokens)",
         "num_layers": plan.num_layers,
         "exit_points": plan.exit_points,
         "samples": {str(f): len(s) for f, s in plan.samples.items()},
@@ -183,7 +185,7 @@ def markdown_report(rows: Sequence[dict[str, Any]], meta: dict[str, Any], margin
         "",
         f"- model: `{meta['model']}`" + (f", base model: `{meta['base_model']}`" if meta["base_model"] else "")
         + (f", policy: `{meta['policy']}`" if meta["policy"] else ", no policy (policy rows absent)"),
-        f"- corpus: `{meta['corpus']}`; samples per context fraction: {meta['samples']}",
+        f"- corpus: `{meta['corpus']}`; task: {meta['task']}; samples per context fraction: {meta['samples']}",
         f"- {meta['num_layers']} layers, exit points {meta['exit_points']}",
         f"- energy: {meta['energy_source'] or 'not measured on this machine (n/a), never estimated'}",
         "",
@@ -197,7 +199,9 @@ def markdown_report(rows: Sequence[dict[str, Any]], meta: dict[str, Any], margin
         f"ΔROUGE-L = difference to the fine-tuned full model (stated tolerance {margin}).",
     ]
     for frac in sorted({r["context_fraction"] for r in rows}):
-        lines += ["", f"## Context {frac:.0%} of the file (capped), greedy, target = next tokens", ""]
+        target = "the span after it, the file after the span given as suffix" if meta["task"] != "completion" \
+            else "next tokens"
+        lines += ["", f"## Context {frac:.0%} of the file (capped), greedy, target = {target}", ""]
         lines.append("| " + " | ".join(c[0] for c in TABLE_COLUMNS) + " |")
         lines.append("|" + "|".join(":---" if c[1] == "l" else "---:" for c in TABLE_COLUMNS) + "|")
         for r in rows:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from greencode.config import EvalConfig
 from greencode.energy import EnergyMeter
 from greencode.evaluation.parts import PendingBatch, pending_batches, save_parts
-from greencode.evaluation.plan import Batch, Setting, make_plan
+from greencode.evaluation.plan import Batch, Setting, make_plan, prompt_ids
 from greencode.evaluation.report import EvalReport, write_report
 from greencode.gates import FullGate, Gate, build_gate
 from greencode.generate import GatedGenerator, GenerationResult, Prefill, StepOutput
@@ -104,7 +104,7 @@ class Evaluator:
 
     def run_batch(self, batch: Batch, settings: Sequence[Setting], run_keys: dict[str, str]) -> list[dict[str, Any]]:
         """Run ``settings`` on one batch; one part (a JSON-able dict) per setting."""
-        prompts = [list(s.context_ids) for s in batch.samples]
+        prompts = [prompt_ids(self.cfg, self.lm.tokenizer, s) for s in batch.samples]
         gen_cfg = self.cfg.generation
         shared_prompt = gen_cfg.kv_mode == "propagate"
         prompt_cost: dict[bool, tuple[float, float | None]] = {}

@@ -1,0 +1,331 @@
+"""IDE typing sessions: latency and time to first token with and without the prefix cache.
+
+    .venv/bin/python benchmarks/ide_session.py [--model embedded] [--files 3] [--requests 24]
+        [--context-tokens 256] [--max-new-tokens 30] [--policy FILE] [--threshold 0.9] [--threads 2]
+    .venv/bin/python benchmarks/ide_session.py --url http://127.0.0.1:8000 [--api-key KEY]   (a running server)
+
+What the replayed IDE sends (the choice, and where it comes from):
+
+- Prompt: llm-ls's builder without FIM (what llm-vscode sends a model without FIM tokens, such
+  as the embedded SmolLM2): the cursor's line cut at the cursor, then whole lines above it,
+  nearest first, while the sum of their token counts fits ``contextWindow``
+  (``--context-tokens``, default 256, capped by the model's positions). The window therefore
+  slides by whole lines: while it is full, each time the current line outgrows the budget the
+  top line drops out, every position shifts, and that request cannot reuse anything.
+- Completion: single-line, as Continue's autocomplete gives mid-line and Sourcegraph Cody's
+  single-line mode asks for (stop at the first newline, at most 30 tokens), greedy.
+- Session: the user types the file's own text. On each of ``--files`` held-out stdlib files
+  (the corpus's test split), the cursor starts after ``--start-tokens`` tokens of the file
+  and moves forward 1-5 characters (seeded) per request, ``--requests`` requests per file.
+  The default start, 216 tokens, makes the prompts grow towards the 256-token cap without
+  reaching it (the prompt is the file from its top); a start beyond ``--context-tokens``
+  (e.g. 1024) replays a full, sliding window instead. Every request runs to its end.
+
+Each request runs twice back to back, cold (no prefix cache) and warm (with it), alternating
+which goes first, so the load of a shared machine hits both alike. In process, both go through
+``GatedGenerator.stream`` (the warm one on a generator holding the session's ``PrefixCache``,
+one per gate, kept across files): latency runs until its ``Finished`` event (prompt pass,
+decoding, storing into the cache), time to first token until its first token event. With
+``--url`` the same requests go to a running server's ``/v1/completions`` as SSE streams, the
+cold one with ``cache_prompt: false`` (the server's one cache serves every gate). Both runs of a
+request must give the same completion (greedy; the prefix cache is exact): the count is
+printed. Decoding dominates a warm request, so the ratio depends on completion length: it is
+also printed for shorter caps, read off the same run's token times (a run capped at k tokens
+does exactly the work of this one's first k). Without ``--policy`` the policy gate runs a
+RANDOM-INIT ExitPolicy (its cost, not its quality: at T=0.9 it seldom exits); with ``--url``
+the server's own policy (the gate is left out when it has none).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a script from anywhere
+
+from greencode.config import DataConfig, GateConfig, GenerationConfig, ModelConfig  # noqa: E402
+from greencode.data import load_corpus  # noqa: E402
+from greencode.gates import FullGate, Gate, PolicyGate  # noqa: E402
+from greencode.generate import Finished, GatedGenerator  # noqa: E402
+from greencode.modeling import load_model, load_tokenizer  # noqa: E402
+from greencode.policy import ExitPolicy  # noqa: E402
+from greencode.prefix_cache import PrefixCache, PrefixCacheStats  # noqa: E402
+from greencode.tokens import encode  # noqa: E402
+
+log = logging.getLogger("greencode.bench.ide_session")
+
+
+def llm_ls_prompt(text: str, cursor: int, tokenizer: Any, budget: int) -> str:
+    """llm-ls's prompt without FIM: lines above the cursor, nearest first, while their token counts fit."""
+    start = text.rfind("\n", 0, cursor) + 1
+    lines = [text[start:cursor]]
+    while start > 0:
+        above = text.rfind("\n", 0, start - 1) + 1
+        lines.append(text[above:start])
+        start = above
+    kept, remaining = [], budget
+    for line in lines:
+        n = len(encode(tokenizer, line))
+        if n > remaining:
+            break
+        kept.append(line)
+        remaining -= n
+    return "".join(reversed(kept))
+
+
+def session_cursors(text: str, tokenizer: Any, start_tokens: int, requests: int,
+                    rng: random.Random) -> list[int] | None:
+    """Cursor positions of one typing session, or None when the file is too short for it."""
+    ids = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+    if len(ids["input_ids"]) <= start_tokens:
+        return None
+    cursors = [ids["offset_mapping"][start_tokens][0]]
+    for _ in range(requests - 1):
+        cursors.append(cursors[-1] + rng.randint(1, 5))
+    return cursors if cursors[-1] < len(text) else None
+
+
+@dataclass
+class Run:
+    token_times_s: list[float]  # since the request started, when each new token was known
+    end_s: float  # since the request started, when it was over (after storing into the cache)
+    completion: list[int] | str  # token ids in process, text over HTTP
+    tokens: int
+    reused: int
+    prompt_tokens: int
+
+    @property
+    def ttft_s(self) -> float:
+        return self.token_times_s[0]
+
+    def latency_s(self, cap: int | None = None) -> float:
+        """End to end; with ``cap``, what a request capped at ``cap`` new tokens took (its first ``cap`` tokens,
+        plus the same closing work)."""
+        if cap is None or cap >= len(self.token_times_s):
+            return self.end_s
+        return self.token_times_s[cap - 1] + (self.end_s - self.token_times_s[-1])
+
+
+class InProcess:
+    """The model in this process, through GatedGenerator.stream: one generator without a cache, one with the
+    session cache of each gate."""
+
+    def __init__(self, lm: Any, gates: dict[str, Gate], cache_mb: float) -> None:
+        self.gates = gates
+        self.cold = GatedGenerator(lm)
+        self.stores = {name: PrefixCache(int(cache_mb * 2**20), lm.fingerprint) for name in gates}
+        self.warm = {name: GatedGenerator(lm, self.cold.meter, store) for name, store in self.stores.items()}
+
+    def complete(self, prompt: str, gate: str, cached: bool, cfg: GenerationConfig) -> Run:
+        gen = self.warm[gate] if cached else self.cold
+        times, t0 = [], time.perf_counter()
+        for item in gen.stream([prompt], self.gates[gate], cfg):
+            if isinstance(item, Finished):
+                end = time.perf_counter() - t0
+                [result] = item.results
+            else:
+                times.extend([time.perf_counter() - t0] * len(item))
+        return Run(times, end, result.token_ids, len(result.token_ids), result.cached_prompt_tokens,
+                   result.prompt_tokens)
+
+    def cache_stats(self, gate: str) -> PrefixCacheStats | None:
+        return self.stores[gate].stats()
+
+
+class OverHttp:
+    """A running GreenCode server: OpenAI completions as SSE, ``cache_prompt: false`` for the cold run."""
+
+    def __init__(self, url: str, api_key: str | None, tokenizer: Any) -> None:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=600)
+        self.tokenizer = tokenizer
+        self.health = self.client.get("/health").json()
+
+    def complete(self, prompt: str, gate: str, cached: bool, cfg: GenerationConfig) -> Run:
+        body = {"model": "greencode", "prompt": prompt, "max_tokens": cfg.max_new_tokens, "temperature": 0,
+                "stop": cfg.stop, "stream": True, "gate": gate, "cache_prompt": cached}
+        times, text, details, t0 = [], "", {}, time.perf_counter()
+        with self.client.stream("POST", "/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                raise SystemExit(f"{response.status_code} from the server: {response.read().decode()[:500]}")
+            for chunk in _sse(response.iter_lines()):
+                times.append(time.perf_counter() - t0)
+                text += chunk["choices"][0]["text"]
+                details = chunk.get("greencode", details)
+        end = time.perf_counter() - t0
+        tokens, reused = len(details.get("layers_per_token", times)), details.get("cached_prompt_tokens", 0)
+        return Run(times, end, text, tokens, reused, len(encode(self.tokenizer, prompt)))
+
+    def cache_stats(self, gate: str) -> PrefixCacheStats | None:
+        """The server's one cache (all gates), from /metrics."""
+        values: dict[str, float] = {}
+        for line in self.client.get("/metrics").text.splitlines():
+            if line.startswith("greencode_prefix_cache_") and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                key = name.split("{")[0].removeprefix("greencode_prefix_cache_").removesuffix("_total")
+                values[key] = values.get(key, 0.0) + float(value)
+        if not values:
+            return None
+        return PrefixCacheStats(*(int(values.get(k, 0)) for k in ("lookups", "hits", "prompt_tokens", "reused_tokens",
+                                                                  "entries", "bytes", "budget_bytes", "evictions",
+                                                                  "rejected")))
+
+
+def _sse(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
+    for line in lines:
+        if line.startswith("data: ") and line != "data: [DONE]":
+            yield json.loads(line[6:])
+
+
+@dataclass
+class Cell:
+    """The runs of one gate: each request cold and warm, in request order."""
+
+    cold: list[Run] = field(default_factory=list)
+    warm: list[Run] = field(default_factory=list)
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def ratio(cell: Cell, q: float, cap: int | None = None) -> float:
+    """Cache on over cache off, at quantile ``q`` of the latency (of requests capped at ``cap`` tokens)."""
+    return pct([r.latency_s(cap) for r in cell.warm], q) / pct([r.latency_s(cap) for r in cell.cold], q)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="embedded",
+                   help="model.name (default: the embedded SmolLM2-135M); with --url, only its tokenizer is loaded "
+                        "(the server's model must use the same)")
+    p.add_argument("--url", help="a running GreenCode server instead of the model in this process")
+    p.add_argument("--api-key", help="--url: the server's API key")
+    p.add_argument("--policy", help="ExitPolicy file; default: a RANDOM-INIT policy, clearly labelled")
+    p.add_argument("--threshold", type=float, default=GateConfig().threshold, help="policy threshold T")
+    p.add_argument("--files", type=int, default=3, help="held-out files, one typing session each")
+    p.add_argument("--requests", type=int, default=24, help="requests per file (20+ for the issue's acceptance)")
+    p.add_argument("--context-tokens", type=int, default=256, help="llm-ls contextWindow (capped by the model)")
+    p.add_argument("--start-tokens", type=int, default=216,
+                   help="the cursor starts after this many tokens of the file "
+                        "(beyond --context-tokens: a full, sliding window)")
+    p.add_argument("--max-new-tokens", type=int, default=30, help="single-line completions stop earlier, at a newline")
+    p.add_argument("--cache-mb", type=float, default=256.0, help="in process: prefix cache budget per gate")
+    p.add_argument("--threads", type=int, default=2, help="in process: torch CPU threads")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    torch.set_num_threads(args.threads)
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, stop=["\n"])
+    backend: InProcess | OverHttp
+    if args.url:
+        tok = load_tokenizer(ModelConfig(name=args.model))
+        backend = OverHttp(args.url, args.api_key, tok)
+        positions = backend.health["context_limit"]
+        gate_names = ["full"] + (["policy"] if backend.health.get("policy") else [])
+        policy_label = f"the server's ({backend.health.get('policy') or 'none: gate left out'}), its default T"
+        where = f"server {args.url} ({backend.health['model']}, prefix cache "
+        where += f"{backend.health.get('prefix_cache_mb')} MiB, shared by the gates)"
+    else:
+        lm = load_model(ModelConfig(name=args.model))
+        tok = lm.tokenizer
+        positions = getattr(lm.model.config, "max_position_embeddings", args.context_tokens)
+        if args.policy:
+            policy = ExitPolicy.load_for(args.policy, lm)
+            policy_label = f"policy file {args.policy}"
+        else:
+            policy = ExitPolicy(lm.hidden_size, exit_points=lm.exit_points, model_fingerprint=lm.fingerprint)
+            policy_label = "RANDOM-INIT policy (untrained: the gate's cost, not its quality)"
+        gates: dict[str, Gate] = {"full": FullGate(), f"policy(T={args.threshold})": PolicyGate(policy, args.threshold)}
+        backend = InProcess(lm, gates, args.cache_mb)
+        gate_names = list(gates)
+        where = f"in process, {args.threads} torch threads, prefix cache {args.cache_mb:.0f} MiB per gate"
+        backend.complete("def f(x):\n    return", "full", False, cfg)  # warm-up
+    budget = min(args.context_tokens, positions - args.max_new_tokens)
+    cells = {name: Cell() for name in gate_names}
+
+    rng = random.Random(args.seed)
+    sessions = []
+    for f in load_corpus(DataConfig(corpus="stdlib")).split("test"):
+        cursors = session_cursors(f.text, tok, args.start_tokens, args.requests, rng)
+        if cursors:
+            sessions.append((f, cursors))
+        if len(sessions) == args.files:
+            break
+    if len(sessions) < args.files:
+        raise SystemExit(f"only {len(sessions)} held-out files are long enough for {args.requests} requests "
+                         f"from token {args.start_tokens}")
+
+    t_start = time.perf_counter()
+    for f, cursors in sessions:
+        log.info("session on %s: %d requests", f.path, len(cursors))
+        for i, cursor in enumerate(cursors):
+            prompt = llm_ls_prompt(f.text, cursor, tok, budget)
+            for name in gate_names:
+                for warm in ((False, True) if i % 2 == 0 else (True, False)):
+                    run = backend.complete(prompt, name, warm, cfg)
+                    (cells[name].warm if warm else cells[name].cold).append(run)
+    wall = time.perf_counter() - t_start
+    report(args, cells, backend, sessions, budget, wall, where, policy_label)
+
+
+def report(args: argparse.Namespace, cells: dict[str, Cell], backend: InProcess | OverHttp, sessions: list[Any],
+           budget: int, wall: float, where: str, policy_label: str) -> None:
+    requests = sum(len(c) for _, c in sessions)
+    first = next(iter(cells.values()))
+    prompt_lens = [r.prompt_tokens for r in first.cold]
+    new_tokens = [r.tokens for r in first.cold]
+    print(f"\nIDE typing sessions: model {args.model}, {len(sessions)} held-out stdlib files x {args.requests} "
+          f"requests ({requests}), cursor +1-5 chars per request; {where}; {wall / 60:.1f} min")
+    print(f"prompts: llm-ls lines above the cursor within {budget} tokens (mean {statistics.mean(prompt_lens):.0f}, "
+          f"min {min(prompt_lens)}, max {max(prompt_lens)}); single-line completions: stop at a newline or "
+          f"{args.max_new_tokens} tokens, greedy ({next(iter(cells))} gate: mean {statistics.mean(new_tokens):.1f} "
+          f"new tokens, median {statistics.median(new_tokens):.0f})")
+    print(f"policy gate: {policy_label}; lossless: not available in this build")
+    print(f"{'gate':<16} {'cache':<5} {'p50 s':>7} {'p95 s':>7} {'ttft p50':>9} {'ttft p95':>9} {'reused':>7} "
+          f"{'misses':>6}")
+    for name, cell in cells.items():
+        for label, runs in (("off", cell.cold), ("on", cell.warm)):
+            lat, ttft = [r.latency_s() for r in runs], [r.ttft_s for r in runs]
+            reused = sum(r.reused for r in runs) / sum(r.prompt_tokens for r in runs)
+            misses = sum(r.reused == 0 for r in runs)
+            print(f"{name:<16} {label:<5} {pct(lat, .5):>7.3f} {pct(lat, .95):>7.3f} {pct(ttft, .5):>9.3f} "
+                  f"{pct(ttft, .95):>9.3f} {reused:>7.1%} {misses:>6}")
+    print()
+    caps = sorted({c for c in (1, 2, 4, 8, 16) if c < args.max_new_tokens} | {args.max_new_tokens})
+    for name, cell in cells.items():
+        ttft_on, ttft_off = [r.ttft_s for r in cell.warm], [r.ttft_s for r in cell.cold]
+        paired = [w.latency_s() / c.latency_s() for w, c in zip(cell.warm, cell.cold)]
+        same = sum(w.completion == c.completion for w, c in zip(cell.warm, cell.cold))
+        by_cap = ", ".join(f"<={cap}: x{ratio(cell, .5, cap):.2f}" for cap in caps)
+        print(f"{name}: cache on/off p50 latency x{ratio(cell, .5):.2f}, p95 x{ratio(cell, .95):.2f}, "
+              f"p50 time to first token x{pct(ttft_on, .5) / pct(ttft_off, .5):.2f}, per-request latency ratio "
+              f"median x{statistics.median(paired):.2f}; same completion {same}/{len(paired)}")
+        print(f"  p50 latency ratio by completion cap (new tokens): {by_cap}")
+        st = backend.cache_stats(name)
+        if st is not None:
+            print(f"  cache: {st.entries} entries, {st.bytes_held / 2**20:.1f} MiB held of "
+                  f"{st.budget_bytes / 2**20:.0f}, {st.evictions} evictions, token hit rate {st.hit_rate:.1%}")
+
+
+if __name__ == "__main__":
+    main()
