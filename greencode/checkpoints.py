@@ -30,8 +30,9 @@ EXIT_PLAN_FORMAT = "greencode.exit_plan/v1"
 TRAINER_STATE_FILE = "trainer_state.pt"
 
 
-def exit_plan(lm: EarlyExitModel, cfg: FinetuneConfig, step: int) -> dict[str, Any]:
-    """What a consumer needs to use the checkpoint's exits the way they were trained."""
+def exit_plan(lm: EarlyExitModel, cfg: FinetuneConfig, step: int, run_identity: str | None = None) -> dict[str, Any]:
+    """What a consumer needs to use the checkpoint's exits the way they were trained, and which run
+    made it (``run_identity``: settings + base model digest, what a rerun checks before reusing it)."""
     return {
         "format": EXIT_PLAN_FORMAT,
         "exit_points": list(lm.exit_points),
@@ -41,6 +42,7 @@ def exit_plan(lm: EarlyExitModel, cfg: FinetuneConfig, step: int) -> dict[str, A
         "seq_len": cfg.seq_len,
         "step": step,
         "max_steps": cfg.max_steps,
+        "run_identity": run_identity,
     }
 
 
@@ -94,5 +96,6 @@ class TrainerState:
 
     @classmethod
     def load(cls, checkpoint_dir: str | Path) -> TrainerState:
-        # the optimizer state holds plain Python containers of tensors: written by this project only
-        return cls(**torch.load(Path(checkpoint_dir) / TRAINER_STATE_FILE, map_location="cpu", weights_only=False))
+        # weights_only: tensors and plain containers only, so a file planted in shared storage cannot run code
+        path = Path(checkpoint_dir) / TRAINER_STATE_FILE
+        return cls(**torch.load(path, map_location="cpu", weights_only=True))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, get_args
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -22,6 +22,24 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # Fields that change where or how fast a stage runs, never what it produces (paths of its own
+    # outputs, worker counts, retries, logging cadence): left out of result_config.
+    operational: ClassVar[frozenset[str]] = frozenset()
+
+
+def result_config(cfg: BaseModel) -> dict[str, Any]:
+    """``cfg`` as JSON without its operational fields (at every depth): what a stage's result depends on.
+
+    Stage identity in the pipeline manifest and the workflows' own reuse and resume checks compare this.
+    """
+    out = {}
+    for name, value in cfg:
+        if name in getattr(cfg, "operational", ()):
+            continue
+        out[name] = result_config(value) if isinstance(value, BaseModel) else cfg.model_dump(
+            mode="json", include={name})[name]
+    return out
 
 
 # --------------------------------------------------------------------------- model
@@ -150,6 +168,9 @@ class OptimConfig(_Strict):
 class FinetuneConfig(_Strict):
     """LITE fine-tuning on Ray Train."""
 
+    operational = frozenset({"cpus_per_worker", "report_every", "checkpoint_every", "keep_checkpoints",
+                             "max_failures", "val_every", "val_batches", "storage_path", "run_name", "output_dir"})
+
     model: ModelConfig = Field(default_factory=ModelConfig, description="the model to fine-tune")
     data: DataConfig = Field(default_factory=DataConfig, description="the corpus (train / validation splits)")
     exits: ExitConfig = Field(default_factory=ExitConfig, description="exit points trained by the LITE loss")
@@ -168,7 +189,8 @@ class FinetuneConfig(_Strict):
     report_every: int = Field(10, ge=1, description="optimizer steps between metric reports")
     checkpoint_every: int = Field(100, ge=1, description="optimizer steps between checkpoints")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept in the run dir")
-    max_failures: int = Field(0, ge=0, description="restarts of the workers from their last checkpoint after a crash")
+    max_failures: int = Field(0, ge=0, description="restarts of the workers from their last checkpoint after a worker "
+                                                   "dies (0: the first failure ends the run; the presets set more)")
     val_every: int = Field(100, ge=1, description="optimizer steps between validations")
     val_batches: int = Field(8, ge=1, description="validation batches (of batch_size blocks)")
     storage_path: str = Field("runs/finetune", description="Ray Train storage (local path or s3://...)")
@@ -182,6 +204,8 @@ class FinetuneConfig(_Strict):
 
 class ExtractConfig(_Strict):
     """Hidden-state shards for the exit environment (METHOD §3)."""
+
+    operational = frozenset({"output_dir", "num_workers"})
 
     model: ModelConfig = Field(default_factory=ModelConfig, description="the (fine-tuned) model to replay")
     data: DataConfig = Field(default_factory=DataConfig, description="the corpus samples are cut from")
@@ -221,6 +245,8 @@ class RewardConfig(_Strict):
 class PolicyPPOConfig(_Strict):
     """The exit policy's network and its PPO run (METHOD §4)."""
 
+    operational = frozenset({"cpus_per_env_runner", "checkpoint_every"})
+
     hidden_sizes: list[int] = Field(default_factory=lambda: [64, 64], description="hidden layers of the policy MLP")
     activation: Literal["tanh", "relu"] = Field("tanh", description="activation between the MLP layers")
     total_env_steps: int = Field(500_000, ge=1, description="environment steps to train for")
@@ -233,6 +259,8 @@ class PolicyPPOConfig(_Strict):
     num_env_runners: int = Field(2, ge=0, description="Ray actors sampling episodes (0 = in the learner process)")
     envs_per_env_runner: int = Field(4, ge=1, description="ExitEnvs per env runner")
     cpus_per_env_runner: float = Field(0.5, gt=0, description="CPUs per env runner (capped to fit the cluster)")
+    checkpoint_every: int = Field(10, ge=1, description="PPO iterations between checkpoints (a rerun or a "
+                                                        "restarted sweep trial resumes from the last one)")
     normalize_observations: bool = Field(
         True, description="standardise hidden states per dimension with train-shard statistics "
                           "(folded into the exported policy)"
@@ -241,6 +269,8 @@ class PolicyPPOConfig(_Strict):
 
 class PolicyTrainConfig(_Strict):
     """`greencode train-policy`: PPO over replayed shards, exported as an ExitPolicy file."""
+
+    operational = frozenset({"output_path", "storage_path"})
 
     shards_dir: str = Field("runs/shards", description="training shards (greencode extract)")
     eval_shards_dir: str | None = Field(None, description="held-out shards the exported policy is scored on")
@@ -258,12 +288,16 @@ class PolicyTrainConfig(_Strict):
 class SweepConfig(_Strict):
     """`greencode sweep`: Ray Tune over the reward coefficients."""
 
+    operational = frozenset({"max_concurrent", "max_failures", "storage_path", "name"})
+
     base: PolicyTrainConfig = Field(default_factory=PolicyTrainConfig, description="every trial's settings")
     alpha: list[float] = Field(default_factory=lambda: [0.1, 0.25, 0.5], description="alpha values of the grid")
     beta: list[float] = Field(default_factory=lambda: [0.5, 1.0], description="beta values of the grid")
     gamma: list[float] = Field(default_factory=lambda: [0.5, 1.0], description="gamma values of the grid")
     num_samples: int = Field(1, ge=1, description="repeats of every grid point")
     max_concurrent: int | None = Field(None, ge=1, description="trials at a time; None = as many as the CPUs fit")
+    max_failures: int = Field(0, ge=0, description="restarts of a failed trial from its last checkpoint (0: a "
+                                                   "failed trial stays failed; the best of the others is exported)")
     storage_path: str = Field("runs/sweep", description="Tune's storage")
     name: str = Field("reward_sweep", description="the sweep's dir under storage_path")
 
@@ -273,6 +307,8 @@ class SweepConfig(_Strict):
 
 class EvalConfig(_Strict):
     """`greencode eval`: every baseline and gate setting on held-out line completions (METHOD §6)."""
+
+    operational = frozenset({"output_dir", "num_workers"})
 
     model: ModelConfig = Field(default_factory=ModelConfig, description="the (fine-tuned) model")
     base_model: ModelConfig | None = Field(None, description="the not-fine-tuned model for the base row")
@@ -414,9 +450,25 @@ class ServeConfig(_Strict):
 PipelineStage = Literal["finetune", "extract", "train_policy", "sweep", "evaluate"]
 
 
+# Keys of the stage sections that the pipeline fills in itself -> where they come from instead.
+PIPELINE_OWNED: dict[str, dict[str, str]] = {
+    "finetune": {"model": "the top-level model", "data": "the top-level data", "exits": "the top-level exits",
+                 "storage_path": "run_dir", "output_dir": "run_dir"},
+    "extract": {"model": "the top-level model (fine-tuned)", "data": "the top-level data",
+                "exits": "the top-level exits", "split": "the stage (train; held-out shards: validation)",
+                "output_dir": "run_dir"},
+    "policy": {"shards_dir": "run_dir", "eval_shards_dir": "run_dir", "output_path": "run_dir",
+               "storage_path": "run_dir"},
+    "sweep": {"base": "the policy section", "storage_path": "run_dir"},
+    "evaluate": {"model": "the top-level model (fine-tuned)", "base_model": "the top-level model",
+                 "data": "the top-level data", "exits": "the top-level exits",
+                 "policy_path": "the policy stage", "output_dir": "run_dir"},
+}
+
+
 class PipelineConfig(_Strict):
-    """Every stage end to end. ``model``/``data``/``exits`` and all artifact paths are shared:
-    the pipeline writes them into the stage sections, so those keys are ignored there."""
+    """Every stage end to end. ``model``/``data``/``exits`` and every artifact path are shared: the
+    pipeline writes them into the stage sections, so setting them there is an error (PIPELINE_OWNED)."""
 
     run_dir: str = Field("runs/pipeline", description="every artifact and the manifest go under it")
     model: ModelConfig = Field(default_factory=ModelConfig, description="the base model")
@@ -435,6 +487,11 @@ class PipelineConfig(_Strict):
     def _order(self) -> PipelineConfig:
         if "train_policy" in self.stages and "sweep" in self.stages:
             raise ValueError("stages: choose 'train_policy' or 'sweep' (the sweep exports the best policy itself)")
+        owned = [f"{section}.{key} is set by the pipeline from {source}: set it there, not in the {section} section"
+                 for section, keys in PIPELINE_OWNED.items()
+                 for key, source in keys.items() if key in getattr(self, section).model_fields_set]
+        if owned:
+            raise ValueError("; ".join(owned))
         return self
 
 
@@ -448,8 +505,9 @@ def _format_errors(err: ValidationError, prefix: str) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
-        where = f"{prefix}.{loc}" if prefix and loc else (prefix or loc or "<root>")
-        lines.append(f"{where}: {e['msg']}")
+        where = f"{prefix}.{loc}" if prefix and loc else (prefix or loc)
+        msg = e["msg"].removeprefix("Value error, ")  # a validator's own message names its fields
+        lines.append(f"{where}: {msg}" if where else msg)
     return "; ".join(lines)
 
 
@@ -497,8 +555,9 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def load_config(cls: type[C], paths: str | Path | Sequence[str | Path] | None = None,
-                overrides: dict[str, Any] | None = None) -> C:
-    """The one way to build a config: YAML files merged in order (a preset first), then dotted overrides.
+                overrides: dict[str, Any] | None = None, *, base: dict[str, Any] | None = None) -> C:
+    """The one way to build a config: ``base`` (a preset's data), YAML files merged over it in order,
+    then dotted overrides.
 
     ``paths`` may be one file or several; ``overrides`` maps ``optim.lr``-style keys to values.
     """
@@ -506,7 +565,7 @@ def load_config(cls: type[C], paths: str | Path | Sequence[str | Path] | None = 
         paths = []
     elif isinstance(paths, (str, Path)):
         paths = [paths]
-    data: dict[str, Any] = {}
+    data: dict[str, Any] = dict(base or {})
     for path in paths:
         data = merge(data, load_yaml(path))
     for dotted, value in (overrides or {}).items():

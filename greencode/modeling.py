@@ -21,12 +21,13 @@ from torch import nn
 
 from greencode.atomic import atomic_path
 from greencode.config import ExitConfig, ModelConfig
+from greencode.digests import file_digest, tree_digest
 from greencode.exits import resolve_exit_points
+from greencode.locks import FileLock
 
 log = logging.getLogger(__name__)
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_NAME = "smollm2-135m-instruct"
 
 
 class UnsupportedModelError(ValueError):
@@ -312,22 +313,56 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def gguf_cache_dir(gguf_path: Path) -> Path:
+    """Where a GGUF file's conversion is cached: named by its content digest, so two different files
+    called ``model.gguf`` never share one conversion."""
+    digest = file_digest(gguf_path).split(":", 1)[1][:16]
+    return cache_root() / "models" / f"{gguf_path.stem.lower()}-{digest}"
+
+
+def converted_gguf(gguf_path: Path) -> Path:
+    """The HF dir converted from ``gguf_path``, converting it once; concurrent loaders wait on a lock
+    and reuse the first one's conversion instead of racing to write it."""
+    out = gguf_cache_dir(gguf_path)
+    if not (out / "config.json").is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(out.parent / f".{out.name}.convert.lock"):
+            if not (out / "config.json").is_file():
+                convert_gguf(gguf_path, out)
+    return out
+
+
 def resolve_model_path(cfg: ModelConfig) -> tuple[str, str | None]:
-    """(path or hub id, gguf file name or None) for a model spec; converts the embedded GGUF once."""
+    """(path or hub id, gguf file name or None) for a model spec; converts a GGUF file once."""
     if cfg.name == "embedded":
-        out = cache_root() / "models" / EMBEDDED_NAME
-        if not (out / "config.json").is_file():
-            convert_gguf(embedded_gguf_path(), out)
-        return str(out), None
+        return str(converted_gguf(embedded_gguf_path())), None
     if cfg.name.endswith(".gguf"):
         path = Path(cfg.name)
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
-        out = cache_root() / "models" / path.stem.lower()
-        if not (out / "config.json").is_file():
-            convert_gguf(path, out)
-        return str(out), None
+        return str(converted_gguf(path)), None
     return cfg.name, cfg.gguf_file
+
+
+def model_digest(model: ModelConfig) -> str | None:
+    """The content digest of what a model spec loads: the embedded GGUF, a local file or dir, or for a
+    hub id the commit of its cached snapshot (``hf:<repo>@<commit>``); None when nothing local names it."""
+    if model.name == "embedded":
+        return tree_digest(embedded_gguf_path())
+    path = Path(model.name)
+    if path.exists():
+        return tree_digest(path)
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(model.name, model.gguf_file or "config.json")
+    except ValueError:  # not a valid hub id either (a local path that does not exist)
+        return None
+    if isinstance(cached, str):  # .../snapshots/<commit>/<file>
+        parts = Path(cached).parts
+        if "snapshots" in parts[:-1]:
+            return f"hf:{model.name}@{parts[parts.index('snapshots') + 1]}"
+    return None
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -180,12 +180,45 @@ def read_meta(path: str | Path) -> ShardMeta:
     return meta
 
 
+def _first_bad_row(table: pa.Table, name: str) -> tuple[int, str] | None:
+    """(row, problem) of the first null in column ``name`` (or inside one of its lists) or, for the
+    hidden states, the first NaN/inf; None when the column is clean."""
+    import pyarrow.compute as pc
+
+    column = table.column(name).combine_chunks()
+    bad = np.asarray(pc.is_null(column), dtype=bool)
+    problem = "null"
+    if pa.types.is_fixed_size_list(column.type):
+        width = column.type.list_size
+        values = column.flatten() if column.null_count == 0 else column.fill_null([0] * width).flatten()
+        inner = np.asarray(pc.is_null(values), dtype=bool).reshape(-1, width).any(axis=1)
+        if name == "hidden" and not bad.any() and not inner.any():
+            finite = np.isfinite(values.to_numpy(zero_copy_only=False)).reshape(-1, width).all(axis=1)
+            bad, problem = ~finite, "NaN or inf in the hidden states"
+        else:
+            bad |= inner
+    rows = np.flatnonzero(bad)
+    return (int(rows[0]), problem) if len(rows) else None
+
+
+def check_values(table: pa.Table, path: str | Path) -> None:
+    """Reject nulls anywhere and non-finite hidden states, naming the file, the row and the column:
+    one NaN would poison every PPO update that samples it."""
+    for name in table.column_names:
+        found = _first_bad_row(table, name)
+        if found is not None:
+            row, problem = found
+            raise ShardError(f"{path}: row {row}, column {name}: {problem}; the shard is corrupt or was not "
+                             "written by greencode extract: delete it and re-extract")
+
+
 def read_shard(path: str | Path) -> ShardData:
     meta = read_meta(path)
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as err:
         raise ShardError(f"{path} is corrupt: {err}") from None
+    check_values(table, path)
     n, h = meta.num_exits, meta.hidden_size
     rows = table.num_rows
 
@@ -250,3 +283,15 @@ def load_shards(paths: Iterable[str | Path]) -> ShardData:
                          "optimal_exit")
         },
     )
+
+
+def check_shards(directory: str | Path) -> ShardMeta:
+    """Read every shard of ``directory`` once, one at a time (values included), and check that they
+    belong together: bad shards fail here with the file, row and column, before any worker starts."""
+    paths = list_shards(directory)
+    first = read_shard(paths[0]).meta
+    for path in paths[1:]:
+        meta = read_shard(path).meta
+        if meta.compatible_key() != first.compatible_key():
+            raise ShardError(f"{path} comes from another model or exit points ({meta}) than {paths[0]} ({first})")
+    return first

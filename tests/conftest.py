@@ -115,9 +115,29 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """A local 2-CPU Ray for one test module, shut down after it."""
+    """A local 2-CPU Ray for one test module, shut down after it.
+
+    Ray Train's placement-group cleaner asks Ray's state API every second whether the Train
+    controller is alive and tears the training workers down when told no. So the dashboard (which
+    serves that API) runs, and the cluster keeps its files under its own RAY_TMPDIR (inherited by its
+    processes) naming itself the current cluster: state queries otherwise go to "the latest cluster
+    started on this machine", on a shared machine someone else's, which has no such controller.
+    """
+    import shutil
+    import tempfile
+
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    previous = os.environ.get("RAY_TMPDIR")
+    tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's unix sockets live below it
+    os.environ["RAY_TMPDIR"] = tmp
+    ray.init(num_cpus=2, include_dashboard=True, ignore_reinit_error=True)
+    with open(os.path.join(tmp, "ray", "ray_current_cluster"), "w") as fh:
+        fh.write(ray.get_runtime_context().gcs_address)
     yield
     ray.shutdown()
+    if previous is None:
+        os.environ.pop("RAY_TMPDIR", None)
+    else:
+        os.environ["RAY_TMPDIR"] = previous
+    shutil.rmtree(tmp, ignore_errors=True)

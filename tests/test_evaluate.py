@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import zipfile
 
 import pytest
@@ -105,6 +106,34 @@ def test_rerun_skips_finished_parts_and_redoes_missing_ones(models, py_corpus, t
     run_evaluation(eval_config(models, f"dir:{py_corpus}", tmp_path / "r", gates=["full", "fixed"],
                          generation={"max_new_tokens": 3}))
     assert len(calls) == 3 and calls[-1][1] == ["full@0.2", "fixed-k4@0.2", "fixed-k6@0.2", "fixed-k10@0.2"]
+
+
+def test_a_policy_replaced_under_the_same_path_is_evaluated_again(models, py_corpus, tmp_path, monkeypatch):
+    """Parts key the policy by content: `greencode eval` after retraining never reports the old policy's rows."""
+    from greencode.digests import tree_digest
+
+    policy = tmp_path / "policy.pt"
+    shutil.copy(models["policy"], policy)
+    cfg = eval_config(models, f"dir:{py_corpus}", tmp_path / "r", gates=["full", "policy"], thresholds=[0.3],
+                      num_samples=2, policy_path=str(policy))
+    run_evaluation(cfg)
+    calls = []
+    original = Evaluator.run_batch
+
+    def spy(self, batch, settings, keys):
+        calls.append([s.name for s in settings])
+        return original(self, batch, settings, keys)
+
+    monkeypatch.setattr(Evaluator, "run_batch", spy)
+    lm = make_tiny("llama", seed=0)
+    torch.manual_seed(7)
+    ExitPolicy(lm.hidden_size, exit_points=lm.exit_points, model_fingerprint=lm.fingerprint).save(policy)
+    run_evaluation(cfg)
+    assert calls == [["policy-T0.3@0.2"]]  # the model did not change: its rows are kept
+    saved = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert saved["digests"]["policy"] == tree_digest(policy)
+    assert saved["digests"]["model"] == tree_digest(models["lite"])
+    assert f"policy `{tree_digest(policy)}`" in (tmp_path / "r" / "report.md").read_text()
 
 
 def test_fim_task_gives_the_model_the_text_after_the_span(py_corpus, tmp_path):

@@ -14,9 +14,10 @@ import torch
 from conftest import make_tiny
 from greencode.blocks import BlockSampler, BlockSet, build_blocks
 from greencode.checkpoints import TrainerState, read_exit_plan
-from greencode.config import ConfigError, FinetuneConfig, load_config
+from greencode.config import ConfigError, FinetuneConfig, PipelineConfig, load_config
 from greencode.data import SourceFile
 from greencode.lite import next_token_loss
+from greencode.manifest import StaleWorkError
 from greencode.training import (
     LiteObjective,
     LiteStepper,
@@ -27,7 +28,6 @@ from greencode.training import (
 )
 from greencode.validation import validation_counts, validation_metrics
 
-REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 
 
@@ -192,9 +192,13 @@ def test_validation_counts_match_a_manual_loop(tokenizer):
 # --------------------------------------------------------------------------- configs
 
 
-def test_demo_config_is_valid():
-    cfg = load_config(FinetuneConfig, REPO / "configs" / "finetune-demo.yaml")
-    assert cfg.model.name == "embedded" and cfg.num_workers * cfg.cpus_per_worker <= 2
+def test_demo_preset_is_the_demo_pipelines_finetune_stage():
+    from workflows.finetune import COMMAND
+    from workflows.pipeline import preset_path, stage_configs
+
+    cfg = COMMAND.config(COMMAND.parser.parse_args(["--preset", "demo"]))
+    assert cfg == stage_configs(load_config(PipelineConfig, preset_path("demo")))["finetune"]  # one source
+    assert cfg.model.name == "embedded" and cfg.num_workers * cfg.cpus_per_worker <= 2 and cfg.max_failures >= 1
 
 
 @pytest.mark.parametrize(("setting", "message"), [({"precision": "fp16"}, "fp16 needs GPU workers"),
@@ -284,6 +288,10 @@ def test_ray_train_two_workers_checkpoint_and_resume(ray_local, tiny_model_dir, 
     assert any((run_dir / "tensorboard").iterdir())
     state = TrainerState.load(run_dir / "checkpoint_000009")
     assert state.step == 9 and state.optimizer["state"]
+    # another lr on the same run dir neither reuses its model nor continues its checkpoints: refused, named
+    other = longer.model_copy(update={"optim": longer.optim.model_copy(update={"lr": 1e-3})})
+    with pytest.raises(StaleWorkError, match=r"holds Ray Train checkpoints of another run \(config optim.lr: "):
+        run(other)
 
 
 @pytest.mark.ray

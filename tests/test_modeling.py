@@ -102,3 +102,36 @@ def test_embedded_batched_greedy_divergence_is_measured(embedded):
     same = sum(a == b for r, s in zip(batched, single) for a, b in zip(r.token_ids, s.token_ids))
     total = sum(len(s.token_ids) for s in single)
     assert same / total >= 0.95, f"only {same}/{total} tokens agree"
+
+
+def test_gguf_conversions_are_cached_by_content_and_converted_once(tmp_path, monkeypatch):
+    """Two different `model.gguf` never share a conversion; concurrent loaders wait and reuse one."""
+    import threading
+    import time
+
+    from greencode import modeling
+
+    monkeypatch.setenv("GREENCODE_CACHE", str(tmp_path / "cache"))
+    a, b, c = (tmp_path / d / "model.gguf" for d in "abc")
+    for path, content in ((a, b"weights A"), (b, b"weights B"), (c, b"weights A")):
+        path.parent.mkdir()
+        path.write_bytes(content)
+    assert modeling.gguf_cache_dir(a) != modeling.gguf_cache_dir(b)
+    assert modeling.gguf_cache_dir(a) == modeling.gguf_cache_dir(c)  # same bytes: one conversion serves both
+    conversions = []
+
+    def slow_convert(gguf_path, out_dir):  # stands in for the ~30 s dequantisation
+        conversions.append(gguf_path)
+        time.sleep(0.3)
+        out_dir.mkdir(parents=True)
+        (out_dir / "config.json").write_text("{}")
+        return out_dir
+
+    monkeypatch.setattr(modeling, "convert_gguf", slow_convert)
+    results = []
+    threads = [threading.Thread(target=lambda p=p: results.append(modeling.converted_gguf(p))) for p in (a, c, a)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(conversions) == 1 and set(results) == {modeling.gguf_cache_dir(a)}

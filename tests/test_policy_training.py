@@ -75,7 +75,8 @@ def test_exported_mlp_reproduces_rllib_logits(trained):
     from ray.rllib.core.rl_module.rl_module import RLModule
 
     cfg, _ = trained
-    module = RLModule.from_checkpoint(f"{cfg.storage_path}/checkpoint/learner_group/learner/rl_module/default_policy")
+    rl_module = "checkpoint/rllib/learner_group/learner/rl_module/default_policy"
+    module = RLModule.from_checkpoint(f"{cfg.storage_path}/{rl_module}")
     mean, std = (torch.from_numpy(x) for x in observation_stats(load_shards(list_shards(cfg.shards_dir))))
     hidden = torch.randn(32, 64) * std + mean  # raw hidden states; RLlib saw them standardised
     with torch.no_grad():

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -112,3 +117,40 @@ def test_extract_rows_matches_a_plain_forward(tokenizer):
         assert row["optimal_exit"] == optimal_exit(row["exit_predictions"], row["final_token"])
     table = build_table(meta_for(lm), rows)
     assert table.num_rows == 8
+
+
+@pytest.fixture
+def shard_with(tmp_path):
+    """A valid shard rewritten by plain pyarrow with one bad value (as bit rot or a foreign writer would)."""
+    meta = ShardMeta(exit_points=[2, 4], hidden_size=3, num_layers=6, model_fingerprint="f")
+    rng = np.random.default_rng(0)
+    rows = [{"sample_id": "s0", "token_index": t, "hidden": rng.normal(size=(2, 3)), "exit_predictions": [1, 2],
+             "final_token": 2, "dataset_token": -1, "optimal_exit": 1} for t in range(4)]
+    path = write_shard(build_table(meta, rows), tmp_path / "shard-00000.parquet")
+
+    def corrupt(column: str, row: int, value: Any) -> Path:
+        table = pq.read_table(path)
+        values = table.column(column).to_pylist()
+        if column == "hidden":
+            values[row] = [value, *values[row][1:]]
+        else:
+            values[row] = value
+        table = table.set_column(table.schema.get_field_index(column), table.schema.field(column),
+                                 pa.array(values, table.schema.field(column).type))
+        pq.write_table(table, path)
+        return path
+
+    return corrupt
+
+
+@pytest.mark.parametrize("column, value, problem", [
+    ("hidden", float("nan"), "NaN or inf"), ("hidden", float("inf"), "NaN or inf"), ("hidden", None, "null"),
+    ("final_token", None, "null"), ("exit_predictions", None, "null"), ("sample_id", None, "null"),
+])
+def test_a_shard_with_a_nan_inf_or_null_is_rejected_naming_file_row_and_column(shard_with, column, value, problem):
+    path = shard_with(column, 2, value)
+    with pytest.raises(ShardError) as err:
+        read_shard(path)
+    assert f"{path}: row 2, column {column}: {problem}" in str(err.value)
+    with pytest.raises(ShardError, match="row 2"):
+        load_shards([path])  # what PPO and scoring read through

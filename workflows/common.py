@@ -4,6 +4,9 @@ Every command builds its config the same way (:class:`ConfigCommand`):
 
     --preset NAME  ->  --config FILE.yaml (repeatable, later files win)  ->  dedicated flags  ->  --set KEY=VALUE
 
+The presets are the pipeline's (``workflows/presets/*.yaml``, the one source of their settings); a
+stage command's ``--preset demo`` is what the demo pipeline runs in that stage (:func:`stage_presets`).
+
 A dedicated flag (``--model``, ``--policy`` ...) is only a short name for one config field: its
 help text and default are read from that field, so no default is restated here.
 """
@@ -25,6 +28,20 @@ from pydantic import BaseModel
 from greencode.config import ConfigError, field_info, load_config, parse_overrides
 
 C = TypeVar("C", bound=BaseModel)
+Preset = Path | Callable[[], dict[str, Any]]  # a PipelineConfig YAML, or a stage's settings derived from one
+PRESETS = ("demo", "paper")  # workflows/presets/<name>.yaml
+
+
+def stage_presets(stage: str) -> dict[str, Preset]:
+    """The pipeline presets as presets of one stage command: exactly the ``stage`` config that
+    ``greencode pipeline --preset NAME`` runs (artifact paths under its run_dir)."""
+
+    def derive(name: str) -> dict[str, Any]:
+        from workflows.pipeline import stage_preset
+
+        return stage_preset(name, stage)
+
+    return {name: functools.partial(derive, name) for name in PRESETS}
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -84,7 +101,7 @@ class ConfigCommand(Generic[C]):
     """The parser of one config-driven command and the config it builds (see the module docstring)."""
 
     def __init__(self, cls: type[C], description: str, *, prog: str | None = None, flags: Sequence[Flag] = (),
-                 presets: Mapping[str, Path] | None = None) -> None:
+                 presets: Mapping[str, Preset] | None = None) -> None:
         self.cls, self.flags, self.presets = cls, list(flags), dict(presets or {})
         p = argparse.ArgumentParser(prog=prog, description=description)
         if self.presets:
@@ -105,11 +122,12 @@ class ConfigCommand(Generic[C]):
 
     def config(self, args: argparse.Namespace) -> C:
         """preset -> --config files -> flags -> --set, validated (errors name the field)."""
-        paths = [self.presets[args.preset]] if getattr(args, "preset", None) else []
+        preset = self.presets[args.preset] if getattr(args, "preset", None) else None
+        paths = [preset] if isinstance(preset, Path) else []
         paths += list(args.config)
         overrides = {f.field: getattr(args, f.dest) for f in self.flags if getattr(args, f.dest) is not None}
         overrides.update(parse_overrides(args.overrides))
-        return load_config(self.cls, paths, overrides)
+        return load_config(self.cls, paths, overrides, base=preset() if callable(preset) else None)
 
     def parse(self, argv: Sequence[str] | None) -> tuple[C, argparse.Namespace]:
         """Parse ``argv``, set up logging, build the config."""

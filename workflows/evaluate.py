@@ -26,7 +26,7 @@ from greencode.evaluation.plan import make_plan
 from greencode.evaluation.report import EvalReport, write_report
 from greencode.evaluation.runner import Evaluator, run_pending
 from greencode.modeling import load_model
-from workflows.common import ConfigCommand, Flag, cli_errors, comma_list, init_ray, setup_logging
+from workflows.common import ConfigCommand, Flag, cli_errors, comma_list, init_ray, setup_logging, stage_presets
 
 log = logging.getLogger("greencode.eval")
 
@@ -80,6 +80,7 @@ def run(cfg: EvalConfig) -> EvalReport:
 COMMAND = ConfigCommand(
     EvalConfig, "Evaluate gates (full, fixed, confidence, policy) on a code corpus -> report dir.",
     prog="greencode eval",
+    presets=stage_presets("evaluate"),
     flags=[
         Flag("--model", "model.name"),
         Flag("--base-model", "base_model.name"),

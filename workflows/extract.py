@@ -3,7 +3,8 @@
 The driver draws the samples and cuts them into shards of ``samples_per_shard``
 (greencode.extraction); a pool of model actors (``num_workers``) writes one Parquet shard
 per chunk (temp file + rename). Existing shards are skipped, so an interrupted run resumes;
-``manifest.json`` marks a finished directory.
+``manifest.json`` marks a finished directory. The directory records the settings and model digest
+its shards were made with: a run with others refuses to mix its shards with them.
 
     python -m workflows.extract --set num_samples=200 --set output_dir=runs/shards/train
     python -m workflows.extract --set split=validation --set num_samples=50 --set output_dir=runs/shards/eval
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from greencode.config import ExitConfig, ExtractConfig, ModelConfig
+from greencode.config import ExitConfig, ExtractConfig, ModelConfig, result_config
 from greencode.extraction import (
     ShardSample,
     finished_manifest,
@@ -27,8 +28,10 @@ from greencode.extraction import (
     write_manifest,
     write_shard_for,
 )
+from greencode.manifest import StageIdentity, claim_work_dir
+from greencode.modeling import model_digest
 from greencode.shards import shard_path
-from workflows.common import ConfigCommand, cli_errors, init_ray
+from workflows.common import ConfigCommand, cli_errors, init_ray, stage_presets
 
 log = logging.getLogger("greencode.extract")
 
@@ -70,14 +73,16 @@ def _actor_resources(cfg: ExtractConfig, cluster: dict[str, float]) -> dict[str,
 
 def run(cfg: ExtractConfig) -> dict[str, Any]:
     """Write (or finish) the shards of ``cfg.output_dir``; returns the manifest."""
+    start = time.perf_counter()
+    plan = plan_shards(cfg)  # a bad model or corpus fails here, before the output dir is touched
+    identity = StageIdentity(result_config(cfg), {"model": model_digest(cfg.model)})
+    claim_work_dir(cfg.output_dir, identity, "shards")
     done = finished_manifest(cfg)
     if done is not None:
         log.info("%s is complete (%d shards); delete it to re-extract", cfg.output_dir, len(done["shards"]))
         return done
     import ray
 
-    start = time.perf_counter()
-    plan = plan_shards(cfg)
     log.info("%d samples in %d shards; %d to write", len(plan.samples), len(plan.chunks), len(plan.missing))
     if plan.missing:
         todo = [{"shard": str(shard_path(cfg.output_dir, i)), "sample_ids": [s.sample_id for s in plan.chunks[i]],
@@ -105,7 +110,7 @@ def run(cfg: ExtractConfig) -> dict[str, Any]:
 
 
 COMMAND = ConfigCommand(ExtractConfig, "Extract hidden-state shards for the exit environment (Ray Data).",
-                        prog="greencode extract")
+                        prog="greencode extract", presets=stage_presets("extract"))
 
 
 @cli_errors

@@ -1,7 +1,7 @@
 """`greencode finetune`: LITE fine-tuning on Ray Train (DDP or FSDP, CPU or GPU workers).
 
-    python -m workflows.finetune --config configs/finetune-demo.yaml
-    ray job submit --working-dir . -- .venv/bin/python -m workflows.finetune --config configs/finetune-demo.yaml \
+    python -m workflows.finetune --preset demo          # the demo pipeline's fine-tuning stage
+    ray job submit --working-dir . -- .venv/bin/python -m workflows.finetune --preset demo \
         --set storage_path=$PWD/runs/finetune
 
 The driver tokenizes the corpus once and ships the blocks to the workers through the
@@ -27,10 +27,11 @@ import torch
 
 from greencode.blocks import BlockSampler, BlockSet, build_blocks
 from greencode.checkpoints import TrainerState, exit_plan, publish_model_dir, read_exit_plan, save_model_dir
-from greencode.config import ConfigError, FinetuneConfig
+from greencode.config import ConfigError, FinetuneConfig, result_config
 from greencode.data import CorpusError, load_corpus
 from greencode.distributed import full_params, load_optimizer_state, optimizer_state
-from greencode.modeling import load_model, load_tokenizer
+from greencode.manifest import StageIdentity, claim_work_dir
+from greencode.modeling import load_model, load_tokenizer, model_digest
 from greencode.training import (
     LiteObjective,
     LiteStepper,
@@ -42,7 +43,7 @@ from greencode.training import (
     loss_weights,
 )
 from greencode.validation import validation_metrics
-from workflows.common import ConfigCommand, cli_errors, init_ray, setup_logging, verbose
+from workflows.common import ConfigCommand, cli_errors, init_ray, setup_logging, stage_presets, verbose
 
 log = logging.getLogger("greencode.finetune")
 
@@ -69,11 +70,22 @@ def final_model_dir(cfg: FinetuneConfig) -> Path:
     return Path(run_dir(cfg)) / "model"
 
 
-def finished_model(cfg: FinetuneConfig) -> Path | None:
-    """The final model dir when it exists, is complete and was trained for ``max_steps`` from this base."""
+# A longer run may continue from the checkpoints of a shorter one (same settings otherwise).
+RESUMABLE = frozenset({"max_steps"})
+
+
+def run_identity(cfg: FinetuneConfig) -> StageIdentity:
+    """What the checkpoints and the final model depend on: the settings that shape training (less
+    max_steps) and the base model's content. Checkpoints and the published model record it."""
+    config = {k: v for k, v in result_config(cfg).items() if k not in RESUMABLE}
+    return StageIdentity(config, {"base_model": model_digest(cfg.model)})
+
+
+def finished_model(cfg: FinetuneConfig, identity: StageIdentity) -> Path | None:
+    """The final model dir when it exists, is complete and was trained for ``max_steps`` by this run."""
     out = final_model_dir(cfg)
     plan = read_exit_plan(out)
-    if plan and plan.get("step", 0) >= cfg.max_steps and plan.get("base_model") == cfg.model.name:
+    if plan and plan.get("step", 0) >= cfg.max_steps and plan.get("run_identity") == identity.digest:
         return out
     return None
 
@@ -135,8 +147,12 @@ def prepare_data(cfg: FinetuneConfig) -> tuple[BlockSet, BlockSet]:
     return train, val
 
 
-def fit(cfg: FinetuneConfig):
-    """Run (or resume) the TorchTrainer; returns its ``ray.train.Result``."""
+def fit(cfg: FinetuneConfig, identity: StageIdentity | None = None):
+    """Run (or resume) the TorchTrainer; returns its ``ray.train.Result``.
+
+    Resumes only checkpoints of the same run identity: a run dir holding another's is refused
+    (StaleWorkError) rather than continued with different settings.
+    """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -144,9 +160,12 @@ def fit(cfg: FinetuneConfig):
     check_config(cfg)
     init_ray()
     check_resources(cfg)
-    train, val = prepare_data(cfg)
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    train, val = prepare_data(cfg)  # a bad model or corpus fails here, before the run dir is touched
+    identity = identity or run_identity(cfg)
     storage = run_dir(cfg)
+    if not is_remote(storage):  # on s3:// the run name alone keeps runs apart
+        claim_work_dir(storage, identity, "Ray Train checkpoints")
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -155,6 +174,7 @@ def fit(cfg: FinetuneConfig):
             "val_blocks": ray.put(val),
             "tensorboard_dir": None if is_remote(storage) else f"{storage}/tensorboard",
             "verbose": verbose(),
+            "run_identity": identity.digest,
         },
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=cfg.run_name, storage_path=storage.rsplit("/", 1)[0],
@@ -172,11 +192,12 @@ def fit(cfg: FinetuneConfig):
 
 def run(cfg: FinetuneConfig) -> Path:
     """Fine-tune (resuming when the run has checkpoints) and publish the final HF model dir."""
-    done = finished_model(cfg)
+    identity = run_identity(cfg)
+    done = finished_model(cfg, identity)
     if done:
         log.info("final model %s already trained for %d steps: skipping", done, cfg.max_steps)
         return done
-    return publish(cfg, fit(cfg))
+    return publish(cfg, fit(cfg, identity))
 
 
 def publish(cfg: FinetuneConfig, result) -> Path:
@@ -209,7 +230,7 @@ class LiteRecipe:
     """
 
     def __init__(self, cfg: FinetuneConfig, train_blocks: BlockSet, val_blocks: BlockSet,
-                 tensorboard_dir: str | None = None) -> None:
+                 tensorboard_dir: str | None = None, run_identity: str | None = None) -> None:
         import ray.train
         import ray.train.torch
 
@@ -220,6 +241,7 @@ class LiteRecipe:
         self.device = ray.train.torch.get_device()
         check_precision(cfg.precision, self.device)
         self.tensorboard_dir = tensorboard_dir if self.rank == 0 else None
+        self.run_identity = run_identity
         self.start_step = 0
 
     # ------------------------------------------------------------------ phases
@@ -277,7 +299,8 @@ class LiteRecipe:
             ckpt = None
             with full_params(self.objective):  # collective under FSDP
                 if self.rank == 0:
-                    save_model_dir(self.lm.model, self.lm.tokenizer, exit_plan(self.lm, self.cfg, step), tmp)
+                    plan = exit_plan(self.lm, self.cfg, step, self.run_identity)
+                    save_model_dir(self.lm.model, self.lm.tokenizer, plan, tmp)
                     TrainerState(step, optim_state, self.scheduler.state_dict(), self.stepper.scaler.state_dict(),
                                  self.cfg.model_dump(mode="json")).save(tmp)
                     ckpt = ray.train.Checkpoint.from_directory(tmp)
@@ -349,7 +372,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     setup_logging(config.get("verbose", False))  # Ray Train logs every rank's whole report at INFO otherwise
     recipe = LiteRecipe(FinetuneConfig.model_validate(config["cfg"]), ray.get(config["train_blocks"]),
-                        ray.get(config["val_blocks"]), config.get("tensorboard_dir"))
+                        ray.get(config["val_blocks"]), config.get("tensorboard_dir"), config.get("run_identity"))
     recipe.setup()
     recipe.train()
 
@@ -379,7 +402,7 @@ def _tensorboard(log_dir: str | None):
 
 
 COMMAND = ConfigCommand(FinetuneConfig, "LITE fine-tuning on Ray Train (writes a Hugging Face model dir).",
-                        prog="greencode finetune")
+                        prog="greencode finetune", presets=stage_presets("finetune"))
 
 
 @cli_errors

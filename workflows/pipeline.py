@@ -5,32 +5,37 @@
     ray job submit --working-dir . -- .venv/bin/python -m workflows.pipeline --preset demo
 
 Each stage writes a plain artifact under ``run_dir`` (HF model dir, Parquet shards, policy
-file, report dir) and is recorded in ``run_dir/manifest.json`` (config, versions, timings,
-artifact hashes) only once it has finished. A rerun skips recorded stages whose artifacts still
-hash the same and resumes an interrupted stage from its own checkpoints; every artifact is
-written to a temporary path and renamed, so a killed run never leaves one a later stage trusts.
+file, report dir) and is recorded in ``run_dir/manifest.json`` with its identity: the resolved
+stage config and the content digests of its inputs (greencode.manifest). A rerun reuses a stage
+only when its identity and its artifacts' digests are unchanged; a changed config or input re-runs
+it and, through the new artifacts' digests, everything downstream. An interrupted stage resumes
+from its own checkpoints, a stage whose identity changed starts from nothing. Every artifact is
+written to a temporary path and renamed, so a killed run never leaves one a later stage trusts;
+a lock (``run_dir/pipeline.lock``) keeps a second pipeline out of the run dir.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import platform
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from greencode.atomic import write_json
-from greencode.config import ModelConfig, PipelineConfig, dump_yaml, validate
-from workflows.common import ConfigCommand, cli_errors, init_ray
+from greencode.atomic import recover, remove_path
+from greencode.config import ModelConfig, PipelineConfig, load_config, result_config, validate
+from greencode.digests import tree_digest
+from greencode.locks import RunDirBusy, RunDirLock
+from greencode.manifest import Decision, Manifest, StageIdentity, StaleWorkError, relative_to_run
+from greencode.modeling import model_digest
+from workflows.common import PRESETS, ConfigCommand, cli_errors, init_ray
 
 log = logging.getLogger("greencode.pipeline")
 
-PRESETS = ("demo", "paper")
+MANIFEST = "manifest.json"
 
 
 def preset_path(name: str) -> Path:
@@ -40,65 +45,10 @@ def preset_path(name: str) -> Path:
     return Path(str(resources.files("workflows") / "presets" / f"{name}.yaml"))
 
 
-# --------------------------------------------------------------------------- manifest
-
-
-def tree_digest(path: Path) -> str:
-    """sha256 over every file under ``path`` (relative names + contents); stable across machines."""
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-    for f in files:
-        h.update(str(f.relative_to(path) if f != path else f.name).encode())
-        with f.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for mod in ("greencode", "torch", "transformers", "ray", "gymnasium"):
-        try:
-            from importlib.metadata import version
-
-            out[mod] = version(mod)
-        except Exception:
-            out[mod] = "not installed"
-    return out
-
-
-class Manifest:
-    """``run_dir/manifest.json``: what ran, with which config, how long, and what it produced."""
-
-    def __init__(self, path: Path, cfg: PipelineConfig) -> None:
-        self.path = path
-        self.data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
-        self.data.update({"config": cfg.model_dump(mode="json"), "versions": versions()})
-        self.data.setdefault("stages", {})
-
-    def finished(self, stage: str) -> bool:
-        rec = self.data["stages"].get(stage)
-        if not rec or rec.get("status") != "done":
-            return False
-        for path, digest in rec["artifacts"].items():
-            if not Path(path).exists() or tree_digest(Path(path)) != digest:
-                log.warning("%s: artifact %s is missing or changed since it was recorded; redoing the stage", stage, path)
-                return False
-        return True
-
-    def record(self, stage: str, config: str, started: float, artifacts: list[Path], result: Any) -> None:
-        self.data["stages"][stage] = {
-            "status": "done",
-            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "time_s": round(time.time() - started, 1),
-            "config": config,
-            "artifacts": {str(p): tree_digest(p) for p in artifacts},
-            "result": result,
-        }
-        self.save()
-
-    def save(self) -> None:
-        write_json(self.path, self.data)
+def stage_preset(name: str, stage: str) -> dict[str, Any]:
+    """Preset ``name``'s config of one stage (``finetune``, ``extract``, ``train_policy``, ``sweep``,
+    ``evaluate``), as the pipeline would run it: what ``greencode <stage> --preset NAME`` starts from."""
+    return stage_configs(load_config(PipelineConfig, preset_path(name)))[stage].model_dump(mode="json")
 
 
 # --------------------------------------------------------------------------- stage plans
@@ -145,24 +95,95 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
     }
 
 
-Stage = tuple[str, Any, Callable[[Any], Any], Callable[[Any], list[Path]]]
+@dataclass
+class Stage:
+    """One stage as the pipeline sees it: what runs on which config, what it reads and leaves behind."""
+
+    name: str
+    config: Any
+    run: Callable[[Any], Any]
+    artifacts: list[Path]  # what a finished run leaves; their digests go into the manifest
+    inputs: dict[str, Path | ModelConfig | None]  # role -> upstream artifact or external model, digested
+    # Work dirs the workflow resumes from (checkpoints, finished shards). The workflow records in them
+    # which identity they belong to and refuses another's (StaleWorkError); evaluation parts need no
+    # entry here, they are keyed by the contents they were computed from.
+    work: list[Path]
 
 
 def _stages(cfg: PipelineConfig, plans: dict[str, Any]) -> list[Stage]:
-    """(name, stage config, run function, artifacts of a finished run) in pipeline order."""
+    """The configured stages in pipeline order."""
     from workflows import evaluate, extract, finetune, sweep, train_policy
 
+    ft, ev, pol = plans["finetune"], plans["evaluate"], plans["train_policy"]
+    model: Path | ModelConfig = Path(ft.output_dir) if "finetune" in cfg.stages else cfg.model
+    train_shards, heldout_shards = Path(plans["extract"].output_dir), Path(plans["extract_heldout"].output_dir)
+    shards = {"train_shards": train_shards, "heldout_shards": heldout_shards}
+    policy = Path(pol.output_path)
     out = [
-        ("finetune", plans["finetune"], finetune.run, lambda r: [Path(r)]),
-        ("extract", plans["extract"], extract.run, lambda r: [Path(plans["extract"].output_dir)]),
-        ("extract_heldout", plans["extract_heldout"], extract.run,
-         lambda r: [Path(plans["extract_heldout"].output_dir)]),
-        ("train_policy", plans["train_policy"], train_policy.run, lambda r: [Path(plans["train_policy"].output_path)]),
-        ("sweep", plans["sweep"], sweep.run, lambda r: [Path(plans["sweep"].base.output_path)]),
-        ("evaluate", plans["evaluate"], evaluate.run, lambda r: [Path(plans["evaluate"].output_dir) / "results.json"]),
+        Stage("finetune", ft, finetune.run, [Path(ft.output_dir)], {"base_model": cfg.model},
+              [Path(ft.storage_path)]),
+        Stage("extract", plans["extract"], extract.run, [train_shards], {"model": model}, [train_shards]),
+        Stage("extract_heldout", plans["extract_heldout"], extract.run, [heldout_shards], {"model": model},
+              [heldout_shards]),
+        Stage("train_policy", pol, train_policy.run, [policy, policy.with_suffix(".json")], shards,
+              [Path(pol.storage_path)]),
+        Stage("sweep", plans["sweep"], sweep.run, [policy], shards, [Path(plans["sweep"].storage_path)]),
+        Stage("evaluate", ev, evaluate.run, [Path(ev.output_dir) / "results.json"],
+              {"model": model, "base_model": ev.base_model, "policy": Path(ev.policy_path) if ev.policy_path else None},
+              []),
     ]
     wanted = set(cfg.stages) | ({"extract_heldout"} if "extract" in cfg.stages else set())
-    return [s for s in out if s[0] in wanted]
+    return [s for s in out if s.name in wanted]
+
+
+def _identity(stage: Stage, root: Path, digests: dict[str, str | None]) -> StageIdentity:
+    """The stage's resolved config (run-dir relative, operational fields left out) and its inputs'
+    digests (cached in ``digests``)."""
+    inputs: dict[str, str | None] = {}
+    for role, source in stage.inputs.items():
+        if source is None:
+            continue
+        key = str(source.resolve()) if isinstance(source, Path) else f"model:{source.name}"
+        if key not in digests:
+            if isinstance(source, Path):
+                digests[key] = tree_digest(source) if source.exists() else None
+            else:
+                digests[key] = model_digest(source)
+        inputs[role] = digests[key]
+    return StageIdentity(relative_to_run(result_config(stage.config), root), inputs)
+
+
+def _drop(stage: Stage, paths: list[Path], why: str) -> None:
+    for path in paths:
+        if path.exists():
+            log.info("%s: removing %s (%s)", stage.name, path, why)
+        remove_path(path)
+
+
+def _prepare(stage: Stage, decision: Decision) -> None:
+    """Drop what a stage must not start from: stale artifacts, and work made from other inputs.
+
+    Work made from the same inputs with other settings is left to the workflow's own check, which
+    keeps what still applies (a longer fine-tuning run continues from the shorter one's checkpoints).
+    """
+    if decision.start == "republish":
+        _drop(stage, stage.artifacts, "changed since it was recorded")
+    if decision.start == "fresh":
+        _drop(stage, stage.artifacts, "of another identity")
+    if decision.start == "fresh" and not decision.same_inputs:
+        _drop(stage, stage.work, "made from other inputs")
+
+
+def _run_stage(stage: Stage) -> Any:
+    """Run the stage; when its workflow refuses a work dir of another identity, drop that dir and run once more."""
+    try:
+        return stage.run(stage.config)
+    except StaleWorkError as err:
+        if not any(err.path.resolve().is_relative_to(w.resolve()) for w in stage.work):
+            raise
+        log.info("%s: %s; removing it and starting over", stage.name, err)
+        remove_path(err.path)
+        return stage.run(stage.config)
 
 
 def _summary(result: Any) -> Any:
@@ -175,23 +196,39 @@ def _summary(result: Any) -> Any:
 
 
 def run(cfg: PipelineConfig) -> dict[str, Any]:
-    """Run every configured stage in order, skipping the ones already finished."""
+    """Run every configured stage in order, reusing those whose identity and artifacts are unchanged.
+
+    Holds the run-dir lock throughout: a second pipeline on the same run dir fails at once.
+    """
     root = Path(cfg.run_dir).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(root / "manifest.json", cfg)
-    manifest.save()
-    init_ray()
     plans = stage_configs(cfg)
-    stages = _stages(cfg, plans)
-    for i, (name, stage_cfg, run_stage, artifacts) in enumerate(stages, 1):
-        if manifest.finished(name):
-            log.info("[%d/%d] %s: done earlier (%s), skipping", i, len(stages), name, manifest.data["stages"][name]["time_s"])
-            continue
-        log.info("[%d/%d] %s ...", i, len(stages), name)
-        started = time.time()
-        result = run_stage(stage_cfg)
-        manifest.record(name, dump_yaml(stage_cfg), started, artifacts(result), _summary(result))
-        log.info("[%d/%d] %s finished in %.0f s", i, len(stages), name, time.time() - started)
+    root.mkdir(parents=True, exist_ok=True)
+    with RunDirLock(root):
+        manifest = Manifest(root / MANIFEST)
+        init_ray()
+        stages = _stages(cfg, plans)
+        digests: dict[str, str | None] = {}
+        for i, stage in enumerate(stages, 1):
+            for path in stage.artifacts + stage.work:  # interrupted swaps, temp files of writers that were killed
+                recover(path)
+            identity = _identity(stage, root, digests)
+            decision = manifest.decide(stage.name, identity)
+            if decision.reuse:
+                digests.update(decision.artifact_digests)
+                log.info("[%d/%d] %s: %s, skipping", i, len(stages), stage.name, decision.reason)
+                continue
+            log.info("[%d/%d] %s ... (%s)", i, len(stages), stage.name, decision.reason)
+            _prepare(stage, decision)
+            manifest.begin(stage.name, identity)
+            started = time.time()
+            result = _run_stage(stage)
+            missing = [str(p) for p in stage.artifacts if not p.exists()]
+            if missing:
+                raise RuntimeError(f"stage {stage.name} finished without writing {', '.join(missing)}")
+            produced = {p: tree_digest(p) for p in stage.artifacts}
+            digests.update({str(p.resolve()): d for p, d in produced.items()})
+            manifest.finish(stage.name, identity, started, produced, _summary(result))
+            log.info("[%d/%d] %s finished in %.0f s", i, len(stages), stage.name, time.time() - started)
     return {"run_dir": str(root), "manifest": str(manifest.path), "plans": plans}
 
 
@@ -202,6 +239,9 @@ def final_message(cfg: PipelineConfig, outcome: dict[str, Any]) -> str:
     if "evaluate" in cfg.stages:
         report = Path(plans["evaluate"].output_dir)
         lines += ["", (report / "report.md").read_text().strip(), ""]
+        results = json.loads((report / "results.json").read_text())
+        lines += [f"evaluated: {role} {results[role]} ({digest or 'a hub id not in the local cache: no digest'})"
+                  for role, digest in results["digests"].items() if results.get(role)]
         lines += [f"plots: {p}" for p in sorted(report.glob("*.png"))]
     model = plans["evaluate"].model.name
     serve = f"greencode serve --model {model}"
@@ -220,7 +260,10 @@ COMMAND = ConfigCommand(PipelineConfig, "Run the GreenCode pipeline end to end."
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
     cfg, _ = COMMAND.parse(argv)
-    outcome = run(cfg)
+    try:
+        outcome = run(cfg)
+    except RunDirBusy as err:
+        raise SystemExit(f"error: {err}") from None
     print(final_message(cfg, outcome), flush=True)
 
 

@@ -13,6 +13,7 @@ accuracy vs layers); the best policy is exported to ``base.output_path``.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -21,13 +22,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from greencode.atomic import write_json
-from greencode.config import ConfigError, PolicyTrainConfig, SweepConfig, validate
+from greencode.atomic import write_atomic, write_json
+from greencode.config import ConfigError, PolicyTrainConfig, SweepConfig, result_config, validate
+from greencode.digests import tree_digest
+from greencode.manifest import StageIdentity, claim_work_dir
 from greencode.policy import ExitPolicy
 from greencode.scoring import pareto_front, policy_logits, score_exits
-from greencode.shards import list_shards, load_shards, read_meta
-from workflows.common import ConfigCommand, cli_errors, init_ray
-from workflows.train_policy import algo_config, plan_resources, train
+from greencode.shards import check_shards, list_shards, load_shards
+from workflows.common import ConfigCommand, cli_errors, init_ray, stage_presets
+from workflows.train_policy import SaveCheckpoint, algo_config, plan_resources, train
 
 log = logging.getLogger("greencode.sweep")
 
@@ -59,65 +62,107 @@ def _absolute(base: PolicyTrainConfig) -> dict[str, Any]:
 
 
 def trial(config: dict[str, Any]) -> None:
-    """Tune function trainable: PPO with this trial's rewards, scored on held-out shards each iteration."""
+    """Tune function trainable: PPO with this trial's rewards, scored on held-out shards each iteration.
+
+    Every ``ppo.checkpoint_every`` iterations (and after the last) it reports a checkpoint holding the
+    RLlib state and the policy so far; a trial restarted after a failure or a restored sweep continues
+    from it, and the last one holds the trial's final policy.
+    """
     from ray import tune
 
     cfg = validate(PolicyTrainConfig, {**config["base"], "reward": config["reward"]}, source="sweep trial")
     held_out = load_shards(list_shards(cfg.eval_shards_dir))
 
-    def scored(metrics: dict[str, float], policy: ExitPolicy) -> dict[str, float]:
+    def report(metrics: dict[str, float], policy: ExitPolicy, save: SaveCheckpoint | None) -> None:
         score = score_exits(held_out, policy_logits(policy), threshold=cfg.eval_thresholds[0]).to_dict()
-        return {**metrics, **{f"eval_{k}": float(v) for k, v in score.items()}}
+        result = {**metrics, **{f"eval_{k}": float(v) for k, v in score.items()}}
+        if save is None:
+            tune.report(result)
+            return
+        policy.metadata["eval"] = score
+        with tempfile.TemporaryDirectory() as tmp:
+            save(Path(tmp))
+            policy.save(Path(tmp) / POLICY_FILE)
+            tune.report(result, checkpoint=tune.Checkpoint.from_directory(tmp))
 
-    last: dict[str, float] = {}
+    checkpoint = tune.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None) as resume:
+        train(cfg, on_iteration=report, resume_from=Path(resume) if resume else None, progress=False)
 
-    def report(metrics: dict[str, float], policy: ExitPolicy) -> None:
-        last.update(scored(metrics, policy))
-        tune.report(last)
 
-    policy, metrics = train(cfg, on_iteration=report, progress=False)
-    policy.metadata["eval"] = {k[5:]: v for k, v in scored(metrics, policy).items() if k.startswith("eval_")}
-    with tempfile.TemporaryDirectory() as tmp:
-        policy.save(Path(tmp) / POLICY_FILE)
-        tune.report(last, checkpoint=tune.Checkpoint.from_directory(tmp))
+def run_identity(cfg: SweepConfig) -> StageIdentity:
+    """What the sweep's trials and its best policy depend on: the grid, the base settings, the shards."""
+    return StageIdentity(result_config(cfg), {"shards": tree_digest(cfg.base.shards_dir),
+                                              "eval_shards": tree_digest(cfg.base.eval_shards_dir)})
 
 
 def run(cfg: SweepConfig) -> dict[str, Any]:
-    """Run the sweep (or reuse a finished one); returns the best trial's rewards and scores."""
+    """Run the sweep, resume a killed one, or reuse a finished one; returns the best trial's rewards and scores.
+
+    A sweep killed midway is restored with ``Tuner.restore``: finished trials are kept, unfinished
+    and failed ones continue from their last checkpoint. Failed trials (after ``max_failures``
+    restarts) are reported and left out; the best finished trial's policy is exported.
+    """
     import ray
     from ray import tune
 
     if not cfg.base.eval_shards_dir:
         raise ConfigError("sweep: base.eval_shards_dir must name held-out shards (trials are scored on them)")
+    for shards in (cfg.base.shards_dir, cfg.base.eval_shards_dir):
+        check_shards(shards)  # missing or bad shards: one clear error before Ray starts
+    identity = run_identity(cfg)
     out_dir = Path(cfg.storage_path).resolve() / cfg.name
     summary_path = out_dir / "best.json"
     if summary_path.is_file() and Path(cfg.base.output_path).is_file():
-        log.info("sweep %s already finished; delete %s to rerun", cfg.name, out_dir)
-        return json.loads(summary_path.read_text())
-    read_meta(list_shards(cfg.base.eval_shards_dir)[0])  # fail early on missing/foreign shards
+        summary = json.loads(summary_path.read_text())
+        if summary.get("run_identity") == identity.digest:
+            log.info("sweep %s already finished; delete %s to rerun", cfg.name, out_dir)
+            return summary
     grid = reward_grid(cfg)
+    claim_work_dir(out_dir, identity, "sweep trials")
     init_ray()
     cluster_cpus = ray.cluster_resources().get("CPU", 1)
     plan = plan_resources(cfg.base.ppo, cluster_cpus)
     shard_paths = [str(p) for p in list_shards(cfg.base.shards_dir)]
     ppo_config = algo_config(cfg.base, shard_paths, plan)
-    resources = ppo_config.algo_class.default_resource_request(ppo_config)
-    concurrent = cfg.max_concurrent or max(1, math.floor(cluster_cpus / plan.total))
-    log.info("%d trials x %d samples, up to %d at a time (%.3g CPU each)", len(grid), cfg.num_samples, concurrent,
-             plan.total)
-    tuner = tune.Tuner(
-        tune.with_resources(trial, resources),
-        param_space={"base": _absolute(cfg.base), "reward": tune.grid_search(grid)},
-        tune_config=tune.TuneConfig(num_samples=cfg.num_samples, max_concurrent_trials=concurrent),
-        run_config=tune.RunConfig(name=cfg.name, storage_path=str(out_dir.parent), verbose=1),
-    )
+    trainable = tune.with_resources(trial, ppo_config.algo_class.default_resource_request(ppo_config))
+    if tune.Tuner.can_restore(out_dir):
+        log.info("resuming the sweep in %s: finished trials are kept, the others continue from their last "
+                 "checkpoint", out_dir)
+        tuner = tune.Tuner.restore(str(out_dir), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        concurrent = cfg.max_concurrent or max(1, math.floor(cluster_cpus / plan.total))
+        log.info("%d trials x %d samples, up to %d at a time (%.3g CPU each)", len(grid), cfg.num_samples,
+                 concurrent, plan.total)
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"base": _absolute(cfg.base), "reward": tune.grid_search(grid)},
+            tune_config=tune.TuneConfig(num_samples=cfg.num_samples, max_concurrent_trials=concurrent),
+            run_config=tune.RunConfig(name=cfg.name, storage_path=str(out_dir.parent), verbose=1,
+                                      failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+        )
     results = tuner.fit()
-    if results.errors:
-        raise RuntimeError(f"{len(results.errors)} sweep trials failed; first error: {results.errors[0]}")
+    summary = export_best(cfg, results, out_dir)
+    summary["run_identity"] = identity.digest
+    write_json(summary_path, summary)
+    return summary
+
+
+def export_best(cfg: SweepConfig, results: Any, out_dir: Path) -> dict[str, Any]:
+    """results.csv over the finished trials, and the best one's policy at ``base.output_path``."""
+    finished = [r for r in results if r.error is None and r.checkpoint is not None and SCORE in r.metrics]
+    failed = [r for r in results if r.error is not None]
+    if not finished:
+        raise RuntimeError(f"every sweep trial failed; the first error: {failed[0].error if failed else 'none'}")
+    if failed:
+        log.warning("%d of %d sweep trials failed; the best of the %d finished ones is exported. First error: %s",
+                    len(failed), len(results), len(finished), failed[0].error)
     frame = results.get_dataframe()
+    frame = frame[frame["trial_id"].isin({r.metrics["trial_id"] for r in finished})].copy()
     frame["pareto"] = pareto_front(frame["eval_exit_accuracy"].to_numpy(), frame["eval_mean_exit_layer"].to_numpy())
-    frame.to_csv(out_dir / "results.csv", index=False)
-    best = results.get_best_result(metric=SCORE, mode="max", scope="last")
+    write_atomic(out_dir / "results.csv", frame.to_csv(index=False))
+    best = max(finished, key=lambda r: r.metrics[SCORE])
     with best.checkpoint.as_directory() as ckpt:
         policy = ExitPolicy.load(Path(ckpt) / POLICY_FILE)
     policy.save(cfg.base.output_path)
@@ -127,14 +172,15 @@ def run(cfg: SweepConfig) -> dict[str, Any]:
         "policy_path": cfg.base.output_path,
         "results_csv": str(out_dir / "results.csv"),
         "tensorboard": f"tensorboard --logdir {out_dir}",
-        "trials": len(frame),
+        "trials": len(finished),
+        "failed_trials": [{"reward": r.config["reward"], "error": str(r.error)} for r in failed],
     }
-    write_json(summary_path, summary)
-    log.info("best of %d trials: %s -> %s", len(frame), summary["best_reward"], summary["best_eval"])
+    log.info("best of %d trials: %s -> %s", len(finished), summary["best_reward"], summary["best_eval"])
     return summary
 
 
-COMMAND = ConfigCommand(SweepConfig, "Ray Tune sweep over the exit-policy reward coefficients.", prog="greencode sweep")
+COMMAND = ConfigCommand(SweepConfig, "Ray Tune sweep over the exit-policy reward coefficients.", prog="greencode sweep",
+                        presets=stage_presets("sweep"))
 
 
 @cli_errors

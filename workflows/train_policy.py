@@ -6,7 +6,7 @@ points, hidden size and model fingerprint of the shards) that
 ``greencode generate --gate policy --policy FILE`` loads; with ``eval_shards_dir`` the
 policy is scored on held-out shards against fixed exits of the same mean depth.
 
-    python -m workflows.train_policy --config configs/policy.yaml --set ppo.total_env_steps=200000
+    python -m workflows.train_policy --preset demo --set ppo.total_env_steps=200000
     ray job submit --working-dir . -- .venv/bin/python -m workflows.train_policy --config ...
 """
 
@@ -24,14 +24,16 @@ from typing import Any
 import torch
 from ray.rllib.callbacks.callbacks import RLlibCallback
 
-from greencode.atomic import write_json
-from greencode.config import PolicyPPOConfig, PolicyTrainConfig
+from greencode.atomic import atomic_path, recover, write_json
+from greencode.config import PolicyPPOConfig, PolicyTrainConfig, result_config
+from greencode.digests import tree_digest
 from greencode.env import ExitEnv, observation_stats
+from greencode.manifest import StageIdentity, claim_work_dir
 from greencode.policy import ExitPolicy, PolicyMismatchError
 from greencode.policy_export import ObsStats, export_policy
 from greencode.scoring import score_policy
-from greencode.shards import list_shards, load_shards, read_meta
-from workflows.common import ConfigCommand, cli_errors, init_ray
+from greencode.shards import check_shards, list_shards, load_shards, read_meta
+from workflows.common import ConfigCommand, cli_errors, init_ray, stage_presets
 
 log = logging.getLogger("greencode.train_policy")
 
@@ -121,17 +123,23 @@ def iteration_metrics(result: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
 
 
+CHECKPOINT_PROGRESS = "progress.json"  # in a checkpoint: the metrics (env steps) it was taken at
+SaveCheckpoint = Callable[[Path], None]
+
+
 def train(
     cfg: PolicyTrainConfig,
     *,
-    on_iteration: Callable[[dict[str, float], ExitPolicy], None] | None = None,
-    checkpoint_dir: str | Path | None = None,
+    on_iteration: Callable[[dict[str, float], ExitPolicy, SaveCheckpoint | None], None] | None = None,
+    resume_from: Path | None = None,
     progress: bool = True,
 ) -> tuple[ExitPolicy, dict[str, float]]:
-    """The PPO loop shared by train-policy and the sweep; Ray must already be running.
+    """The PPO loop shared by train-policy and the sweep's trials; Ray must already be running.
 
-    ``on_iteration(metrics, policy)`` sees each iteration's metrics and the current exported policy.
-    A checkpoint in ``checkpoint_dir`` is resumed and refreshed every 10 iterations.
+    ``on_iteration(metrics, policy, save)`` sees each iteration's metrics and the policy exported from
+    it; every ``ppo.checkpoint_every`` iterations and after the last one ``save`` is given too:
+    ``save(dir)`` writes a checkpoint (RLlib state + progress) into ``dir`` that ``resume_from``
+    continues from. A checkpoint of a finished run resumes to the same policy without training.
     """
     import ray
     from tqdm import tqdm
@@ -145,44 +153,61 @@ def train(
              len(shard_paths), cfg.shards_dir, plan.num_env_runners, cfg.ppo.envs_per_env_runner,
              plan.cpus_per_env_runner, plan.cpus_for_main)
     algo = algo_config(cfg, shard_paths, plan, obs_stats).build_algo()
-    checkpoint = Path(checkpoint_dir).resolve() if checkpoint_dir else None
-    if checkpoint and (checkpoint / "algorithm_state.pkl").exists():
-        log.info("resuming from %s", checkpoint)
-        algo.restore_from_path(str(checkpoint))
     metrics: dict[str, float] = {"env_steps": 0.0}
-    bar = tqdm(total=cfg.ppo.total_env_steps, unit="step", desc="PPO", disable=not progress)
+    if resume_from is not None:
+        algo.restore_from_path(str(Path(resume_from).resolve() / "rllib"))
+        metrics = json.loads((Path(resume_from) / CHECKPOINT_PROGRESS).read_text())
+        log.info("resuming from %s (iteration %d, %d env steps)", resume_from, algo.iteration, metrics["env_steps"])
+
+    def export() -> ExitPolicy:
+        return export_policy(algo.get_module(), meta, cfg.ppo, obs_stats, {
+            "reward": cfg.reward.model_dump(), "ppo": cfg.ppo.model_dump(), "env_steps": metrics["env_steps"],
+            "shards_dir": cfg.shards_dir,
+        })
+
+    def save(directory: Path) -> None:
+        algo.save_to_path(str(Path(directory).resolve() / "rllib"))
+        write_json(Path(directory) / CHECKPOINT_PROGRESS, metrics)
+
+    bar = tqdm(total=cfg.ppo.total_env_steps, initial=int(metrics["env_steps"]), unit="step", desc="PPO",
+               disable=not progress)
     try:
-        iteration = 0
         while metrics["env_steps"] < cfg.ppo.total_env_steps:
             metrics = iteration_metrics(algo.train())
-            iteration += 1
             bar.update(int(metrics["env_steps"]) - bar.n)
             bar.set_postfix(ret=f"{metrics['episode_return_mean']:.2f}", acc=f"{metrics['exit_accuracy']:.3f}",
                             layer=f"{metrics['mean_exit_layer']:.1f}/{metrics['mean_optimal_layer']:.1f}")
             log.info("iter %d steps %d: return %.3f, step reward %.3f, exit accuracy %.3f, exit layer %.2f "
-                     "(optimal %.2f)", iteration, metrics["env_steps"], metrics["episode_return_mean"],
+                     "(optimal %.2f)", algo.iteration, metrics["env_steps"], metrics["episode_return_mean"],
                      metrics["step_reward_mean"], metrics["exit_accuracy"], metrics["mean_exit_layer"],
                      metrics["mean_optimal_layer"])
+            last = metrics["env_steps"] >= cfg.ppo.total_env_steps
+            due = last or algo.iteration % cfg.ppo.checkpoint_every == 0
             if on_iteration is not None:
-                on_iteration(metrics, export_policy(algo.get_module(), meta, cfg.ppo, obs_stats))
-            if checkpoint and iteration % 10 == 0:
-                algo.save_to_path(str(checkpoint))
-        if checkpoint:
-            algo.save_to_path(str(checkpoint))
-        policy = export_policy(algo.get_module(), meta, cfg.ppo, obs_stats, {
-            "reward": cfg.reward.model_dump(), "ppo": cfg.ppo.model_dump(), "env_steps": metrics["env_steps"],
-            "shards_dir": cfg.shards_dir,
-        })
+                on_iteration(metrics, export(), save if due else None)
+        policy = export()
     finally:
         bar.close()
         algo.stop()
     return policy, metrics
 
 
-def _finished(cfg: PolicyTrainConfig) -> dict[str, Any] | None:
-    """The summary of an earlier run when its policy file is complete and fits the shards."""
-    out, summary = Path(cfg.output_path), Path(cfg.output_path).with_suffix(".json")
-    if not (out.is_file() and summary.is_file()):
+def run_identity(cfg: PolicyTrainConfig) -> StageIdentity:
+    """What the policy and the RLlib checkpoints depend on: the settings and the shards' contents."""
+    shards = {"shards": tree_digest(cfg.shards_dir)}
+    if cfg.eval_shards_dir:
+        shards["eval_shards"] = tree_digest(cfg.eval_shards_dir)
+    return StageIdentity(result_config(cfg), shards)
+
+
+def _finished(cfg: PolicyTrainConfig, identity: StageIdentity) -> dict[str, Any] | None:
+    """The summary of an earlier run of this identity when its policy file is complete and fits the shards."""
+    out, summary_path = Path(cfg.output_path), Path(cfg.output_path).with_suffix(".json")
+    if not (out.is_file() and summary_path.is_file()):
+        return None
+    summary = json.loads(summary_path.read_text())
+    if summary.get("run_identity") != identity.digest or summary.get("policy_digest") != tree_digest(out):
+        log.info("retraining: %s was trained with other settings or shards, or replaced since", out)
         return None
     meta = read_meta(list_shards(cfg.shards_dir)[0])
     try:
@@ -191,21 +216,42 @@ def _finished(cfg: PolicyTrainConfig) -> dict[str, Any] | None:
     except PolicyMismatchError as err:
         log.warning("retraining: %s", err)
         return None
-    return json.loads(summary.read_text())
+    return summary
+
+
+def latest_checkpoint(path: Path) -> Path | None:
+    """``path`` when it holds a complete checkpoint (after finishing or undoing an interrupted swap)."""
+    recover(path)
+    return path if (path / CHECKPOINT_PROGRESS).is_file() else None
+
+
+def replace_checkpoint(path: Path, save: SaveCheckpoint) -> None:
+    """Write a new checkpoint beside ``path`` and swap it in: a kill mid-save keeps the previous one."""
+    with atomic_path(path, directory=True) as tmp:
+        save(tmp)
 
 
 def run(cfg: PolicyTrainConfig) -> dict[str, Any]:
     """Train (or reuse) the policy, export it, score it on held-out shards; returns the summary."""
-    list_shards(cfg.shards_dir)  # missing shards: one clear error before Ray starts
-    done = _finished(cfg)
+    for shards in filter(None, (cfg.shards_dir, cfg.eval_shards_dir)):
+        check_shards(shards)  # missing or bad shards: one clear error (file, row, column) before Ray starts
+    identity = run_identity(cfg)
+    done = _finished(cfg, identity)
     if done is not None:
         log.info("policy %s already trained; delete it to retrain", cfg.output_path)
         return done
+    storage = claim_work_dir(Path(cfg.storage_path).resolve(), identity, "RLlib checkpoints")
+    checkpoint = storage / "checkpoint"
     init_ray()
     start = time.perf_counter()
-    policy, metrics = train(cfg, checkpoint_dir=Path(cfg.storage_path) / "checkpoint")
+
+    def keep(metrics: dict[str, float], policy: ExitPolicy, save: SaveCheckpoint | None) -> None:
+        if save is not None:
+            replace_checkpoint(checkpoint, save)
+
+    policy, metrics = train(cfg, on_iteration=keep, resume_from=latest_checkpoint(checkpoint))
     summary: dict[str, Any] = {"policy_path": cfg.output_path, "train": metrics,
-                               "train_time_s": time.perf_counter() - start}
+                               "train_time_s": time.perf_counter() - start, "run_identity": identity.digest}
     if cfg.eval_shards_dir:
         scores = score_policy(policy, cfg.eval_shards_dir, cfg.eval_thresholds)
         for threshold, score in scores.items():
@@ -217,13 +263,14 @@ def run(cfg: PolicyTrainConfig) -> dict[str, Any]:
         summary["eval_by_threshold"] = {str(t): s.to_dict() for t, s in scores.items()}
         policy.metadata["eval"] = summary["eval"]
     policy.save(cfg.output_path)
+    summary["policy_digest"] = tree_digest(cfg.output_path)
     write_json(Path(cfg.output_path).with_suffix(".json"), summary)
     log.info("policy written to %s", cfg.output_path)
     return summary
 
 
 COMMAND = ConfigCommand(PolicyTrainConfig, "Train the PPO exit policy on hidden-state shards (RLlib).",
-                        prog="greencode train-policy")
+                        prog="greencode train-policy", presets=stage_presets("train_policy"))
 
 
 @cli_errors

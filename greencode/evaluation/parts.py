@@ -2,8 +2,9 @@
 
     OUTPUT/parts/<setting>/<batch>.json   written atomically (temp file + rename)
 
-A part is reused only when its key matches the run (same model, samples, gate and generation
-settings); anything else is redone.
+A part is reused only when its key matches the run (same model and policy *contents*, samples, gate
+and generation settings); anything else is redone, so a retrained policy or model saved under the
+same path never reuses the old one's rows.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from greencode.atomic import write_atomic
-from greencode.config import EvalConfig
+from greencode.config import EvalConfig, ModelConfig
 from greencode.evaluation.plan import Batch, EvalPlan, Setting
 
 
@@ -35,10 +36,21 @@ def run_keys(cfg: EvalConfig, plan: EvalPlan, batch: Batch) -> dict[str, str]:
         common["fim"] = [cfg.fim_order, cfg.fim_suffix_tokens, [len(s.suffix_text) for s in batch.samples]]
     keys = {}
     for setting in plan.settings_for(batch):
-        model = cfg.base_model.model_dump(mode="json") if setting.uses_base_model else plan.model_fingerprint
-        blob = json.dumps({**common, "model": model, "gate": setting.gate.model_dump(mode="json")}, sort_keys=True)
+        if setting.uses_base_model:
+            model = _model_key(cfg.base_model, plan.digests["base_model"])
+        else:
+            model = _model_key(cfg.model, plan.digests["model"])
+        gate = setting.gate.model_dump(mode="json", exclude={"policy_path"})
+        if setting.family == "policy":
+            gate["policy"] = plan.digests["policy"]
+        blob = json.dumps({**common, "model": model, "gate": gate}, sort_keys=True)
         keys[setting.name] = hashlib.sha256(blob.encode()).hexdigest()[:20]
     return keys
+
+
+def _model_key(model: ModelConfig, digest: str | None) -> dict[str, Any]:
+    """A model by its content (by name only when no local file names it) and the settings that change its outputs."""
+    return {**model.model_dump(mode="json", exclude={"name"}), "content": digest or model.name}
 
 
 def load_part(path: Path, key: str) -> dict[str, Any] | None:

@@ -16,8 +16,9 @@ from typing import Any
 
 from greencode.config import ConfigError, EvalConfig, GateConfig
 from greencode.data import CompletionSample, CorpusError, line_completion_samples, load_corpus
+from greencode.digests import tree_digest
 from greencode.fim import fim_format, fim_prompt_ids
-from greencode.modeling import EarlyExitModel
+from greencode.modeling import EarlyExitModel, model_digest
 from greencode.policy import ExitPolicy
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,9 @@ class EvalPlan:
     samples: dict[float, list[CompletionSample]]
     num_layers: int
     exit_points: list[int]
-    model_fingerprint: str
+    # Content digests of what is evaluated ("model", "base_model", "policy"; None: absent, or a hub id not
+    # in the local cache). Parts are keyed by them and the report names them.
+    digests: dict[str, str | None]
 
     def settings_for(self, batch: Batch) -> list[Setting]:
         return [s for s in self.settings if s.context_fraction == batch.context_fraction]
@@ -122,17 +125,21 @@ def make_plan(cfg: EvalConfig, lm: EarlyExitModel) -> EvalPlan:
     settings = plan_settings(cfg, lm.exit_points)
     if not settings:
         raise ConfigError(f"gates {cfg.gates} give nothing to evaluate (the policy gate needs policy_path / --policy)")
-    if any(s.family == "policy" for s in settings):
+    uses_policy = any(s.family == "policy" for s in settings)
+    if uses_policy:
         ExitPolicy.load_for(cfg.policy_path, lm)
     if cfg.task == "fim":
         fim = fim_format(lm.tokenizer)
         if cfg.fim_order == "spm" and not fim.spm:
             raise ConfigError(f"fim_order: the {fim.family} FIM format was trained prefix-suffix-middle only: "
                               "use 'psm'")
+    digests = {"model": model_digest(cfg.model),
+               "base_model": model_digest(cfg.base_model) if cfg.base_model else None,
+               "policy": tree_digest(cfg.policy_path) if uses_policy else None}
     samples = build_samples(cfg, lm.tokenizer)
     batches = [
         Batch(f"ctx{frac}-b{i // cfg.batch_size:04d}", frac, tuple(group[i : i + cfg.batch_size]))
         for frac, group in samples.items()
         for i in range(0, len(group), cfg.batch_size)
     ]
-    return EvalPlan(settings, batches, samples, lm.num_layers, lm.exit_points, lm.fingerprint)
+    return EvalPlan(settings, batches, samples, lm.num_layers, lm.exit_points, digests)

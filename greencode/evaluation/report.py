@@ -112,6 +112,7 @@ def write_report(cfg: EvalConfig, plan: EvalPlan, out_dir: Path) -> EvalReport:
         "model": cfg.model.name,
         "base_model": cfg.base_model.name if cfg.base_model else None,
         "policy": cfg.policy_path,
+        "digests": plan.digests,  # what exactly was evaluated: model, base model and policy by content
         "corpus": cfg.data.corpus,
         "task": cfg.task if cfg.task == "completion" else
         f"fim ({cfg.fim_order}, up to {cfg.fim_suffix_tokens} suffix tokens)",
@@ -185,6 +186,8 @@ def markdown_report(rows: Sequence[dict[str, Any]], meta: dict[str, Any], margin
         "",
         f"- model: `{meta['model']}`" + (f", base model: `{meta['base_model']}`" if meta["base_model"] else "")
         + (f", policy: `{meta['policy']}`" if meta["policy"] else ", no policy (policy rows absent)"),
+        "- evaluated by content: " + ", ".join(f"{role} `{digest}`" for role, digest in meta["digests"].items()
+                                                if digest),
         f"- corpus: `{meta['corpus']}`; task: {meta['task']}; samples per context fraction: {meta['samples']}",
         f"- {meta['num_layers']} layers, exit points {meta['exit_points']}",
         f"- energy: {meta['energy_source'] or 'not measured on this machine (n/a), never estimated'}",
