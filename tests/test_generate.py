@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import make_tiny
+from conftest import make_tiny, poison
 from greencode.config import GenerationConfig
 from greencode.gates import ConfidenceGate, FixedGate, FullGate, PolicyGate
 from greencode.generate import GatedGenerator
@@ -177,17 +177,6 @@ def test_stop_sequence_and_eos(tokenizer):
     eos = gen.generate(["def f(x):"], FullGate(), GenerationConfig(max_new_tokens=10))[0]
     assert eos.finish_reason == "eos_token"
     assert eos.token_ids == free.token_ids[: free.token_ids.index(free.token_ids[2]) + 1]
-
-
-def poison(lm, token: int) -> None:
-    """Give ``token`` a NaN embedding: a row that feeds it to the model gets NaN logits from then on.
-
-    The tiny models tie the LM head to the embeddings; it is untied first, or every row's logits would hold NaN.
-    """
-    head = lm.model.get_output_embeddings()
-    head.weight = torch.nn.Parameter(head.weight.detach().clone())
-    with torch.no_grad():
-        lm.model.get_input_embeddings().weight[token] = float("nan")
 
 
 def test_a_row_whose_prompt_breaks_the_model_fails_alone(lm):
