@@ -250,6 +250,8 @@ class GatedGenerator:
             row.finish_reason = "length"
         if row.finish_reason is not None and row.detok is not None:
             text += row.detok.finish()
+            if row.detok.stopped:  # text held back (an unfinished character) held the stop: the text ends there
+                row.finish_reason = "stop_sequence"
         return TokenEvent(index, token, text, layers, row.finish_reason)
 
     @staticmethod
