@@ -1,13 +1,20 @@
-"""Load test of the Serve app on 127.0.0.1: p50/p95 latency and tokens/s, `full` vs `policy`.
+"""Load test of the Serve app on 127.0.0.1: p50/p95 latency and tokens/s, `full` vs `policy`; or an overload burst.
 
     python benchmarks/serve_load.py --policy runs/demo/policy/exit_policy.pt
     python benchmarks/serve_load.py            # no policy: a clearly labelled RANDOM-INIT one
+    python benchmarks/serve_load.py --overload 300
 
 Starts a local Ray + Serve app on the embedded model (or --model), sends line-completion
 prompts cut from real code (the Python stdlib corpus, METHOD §6 samples) at each
 concurrency level for both gates, then redeploys with batching off (max_batch_size=1)
 to measure the batching gain at the highest concurrency. Request loops are bounded
 (--requests per level, at least the concurrency) and only reach 127.0.0.1.
+
+``--overload N`` instead sends N requests at once to one replica with the default admission
+limits (every 4th a stream; TGI, OpenAI and Ollama in turn) while polling /health, and reports
+how many got a 200, a 429 or a 503 (and whether each refusal carried Retry-After), p50/p95
+latency of the admitted ones, the slowest answer against the request timeout, and /health's
+worst latency during the burst.
 """
 
 import argparse
@@ -83,6 +90,111 @@ async def load_level(url: str, prompts: list[str], gate: str, concurrency: int, 
                 None if any(e is None for e in energies) else sum(energies))
 
 
+@dataclass
+class Answer:
+    protocol: str
+    stream: bool
+    status: int
+    seconds: float
+    retry_after: int | None  # seconds, from the Retry-After header
+    stream_error: bool  # a 200 stream that ended with an error event
+
+
+OVERLOAD_ROUTES = {  # protocol -> (path, body of a request for `prompt` with `n` new tokens, streaming or not)
+    "tgi": lambda prompt, n, stream: ("/generate_stream" if stream else "/generate",
+                                      {"inputs": prompt, "parameters": {"max_new_tokens": n}}),
+    "openai": lambda prompt, n, stream: ("/v1/completions", {"prompt": prompt, "max_tokens": n, "stream": stream}),
+    "ollama": lambda prompt, n, stream: ("/api/generate", {"prompt": prompt, "stream": stream,
+                                                           "options": {"num_predict": n}}),
+}
+
+
+async def overload_burst(url: str, prompts: list[str], total: int, max_new: int,
+                         timeout_s: float) -> tuple[list[Answer], list[tuple[int, float]]]:
+    """``total`` requests at once (every 4th a stream, protocols in turn) and /health polled until all answered."""
+    limits = httpx.Limits(max_connections=total + 8, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=url, timeout=timeout_s + 60, limits=limits) as client:
+        async def one(i: int) -> Answer:
+            protocol, stream = list(OVERLOAD_ROUTES)[i % 3], i % 4 == 3
+            path, body = OVERLOAD_ROUTES[protocol](prompts[i % len(prompts)], max_new, stream)
+            t0 = time.perf_counter()
+            async with client.stream("POST", path, json=body) as r:
+                text = (await r.aread()).decode("utf-8", "replace")
+            retry = r.headers.get("retry-after")
+            failed = r.status_code == 200 and stream and ("event: error" in text or '{"error"' in text)
+            return Answer(protocol, stream, r.status_code, time.perf_counter() - t0,
+                          int(retry) if retry is not None else None, failed)
+
+        burst = asyncio.ensure_future(asyncio.gather(*(one(i) for i in range(total))))
+        health: list[tuple[int, float]] = []
+        while not burst.done():
+            t0 = time.perf_counter()
+            try:
+                status = (await client.get("/health", timeout=10)).status_code
+            except httpx.TimeoutException:
+                status = 0
+            health.append((status, time.perf_counter() - t0))
+            await asyncio.sleep(0.25)
+        return await burst, health
+
+
+def report_overload(answers: list[Answer], health: list[tuple[int, float]], timeout_s: float, header: str) -> None:
+    counts = {s: sum(a.status == s for a in answers) for s in sorted({a.status for a in answers})}
+    refused = [a for a in answers if a.status in (429, 503)]
+    admitted = [a.seconds for a in answers if a.status == 200]
+    print(f"\n{header}")
+    print("status counts: " + ", ".join(f"{s}: {n}" for s, n in counts.items()))
+    for kind in (False, True):
+        part = [a for a in answers if a.stream is kind]
+        print(f"  {'streams' if kind else 'batches'}: {len(part)} sent, "
+              + ", ".join(f"{s}: {sum(a.status == s for a in part)}" for s in counts))
+    with_retry = [a.retry_after for a in refused if a.retry_after is not None and a.retry_after >= 1]
+    print(f"refusals with Retry-After >= 1: {len(with_retry)} of {len(refused)}"
+          + (f" (values {min(with_retry)}-{max(with_retry)} s)" if with_retry else ""))
+    if admitted:
+        print(f"admitted (200): p50 {percentile(admitted, 0.5):.2f} s, p95 {percentile(admitted, 0.95):.2f} s, "
+              f"max {max(admitted):.2f} s; streams ending with an error event: {sum(a.stream_error for a in answers)}")
+    if refused:
+        print(f"refused: p50 {percentile([a.seconds for a in refused], 0.5):.3f} s")
+    print(f"slowest answer {max(a.seconds for a in answers):.2f} s (request timeout {timeout_s:g} s)")
+    ok = sum(s == 200 for s, _ in health)
+    print(f"/health during the burst: {ok}/{len(health)} answered 200, worst {max(t for _, t in health):.3f} s"
+          if health else "/health: not polled (the burst ended at once)")
+
+
+def run_overload(args: argparse.Namespace, prompts: list[str]) -> None:
+    from ray import serve
+
+    from workflows.serve import run
+
+    cfg = ServeConfig(model={"name": args.model}, default_gate="full", num_cpus=args.num_cpus,
+                      max_context_tokens=1024, max_batch_size=args.max_batch_size)
+    url = f"http://127.0.0.1:{args.port}"
+    run(cfg, port=args.port)
+    asyncio.run(load_level(url, prompts, "full", 1, 2, args.max_new_tokens))  # warm-up
+    answers, health = asyncio.run(overload_burst(url, prompts, args.overload, args.max_new_tokens,
+                                                 cfg.admission.request_timeout_s))
+    metrics = httpx.get(f"{url}/metrics", timeout=30).text
+    serve.shutdown()
+    lanes = cfg.admission
+    report_overload(answers, health, lanes.request_timeout_s,
+                    f"GreenCode overload: {args.overload} concurrent requests, one replica, model {args.model}, "
+                    f"gate full, {args.max_new_tokens} new tokens each, replica CPUs {args.num_cpus}; per lane "
+                    f"(streams, batches) {lanes.max_active} active + {lanes.max_queued} queued, "
+                    f"request timeout {lanes.request_timeout_s:g} s")
+    print("/metrics error counters: " + "; ".join(line for line in metrics.splitlines()
+                                                  if line.startswith("greencode_request_errors_total{")))
+    if args.out:
+        write_json(Path(args.out), {"answers": [asdict(a) for a in answers], "health": health})
+
+
+def write_json(out: Path, data: object) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, out)
+
+
 def random_policy(lm, path: Path) -> Path:
     """An UNTRAINED policy with the model's fingerprint: exercises the serving path only, says nothing of quality."""
     policy = ExitPolicy(lm.hidden_size, exit_points=lm.exit_points, model_fingerprint=lm.fingerprint,
@@ -101,7 +213,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--num-cpus", type=float, default=float(max(1, (os.cpu_count() or 2) - 1)), help="replica CPUs")
     p.add_argument("--port", type=int, default=8765)
-    p.add_argument("--out", help="also write the cells as JSON here")
+    p.add_argument("--overload", type=int, metavar="N",
+                   help="instead of the latency grid: N requests at once against one replica (e.g. 300)")
+    p.add_argument("--out", help="also write the cells (or the overload answers) as JSON here")
     return p.parse_args(argv)
 
 
@@ -116,6 +230,10 @@ def main(argv: list[str] | None = None) -> None:
     lm = load_model(ModelConfig(name=args.model))
     files = load_corpus(DataConfig(corpus="stdlib")).split("test")
     prompts = [s.context_text for s in line_completion_samples(files, lm.tokenizer, 32, context_cap=256)]
+    if args.overload:
+        del lm
+        run_overload(args, prompts)
+        return
     scratch = Path(tempfile.mkdtemp(prefix="greencode-bench-"))
     if args.policy:
         policy_path, policy_label = Path(args.policy), f"policy file {args.policy}"
@@ -127,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
 
     url = f"http://127.0.0.1:{args.port}"
     base = {"model": {"name": args.model}, "policy_path": str(policy_path), "gate": {"threshold": args.threshold},
-            "num_cpus": args.num_cpus, "max_context_tokens": 1024, "max_ongoing_requests": 4 * max(args.concurrency)}
+            "num_cpus": args.num_cpus, "max_context_tokens": 1024}
     cells: list[Cell] = []
     top = max(args.concurrency)
     for batch, levels in ((args.max_batch_size, args.concurrency), (1, [top])):
@@ -163,11 +281,7 @@ def main(argv: list[str] | None = None) -> None:
               f"tokens/s x{on.tokens_per_s / off.tokens_per_s:.2f}, p50 x{on.p50_s / off.p50_s:.2f}")
     print("energy: n/a = no meter on this machine (reported as null, never estimated)")
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps([asdict(c) for c in cells], indent=2))
-        os.replace(tmp, out)
+        write_json(Path(args.out), [asdict(c) for c in cells])
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -448,6 +448,39 @@ def _serve_generation() -> GenerationConfig:
     return GenerationConfig(max_new_tokens=60)
 
 
+LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1"]
+
+
+class RequestLimits(_Strict):
+    """What one request may ask for, checked before any model work (TGI's validation limits, per protocol)."""
+
+    max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="request body size; TGI's payload limit (2 MiB)")
+    body_timeout_s: float = Field(30.0, gt=0, description="seconds for the whole body to arrive; then a 408")
+    max_prompt_chars: int = Field(100_000, ge=1, description="prompt + suffix characters, checked before tokenizing")
+    max_stop_sequences: int = Field(16, ge=0, le=16, description="stop sequences per request (at most 16)")
+    max_stop_chars: int = Field(256, ge=1, description="characters of one stop sequence")
+    max_new_tokens: int = Field(4096, ge=1, le=4096, description="tokens one sequence may ask for (at most 4096)")
+    max_sequences: int = Field(16, ge=1, description="sequences one request expands to (OpenAI: prompts x n)")
+
+
+class AdmissionLimits(_Strict):
+    """Backpressure of one lane (streams, or non-streaming batches) of one replica."""
+
+    max_active: int = Field(16, ge=1, description="requests of the lane doing model work at once")
+    max_queued: int = Field(32, ge=0, description="requests waiting for a slot, in arrival order; one more is a 429")
+    request_timeout_s: float = Field(60.0, gt=0, description="arrival to last byte; then a 503 or a stream error event")
+    max_retry_after_s: int = Field(60, ge=1, description="cap of the Retry-After estimate (seconds)")
+
+    @property
+    def capacity(self) -> int:
+        """Requests the lane holds at once (working + waiting)."""
+        return self.max_active + self.max_queued
+
+
+SERVE_LANES = 2  # streams and non-streaming batches are admitted separately
+OPS_HEADROOM = 8  # requests Serve lets through beyond the lanes' capacity: /health, /metrics, refusals in flight
+
+
 class ServeConfig(_Strict):
     """`greencode serve` / `serve run serve_app/config.yaml`: the deployment and per-request defaults."""
 
@@ -469,9 +502,53 @@ class ServeConfig(_Strict):
     num_replicas: int = Field(1, ge=1, description="Serve replicas")
     num_cpus: float = Field(1.0, gt=0, description="CPUs per replica")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica, e.g. 1 or 0.5")
-    api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' on every route but /health")
+    api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' on every route but /health "
+                                                  "(and the API schema); an empty key is refused")
+    allowed_hosts: list[str] = Field(
+        default_factory=lambda: list(LOOPBACK_HOSTS), min_length=1,
+        description="Host header names served (DNS-rebinding defence); '*' = any. `greencode serve --host` on a "
+                    "non-loopback address without this field set serves any name",
+    )
+    allowed_origins: list[str] = Field(
+        default_factory=list, description="browser Origins allowed besides http(s) pages on allowed_hosts; '*' = any"
+    )
+    require_json: bool = Field(
+        True, description="POST bodies must say Content-Type: application/json (415 otherwise): a web page cannot "
+                          "send that cross-site without the server's consent. false only behind your own front end"
+    )
+    limits: RequestLimits = Field(default_factory=RequestLimits, description="per-request limits (4xx beyond them)")
+    admission: AdmissionLimits = Field(
+        default_factory=AdmissionLimits, description="per lane (streams, batches): slots, queue, request timeout"
+    )
     torch_threads: int | None = Field(None, ge=1, description="torch threads per replica; None = num_cpus")
-    max_ongoing_requests: int = Field(32, ge=1, description="per replica; must exceed max_batch_size for batching")
+    max_ongoing_requests: int | None = Field(
+        None, ge=1, description="Serve's cap per replica; None = both lanes' capacity + 8. A smaller cap would queue "
+                                "requests in Serve, where they get no 429",
+    )
+
+    @field_validator("api_key")
+    @classmethod
+    def _real_key(cls, key: str | None) -> str | None:
+        if key is not None and not key.strip():
+            raise ValueError("an empty key would let every request in: leave api_key unset (null) or set a real key")
+        return key
+
+    @model_validator(mode="after")
+    def _serve_queue(self) -> ServeConfig:
+        if self.max_ongoing_requests is not None and self.max_ongoing_requests <= self.admitted_requests:
+            raise ValueError(f"max_ongoing_requests must exceed the {self.admitted_requests} requests the admission "
+                             "lanes hold (2 x (admission.max_active + admission.max_queued)), or leave it unset")
+        return self
+
+    @property
+    def admitted_requests(self) -> int:
+        """Requests one replica holds at once across its lanes (beyond them: 429)."""
+        return SERVE_LANES * self.admission.capacity
+
+    @property
+    def ongoing_requests(self) -> int:
+        """Serve's ``max_ongoing_requests`` for a replica: above what the lanes hold, so our 429s reach clients."""
+        return self.max_ongoing_requests or self.admitted_requests + OPS_HEADROOM
 
 
 # --------------------------------------------------------------------------- pipeline

@@ -11,7 +11,11 @@ sequence each step (what the published numbers used).
 
 In a batch every row exits on its own: rows that already left keep their hidden
 state frozen while the others continue, and the layer they no longer need only
-writes their propagated K/V.
+writes their propagated K/V. Rows also fail on their own: a row whose logits are not
+finite (a fault of the model, e.g. NaN weights it reached) ends with ``finish_reason
+'error'`` while the rest of its batch goes on (greencode/sampling.py picks the tokens and
+cannot itself produce NaN). A row's text is released by greencode/detokenize.py: the
+streamed pieces join to exactly the whole-sequence text, for any Unicode and stop sequence.
 
 With a :class:`~greencode.prefix_cache.PrefixCache` the prompt pass reuses the keys/values
 of the longest prefix an earlier request stored and runs only the rest; the end of a stream
@@ -34,12 +38,16 @@ from typing import Any
 import torch
 
 from greencode.config import GenerationConfig
+from greencode.detokenize import Detokenizer
 from greencode.energy import EnergyMeter
 from greencode.fim import detect_fim
 from greencode.gates import FullGate, Gate
 from greencode.modeling import EarlyExitModel
 from greencode.prefix_cache import PrefixCache, full_depth_tokens
+from greencode.sampling import pick_tokens
 from greencode.tokens import encode
+
+BROKEN_LOGITS = "the model produced non-finite logits (NaN or inf) for this sequence"
 
 
 @dataclass
@@ -47,13 +55,14 @@ class GenerationResult:
     text: str
     token_ids: list[int]
     layers_per_token: list[int]
-    finish_reason: str  # length | eos_token | stop_sequence
+    finish_reason: str  # length | eos_token | stop_sequence | error
     prompt_tokens: int
     num_layers: int
     time_s: float = 0.0
     gate_time_s: float = 0.0
     energy_j: float | None = None
     exit_states: torch.Tensor | None = None  # [T, n_exits, H] when asked for (shard extraction)
+    error: str | None = None  # why the sequence failed (finish_reason 'error'); its text is what came before
     cached_prompt_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
 
     @property
@@ -70,23 +79,29 @@ class GenerationResult:
 
 @dataclass
 class TokenEvent:
-    """One generated token of one row, for streaming."""
+    """One generated token of one row, for streaming; or, with ``error`` set, the end of a row that failed."""
 
     row: int
-    token_id: int
-    text: str  # new text this token adds (may be empty mid-UTF-8 sequence)
+    token_id: int | None  # None on a failure event (no token was chosen)
+    text: str  # text this token makes final ('' while a character or a possible stop sequence is unfinished)
     layers: int
     finish_reason: str | None = None
+    error: str | None = None
 
 
 @dataclass
 class _Row:
     prompt_len: int
+    detok: Detokenizer | None  # None without a tokenizer (token ids only)
     ids: list[int] = field(default_factory=list)
     layers: list[int] = field(default_factory=list)
-    text: str = ""
     finish_reason: str | None = None
+    error: str | None = None
     exit_states: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return self.detok.text if self.detok is not None else ""
 
 
 @dataclass
@@ -223,34 +238,28 @@ class GatedGenerator:
             return [encode(self.lm.tokenizer, p) for p in prompts]
         return [list(p) for p in prompts]
 
-    def _pick(self, logits: torch.Tensor, cfg: GenerationConfig, rng: torch.Generator | None) -> torch.Tensor:
-        if cfg.temperature == 0:
-            return logits.argmax(dim=-1)
-        probs = torch.softmax(logits / cfg.temperature, dim=-1)
-        if cfg.top_p < 1.0:
-            sorted_p, order = probs.sort(dim=-1, descending=True)
-            keep = sorted_p.cumsum(-1) - sorted_p < cfg.top_p  # always keeps the top token
-            sorted_p = sorted_p * keep
-            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-        return torch.multinomial(probs, 1, generator=rng).squeeze(-1)
-
     def _record(self, row: _Row, index: int, token: int, layers: int, cfg: GenerationConfig) -> TokenEvent:
         row.ids.append(token)
         row.layers.append(layers)
-        tok = self.lm.tokenizer
-        full = tok.decode(row.ids, skip_special_tokens=True) if tok is not None else ""
-        if token in self.eos_ids:
-            row.finish_reason = "eos_token"
-        hit = [full.find(s, max(0, len(row.text) - len(s))) for s in cfg.stop if s]
-        hit = [h for h in hit if h >= 0]
-        if hit:
-            full = full[: min(hit)]
+        text = row.detok.push(token) if row.detok is not None else ""
+        if row.detok is not None and row.detok.stopped:
             row.finish_reason = "stop_sequence"
-        elif row.finish_reason is None and len(row.ids) >= cfg.max_new_tokens:
+        elif token in self.eos_ids:
+            row.finish_reason = "eos_token"
+        elif len(row.ids) >= cfg.max_new_tokens:
             row.finish_reason = "length"
-        delta = full[len(row.text) :] if full.startswith(row.text) else full
-        row.text = full
-        return TokenEvent(index, token, delta, layers, row.finish_reason)
+        if row.finish_reason is not None and row.detok is not None:
+            text += row.detok.finish()
+            if row.detok.stopped:  # text held back (an unfinished character) held the stop: the text ends there
+                row.finish_reason = "stop_sequence"
+        return TokenEvent(index, token, text, layers, row.finish_reason)
+
+    @staticmethod
+    def _fail(row: _Row, index: int, layers: int) -> TokenEvent:
+        """End a row whose logits broke; what it held back (an unfinished stop-sequence prefix) is released."""
+        row.finish_reason, row.error = "error", f"{BROKEN_LOGITS} at generated token {len(row.ids) + 1}"
+        text = row.detok.finish() if row.detok is not None else ""
+        return TokenEvent(index, None, text, layers, row.finish_reason, row.error)
 
     @torch.no_grad()
     def prefill(self, encoded: list[list[int]], collect_exit_states: bool, use_cache: bool = True) -> Prefill:
@@ -294,8 +303,9 @@ class GatedGenerator:
         """Generate for a batch of prompts, step by step.
 
         Yields, per decoding step, the list of :class:`TokenEvent` of the rows still running (a
-        row's last event has its ``finish_reason`` set), then, as the LAST item, one
-        :class:`Finished` holding a :class:`GenerationResult` per prompt. The first token of every
+        row's last event has its ``finish_reason`` set; a row whose logits broke gets a last event
+        with ``error`` and no token, and its result says ``finish_reason='error'``), then, as the
+        LAST item, one :class:`Finished` holding a :class:`GenerationResult` per prompt. The first token of every
         row comes from :meth:`prefill` (all layers); each later token from :meth:`step` under
         ``gate``. Time and energy cover the whole batch; energy is split evenly over its rows.
         Closing the iterator early stops generation (no ``Finished`` then).
@@ -312,7 +322,8 @@ class GatedGenerator:
         if not encoded or any(len(p) == 0 for p in encoded):
             raise ValueError("every prompt needs at least one token")
         bsz = len(encoded)
-        rows = [_Row(len(p)) for p in encoded]
+        tok = lm.tokenizer
+        rows = [_Row(len(p), Detokenizer(tok, cfg.stop) if tok is not None else None) for p in encoded]
         rng = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
         use_cache = cfg.kv_mode == "propagate"
         gate_time = 0.0
@@ -321,11 +332,15 @@ class GatedGenerator:
             pre = self.prefill(encoded, collect_exit_states, use_cache=use_cache)
             attn, seq, cache, out = pre.attention_mask, pre.input_ids, pre.cache, pre.output
             while True:
-                next_ids = self._pick(out.logits, cfg, rng)
+                picked = pick_tokens(out.logits, cfg.temperature, cfg.top_p, rng)
+                next_ids, failed = picked.tokens, picked.failed.tolist()
                 gate_time += out.gate_time_s
                 events = []
                 for r, row in enumerate(rows):
                     if row.finish_reason is None:
+                        if failed[r]:
+                            events.append(self._fail(row, r, int(out.exit_layers[r])))
+                            continue
                         if out.exit_states is not None:
                             row.exit_states.append(out.exit_states[r])
                         events.append(self._record(row, r, int(next_ids[r]), int(out.exit_layers[r]), cfg))
@@ -355,6 +370,7 @@ class GatedGenerator:
                 gate_time_s=gate_time,
                 energy_j=share,
                 exit_states=torch.stack(row.exit_states) if row.exit_states else None,
+                error=row.error,
                 cached_prompt_tokens=reused,
             )
             for row, reused in zip(rows, cached)

@@ -123,8 +123,13 @@ class ExitPolicy(nn.Module):
 
     @classmethod
     def load_for(cls, path: str | Path, lm: Any) -> ExitPolicy:
-        """Load the policy file that will gate ``lm`` (an EarlyExitModel), refusing one made for another model."""
-        return cls.load(path, hidden_size=lm.hidden_size, exit_points=lm.exit_points, model_fingerprint=lm.fingerprint)
+        """Load the policy file that will gate ``lm`` (an EarlyExitModel), refusing one made for another model.
+
+        The policy is placed on the model's device: the gate feeds it hidden states from there.
+        """
+        policy = cls.load(path, hidden_size=lm.hidden_size, exit_points=lm.exit_points,
+                          model_fingerprint=lm.fingerprint)
+        return policy.to(lm.device)
 
     def check_compatible(
         self,

@@ -29,8 +29,11 @@ every earlier position.
 - Accept: greedy keeps the longest prefix of drafts the full model agrees with and then takes
   the full model's token (a correction, or the bonus after the last draft); sampling uses
   speculative sampling (accept with min(1, p/q), else resample from norm(max(0, p - q))), with
-  p and q under the same temperature / top-p rule as :meth:`GatedGenerator._pick`. The cache is
-  cut back to the accepted tokens.
+  p and q under the same temperature / top-p rule as :func:`greencode.sampling.pick_tokens`. The cache
+  is cut back to the accepted tokens.
+- Failure: as in the plain generator, a row whose full-model logits are not finite (at its first
+  token, a full-depth token or a verified position) ends with ``finish_reason 'error'`` after the
+  tokens before that position; a draft from broken logits is just a draft the verification judges.
 
 The shortlist (``speculative.shortlist``): a greedy draft only needs an argmax, so drafts without
 gate logits are decoded over a shortlist of the vocabulary (the first token ids, which byte-level
@@ -56,8 +59,10 @@ from typing import Any
 import torch
 
 from greencode.config import GenerationConfig, SpeculativeConfig
+from greencode.detokenize import Detokenizer
 from greencode.gates import Gate
 from greencode.generate import Finished, GatedGenerator, GenerationResult, Prefill, TokenEvent, _Row
+from greencode.sampling import effective_temperature, pick_tokens
 
 
 def draft_length(acceptance: float, depth: float, num_layers: int, head_cost: float, cfg: SpeculativeConfig,
@@ -80,14 +85,28 @@ def draft_length(acceptance: float, depth: float, num_layers: int, head_cost: fl
 
 
 def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """The distribution :meth:`GatedGenerator._pick` samples from (temperature, then top-p), normalised."""
-    probs = torch.softmax(logits / temperature, dim=-1)
+    """The distribution :func:`~greencode.sampling.pick_tokens` draws from ([..., V] logits), normalised.
+
+    The same rule step for step (speculative sampling is exact only if p and q are what is sampled):
+    the row maximum subtracted, greedy (one-hot) below the greedy temperature, the top token always
+    kept by top-p, and a row with non-finite logits treated as all zeros.
+    """
+    logits = logits.float()
+    top = logits.amax(dim=-1, keepdim=True)
+    broken = ~torch.isfinite(top)
+    if bool(broken.any()):
+        logits = torch.where(broken, torch.zeros_like(logits), logits)
+        top = torch.where(broken, torch.zeros_like(top), top)
+    temperature = effective_temperature(temperature)
+    if temperature == 0.0:
+        return torch.zeros_like(logits).scatter(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
+    probs = torch.softmax((logits - top) / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the top token
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p
+        keep[..., 0] = True
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
-        probs = probs / probs.sum(dim=-1, keepdim=True)
-    return probs
+    return probs / probs.sum(dim=-1, keepdim=True)
 
 
 def accept_or_resample(p: torch.Tensor, q: torch.Tensor, token: int, rng: torch.Generator | None) -> int | None:
@@ -103,6 +122,16 @@ def accept_or_resample(p: torch.Tensor, q: torch.Tensor, token: int, rng: torch.
     if float(residual.sum()) <= 0:  # p == q up to rounding: the rejection came from rounding, draw from p
         residual = p
     return int(torch.multinomial(residual, 1, generator=rng))
+
+
+@dataclass
+class Round:
+    """What one draft-and-verify round emits."""
+
+    tokens: list[int]
+    layers: list[int]  # layers charged to each token
+    gate_time_s: float
+    failed_layers: int | None = None  # set when the full model's logits broke after ``tokens``: the work left over
 
 
 @dataclass
@@ -231,7 +260,8 @@ class LosslessGenerator(GatedGenerator):
             for i, layer in enumerate(pre.cache.layers):
                 cache.update(layer.keys[row : row + 1, :, width - n :], layer.values[row : row + 1, :, width - n :], i)
         spec = cfg.speculative
-        shortlist = self.shortlist(prompt, spec.shortlist) if cfg.temperature == 0 and spec.shortlist else None
+        greedy = effective_temperature(cfg.temperature) == 0
+        shortlist = self.shortlist(prompt, spec.shortlist) if greedy and spec.shortlist else None
         return RowState(cache, n, [n] * self.lm.num_layers, spec.initial_acceptance, shortlist=shortlist)
 
     def shortlist(self, prompt: list[int], size: int) -> Shortlist | None:
@@ -345,26 +375,29 @@ class LosslessGenerator(GatedGenerator):
                     rng: torch.Generator | None) -> int:
         """The token drafted from ``record``'s exit state: from the gate's logits when it made them, else from
         the shortlist (greedy) or the full head; a sampled draft keeps its distribution q for the accept test."""
-        if gate_logits is None and cfg.temperature == 0 and seq.shortlist is not None:
+        greedy = effective_temperature(cfg.temperature) == 0
+        if gate_logits is None and greedy and seq.shortlist is not None:
             return self._shortlist_pick(seq.shortlist, record.exit_state)
         logits = (gate_logits if gate_logits is not None else self.lm.decode(record.exit_state[:, -1])).float()
-        if cfg.temperature == 0:
-            return int(logits[0].argmax())
+        if greedy:  # broken draft logits give some token: the verification rejects it if it is wrong
+            return int(pick_tokens(logits, 0.0).tokens[0])
         record.draft_probs = sampling_probs(logits[0], cfg.temperature, cfg.top_p)
         return int(torch.multinomial(record.draft_probs, 1, generator=rng))
 
     @torch.no_grad()
     def round(self, seq: RowState, token: int, gate: Gate, budget: int, cfg: GenerationConfig,
-              rng: torch.Generator | None, stats: SpeculativeStats) -> tuple[list[int], list[int], float]:
-        """One draft-and-verify round from the emitted ``token``: (new tokens, layers charged to each, gate seconds).
+              rng: torch.Generator | None, stats: SpeculativeStats) -> Round:
+        """One draft-and-verify round from the emitted ``token``.
 
         ``budget`` caps the drafts (the round emits at most budget + 1 tokens); 0 runs one full-depth token.
+        Where the full model's logits are not finite the round stops there (``failed_layers`` set) and the
+        cache keeps only what was exact before it.
         """
         lm = self.lm
         num_layers = lm.num_layers
         decisions = frozenset(gate.decision_layers(lm.exit_points, num_layers)) if budget else frozenset()
         last_decision = max(decisions, default=num_layers)
-        sample = cfg.temperature > 0
+        sample = effective_temperature(cfg.temperature) > 0
         fed: list[_Fed] = []
         gate_time = 0.0
         t0 = time.perf_counter()
@@ -388,34 +421,40 @@ class LosslessGenerator(GatedGenerator):
         stats.draft_time_s += t1 - t0
         spec = cfg.speculative
         if len(fed) == 1:  # x0 ran all layers on an exact cache: the full model's token, nothing to verify
-            self.truncate(seq, seq.length + 1)
             seq.acceptance += spec.recovery * (spec.initial_acceptance - seq.acceptance)
-            logits = lm.decode(fed[0].exit_state[:, -1]).float()
-            return [int(self._pick(logits, cfg, rng)[0])], [num_layers], gate_time
+            picked = pick_tokens(lm.decode(fed[0].exit_state[:, -1]), cfg.temperature, cfg.top_p, rng)
+            if picked.any_failed:
+                self.truncate(seq, seq.length)
+                return Round([], [], gate_time, num_layers)
+            self.truncate(seq, seq.length + 1)
+            return Round([int(picked.tokens[0])], [num_layers], gate_time)
 
         verified = self._verify(seq, fed)
         stats.passes += num_layers - fed[-1].exact
+        broken = (~torch.isfinite(verified.amax(dim=-1))).tolist()  # pick_tokens' test of a row
         drafts = len(fed) - 1
         out: list[int] = []
-        if sample:
-            p = sampling_probs(verified, cfg.temperature, cfg.top_p)
-            for t in range(drafts):
+        p = sampling_probs(verified, cfg.temperature, cfg.top_p) if sample else None
+        predicted = verified.argmax(dim=-1).tolist()
+        failed = False
+        for t in range(drafts + 1):  # verified[t] predicts the token after fed[t]
+            if broken[t]:
+                failed = True
+                break
+            if t == drafts:  # every draft accepted: the bonus token
+                out.append(int(torch.multinomial(p[t], 1, generator=rng)) if sample else predicted[t])
+            elif sample:
                 resampled = accept_or_resample(p[t], fed[t].draft_probs, fed[t + 1].token, rng)
-                if resampled is not None:
-                    out.append(resampled)
-                    break
-                out.append(fed[t + 1].token)
+                out.append(fed[t + 1].token if resampled is None else resampled)
+                if resampled is None:
+                    continue
             else:
-                out.append(int(torch.multinomial(p[drafts], 1, generator=rng)))
-        else:
-            predicted = verified.argmax(dim=-1).tolist()
-            t = 0
-            while t < drafts and fed[t + 1].token == predicted[t]:
                 out.append(predicted[t])
-                t += 1
-            out.append(predicted[t])
-        accepted = len(out) - 1
-        self.truncate(seq, seq.length + accepted + 1)
+                if fed[t + 1].token == predicted[t]:
+                    continue
+            break
+        accepted = len(out) if failed else len(out) - 1
+        self.truncate(seq, seq.length + len(out))  # x0 and the accepted drafts: the positions that predicted `out`
         if seq.shortlist is not None:
             seq.shortlist.add(out, lm.adapter.lm_head.weight)
         stats.drafted += drafts
@@ -427,10 +466,14 @@ class LosslessGenerator(GatedGenerator):
         seq.depth = depth if seq.depth is None else decay * seq.depth + (1 - decay) * depth
 
         # token i is predicted at fed[i]; the work of the positions after the last emitted one is charged to it
+        # (or, when the logits broke, to the failure)
         work = [f.ran + num_layers - f.exact for f in fed]
+        rest = sum(work[len(out) :])
+        if failed:
+            return Round(out, work[: len(out)], gate_time, rest)
         layers = work[: len(out)]
-        layers[-1] += sum(work[len(out) :])
-        return out, layers, gate_time
+        layers[-1] += rest
+        return Round(out, layers, gate_time)
 
     # ------------------------------------------------------------------ generation loop
 
@@ -459,25 +502,35 @@ class LosslessGenerator(GatedGenerator):
             raise ValueError("every prompt needs at least one token")
         num_layers = self.lm.num_layers
         rng = torch.Generator(device=self.lm.device).manual_seed(cfg.seed) if cfg.seed is not None else None
-        rows = [_Row(len(p)) for p in encoded]
+        tok = self.lm.tokenizer
+        rows = [_Row(len(p), Detokenizer(tok, cfg.stop) if tok is not None else None) for p in encoded]
         stats = [SpeculativeStats(passes=num_layers) for _ in encoded]  # the first token's pass
         gate_time = 0.0
         with self.meter.measure() as measured:
             pre = self.prefill(encoded, False)
-            first = self._pick(pre.output.logits, cfg, rng)
+            first = pick_tokens(pre.output.logits, cfg.temperature, cfg.top_p, rng)
+            first_failed = first.failed.tolist()
             for r, (prompt, row) in enumerate(zip(encoded, rows)):
+                if first_failed[r]:
+                    yield [self._fail(row, r, num_layers)]
+                    continue
                 seq = self.row_state(pre, r, prompt, cfg)
-                yield [self._record(row, r, int(first[r]), num_layers, cfg)]
+                yield [self._record(row, r, int(first.tokens[r]), num_layers, cfg)]
                 while row.finish_reason is None:
                     budget = self.budget(seq, gate, cfg.max_new_tokens - len(row.ids), cfg.speculative)
-                    tokens, layers, spent = self.round(seq, row.ids[-1], gate, budget, cfg, rng, stats[r])
-                    gate_time += spent
+                    done = self.round(seq, row.ids[-1], gate, budget, cfg, rng, stats[r])
+                    gate_time += done.gate_time_s
                     events = []
-                    for token, cost in zip(tokens, layers):
+                    for token, cost in zip(done.tokens, done.layers):
                         if row.finish_reason is not None:  # cut off by a stop: its work goes to the last token kept
                             row.layers[-1] += cost
                             continue
                         events.append(self._record(row, r, token, cost, cfg))
+                    if done.failed_layers is not None:
+                        if row.finish_reason is None:
+                            events.append(self._fail(row, r, done.failed_layers))
+                        else:
+                            row.layers[-1] += done.failed_layers
                     yield events
                 if self.prefix_cache is not None:  # the row's cache ends at its last fed (exact) token
                     n = min(seq.length, len(prompt) + len(row.ids))
@@ -498,6 +551,7 @@ class LosslessGenerator(GatedGenerator):
                 gate_time_s=gate_time,
                 energy_j=share,
                 speculative=s.as_dict() | {"layers_computed": sum(row.layers)},
+                error=row.error,
                 cached_prompt_tokens=reused,
             )
             for row, s, reused in zip(rows, stats, cached)

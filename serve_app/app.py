@@ -8,34 +8,39 @@ Routes (see docs/serving.md): TGI ``/generate``,
 ``/api/generate`` (+ trailing slash, NDJSON when streaming), ``/api/show``,
 ``/api/tags``; OpenAI ``/v1/completions`` (+ SSE); ``/health``; ``/metrics``.
 
-Non-streaming requests go through Serve batching: requests that arrive together
-and share gate + sampling settings run as one batch, each row still exiting on
-its own. Each replica keeps a prefix cache (``prefix_cache_mb``): a request reuses
-the full-depth keys/values of the longest prompt prefix an earlier one stored.
-Fill-in-the-middle requests get the served model's own FIM layout (prompts.py). Model
-work runs on one worker thread per replica so the event loop keeps accepting (and
-batching) requests; a client that disconnects cancels its request,
-which stops a stream after the current token and a batch once all its rows are gone.
-Request bodies are in schemas.py, prompt token ids in prompts.py, response shapes in formats.py,
-errors in errors.py.
+A request passes, in order: the Guard (guard.py: Host, Origin, API key before the body,
+JSON content type, body size, UTF-8 and lone surrogates), the request schema (schemas.py),
+the request limits (limits.py), admission to its lane (admission.py: streams and
+non-streaming batches are admitted separately; 429 with Retry-After when the lane's queue is
+full, 503 when no slot frees before the request timeout), tokenization (on its own thread;
+fill-in-the-middle requests get the served model's own FIM layout, prompts.py), then
+generation. Non-streaming requests go through Serve batching: requests that arrive
+together and share gate + sampling settings run as one batch, each row still exiting (and
+failing) on its own. Each replica keeps a prefix cache (``prefix_cache_mb``): a request reuses
+the full-depth keys/values of the longest prompt prefix an earlier one stored. All model work
+runs one step at a time on one worker thread per replica, so a stream's tokens interleave with
+a batch's steps and the event loop keeps accepting requests; a client that disconnects cancels
+its request, which stops a stream after the current token and a batch once all its rows are
+gone. Response shapes are in formats.py, errors in errors.py, metrics (and the error counter)
+in metrics.py.
 """
 
 
 import asyncio
-import hmac
+import copy
 import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
-from dataclasses import dataclass
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from ray import serve
 from ray.serve.deployment import Application
@@ -49,9 +54,12 @@ from greencode.policy import ExitPolicy
 from greencode.prefix_cache import PrefixCache
 from greencode.speculative import LosslessGenerator
 from serve_app import errors, formats
-from serve_app.errors import ERRORS, ApiError
+from serve_app.admission import Admission, Deadline, TimedOut
+from serve_app.errors import ERRORS, ApiError, GenerationFailed
 from serve_app.formats import OLLAMA, OPENAI, TGI, Completion
-from serve_app.metrics import ServeMetrics
+from serve_app.guard import Guard
+from serve_app.limits import check_request
+from serve_app.metrics import ErrorCounter, ServeMetrics
 from serve_app.prompts import PromptBuilder
 from serve_app.schemas import (
     Ask,
@@ -71,25 +79,6 @@ api = FastAPI(
     description="Energy-aware early-exit code completion. Speaks TGI, Ollama/llm-vscode and OpenAI completions; "
                 "every response carries `greencode` details (layers per token, time, energy or null).",
 )
-
-
-class JsonBodies:
-    """Every POST body here is JSON: like Ollama, read it as JSON whatever content type was sent (curl -d sends form).
-
-    A plain ASGI middleware (not BaseHTTPMiddleware) so client disconnects still cancel streams.
-    """
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
-            scope = {**scope, "headers": headers + [(b"content-type", b"application/json")]}
-        await self.app(scope, receive, send)
-
-
-api.add_middleware(JsonBodies)
 errors.install(api)
 
 
@@ -98,12 +87,12 @@ errors.install(api)
 
 @dataclass(eq=False)
 class Job:
-    """One sequence to generate: tokenized prompt + validated gate and sampling settings."""
+    """One sequence to generate: validated gate and sampling settings, then (tokenizer thread) its prompt ids."""
 
     ask: Ask
-    prompt_ids: list[int]
     gate: GateConfig
     generation: GenerationConfig
+    prompt_ids: list[int] = field(default_factory=list)  # filled on the tokenizer thread
     cache_prompt: bool = True  # read and write the replica's prefix cache
     cancelled: bool = False
 
@@ -128,6 +117,20 @@ def _replica_name() -> str:
         return serve.get_replica_context().replica_id.unique_id
     except RayServeException:  # outside a replica (direct construction)
         return str(os.getpid())
+
+
+class SlotStream(StreamingResponse):
+    """A streaming response that gives its admission slot back however it ends (even if never iterated)."""
+
+    def __init__(self, content: AsyncIterator[str], release: Callable[[], Any], media_type: str) -> None:
+        super().__init__(content, media_type=media_type)
+        self.release = release
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.release()
 
 
 # --------------------------------------------------------------------------- the deployment
@@ -155,28 +158,34 @@ class GreenCodeServer:
         self.model_name = Path(self.cfg.model.name).name
         positions = getattr(self.lm.model.config, "max_position_embeddings", None) or math.inf
         self.context_limit = int(min(self.cfg.max_context_tokens, positions))
-        self.prompts = PromptBuilder(self.lm.tokenizer, self.cfg.fim_order)
+        # prompts are tokenized on their own thread, with their own copy of the tokenizer: the generation
+        # thread decodes with the model's at the same time
+        self.prompts = PromptBuilder(copy.deepcopy(self.lm.tokenizer), self.cfg.fim_order)
         self.fim = self.prompts.fim
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="greencode-generate")
+        self.tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="greencode-tokenize")
+        self.streams, self.batches = Admission(self.cfg.admission), Admission(self.cfg.admission)
         self.stats = ServeMetrics(_replica_name(), self.lm.num_layers)
         if self.prefix_cache is not None:
             self.stats.watch_prefix_cache(self.prefix_cache.stats)
         self._generate_batch.set_max_batch_size(self.cfg.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
-        log.info("serving %s: %d layers, exit points %s, default gate %s, policy %s, energy meter %s, "
+        log.info("serving %s: %d layers, exit points %s, default gate %s, policy %s, energy meter %s, device %s, "
                  "prefix cache %s MiB, FIM %s", self.model_name, self.lm.num_layers, self.lm.exit_points,
-                 self.default_gate, self.cfg.policy_path, self.generator.meter.source, self.cfg.prefix_cache_mb,
-                 f"{self.fim.family} ({self.cfg.fim_order})" if self.fim else "none")
+                 self.default_gate, self.cfg.policy_path, self.generator.meter.source, self.lm.device,
+                 self.cfg.prefix_cache_mb, f"{self.fim.family} ({self.cfg.fim_order})" if self.fim else "none")
+
+    def __serve_build_asgi_app__(self) -> Any:
+        """Serve (2.60) calls this after ``__init__`` to get the replica's ASGI app: Serve's copy of ``api``,
+        wrapped in the Guard and the error counter, which need this replica's config and metrics."""
+        app = self.app  # set by serve.ingress's wrapper before this is called
+        cfg = self.cfg
+        app.add_middleware(Guard, limits=cfg.limits, api_key=cfg.api_key, allowed_hosts=cfg.allowed_hosts,
+                           allowed_origins=cfg.allowed_origins, require_json=cfg.require_json)
+        app.add_middleware(ErrorCounter, record=self.stats.record_error)  # outermost: counts the Guard's refusals
+        return app
 
     # ------------------------------------------------------------------ request -> job
-
-    def _authorize(self, request: Request) -> None:
-        if not self.cfg.api_key:
-            return
-        sent = request.headers.get("authorization", "")
-        scheme, _, token = sent.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.cfg.api_key.encode()):
-            raise ApiError("missing or wrong API key: send the header 'Authorization: Bearer <key>'", status=401)
 
     def _gate(self, fields: dict[str, Any]) -> GateConfig:
         mode = fields["mode"] or self.default_gate
@@ -204,6 +213,17 @@ class GreenCodeServer:
                            "exit_layer")
         return gate
 
+    def _limits(self, asks: list[Ask]) -> None:
+        """The request limits, in the fields the client sent (``parameters.stop``...), before any model work."""
+        first, where = asks[0], asks[0].fields
+        violation = check_request(
+            self.cfg.limits, prompts=[a.prompt for a in asks], prompt_field=where.prompt, suffix=first.suffix,
+            stop=first.stop, stop_field=where.knob("stop"), max_new_tokens=first.max_new_tokens,
+            max_new_tokens_field=where.knob(where.max_new_tokens), sequences=len(asks),
+            sequences_field=where.sequences)
+        if violation is not None:
+            raise ApiError(violation.message, violation.param, violation.status)
+
     def _job(self, ask: Ask) -> Job:
         gate = self._gate(ask.gate)
         asked = {"max_new_tokens": ask.max_new_tokens, "temperature": ask.temperature, "top_p": ask.top_p,
@@ -213,19 +233,33 @@ class GreenCodeServer:
                                                      **{k: v for k, v in asked.items() if v is not None}})
         except ConfigError as err:
             raise ApiError(str(err), "lossless" if "lossless" in str(err) else "max_new_tokens") from None
-        ids = self.prompts.ids(ask)
-        if not ids:
-            raise ApiError("the prompt is empty", "prompt")
-        if len(ids) + generation.max_new_tokens > self.context_limit:
-            raise ApiError(f"the prompt is {len(ids)} tokens; with {generation.max_new_tokens} new tokens that exceeds "
-                           f"the context limit of {self.context_limit} tokens: shorten the prompt or ask for "
-                           "fewer tokens",
-                           "prompt")
-        return Job(ask, ids, gate, generation, cache_prompt=ask.cache_prompt is not False)
+        return Job(ask, gate, generation, cache_prompt=ask.cache_prompt is not False)
 
     def _jobs(self, protocol: str, asks: list[Ask]) -> list[Job]:
+        """Validated jobs of a request, nothing tokenized yet (a refusal here costs no model work)."""
         try:
+            self._limits(asks)
             return [self._job(a) for a in asks]
+        except ApiError:
+            self.stats.record_request(protocol, "rejected")
+            raise
+
+    def _encode(self, jobs: list[Job]) -> None:
+        """Runs on the tokenizer thread: each job's prompt ids, checked against the context limit."""
+        for job in jobs:
+            ids = self.prompts.ids(job.ask)  # FIM in the model's own layout, or an ApiError naming the field
+            if not ids:
+                raise ApiError("the prompt is empty", job.ask.fields.prompt)
+            needed = len(ids) + job.generation.max_new_tokens
+            if needed > self.context_limit:
+                raise ApiError(f"the prompt is {len(ids)} tokens; with {job.generation.max_new_tokens} new tokens "
+                               f"that exceeds the context limit of {self.context_limit} tokens: shorten the prompt "
+                               "or ask for fewer tokens", job.ask.fields.prompt)
+            job.prompt_ids = ids
+
+    async def _tokenize(self, protocol: str, jobs: list[Job]) -> None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.tokenizing, self._encode, jobs)
         except ApiError:
             self.stats.record_request(protocol, "rejected")
             raise
@@ -238,25 +272,36 @@ class GreenCodeServer:
         return Completion(result=result, text=text, token_texts=[tok.decode([t]) for t in result.token_ids],
                           gate=gate, ignored=job.ask.ignored, batch_size=batch_size, seed=job.generation.seed)
 
-    def _generate_group(self, group: list[Job]) -> list[Completion | None]:
-        """Runs on the generation thread: one batch of jobs sharing settings; stops if every client left."""
+    async def _step(self, steps: Iterator[Any], deadline: Deadline | None = None) -> Any:
+        """One generation step on the generation thread: streams and batches take turns step by step.
+        With a deadline, waiting for the step (behind the others' steps) ends at it with TimedOut."""
+        step = asyncio.get_running_loop().run_in_executor(self.executor, next, steps)
+        if deadline is None:
+            return await step
+        try:
+            return await asyncio.wait_for(step, deadline.remaining())
+        except TimeoutError:
+            raise self._timed_out() from None
+
+    async def _generate_group(self, group: list[Job]) -> list[Completion | None]:
+        """One batch of jobs sharing settings; stops if every client left. A failed row fails only its job."""
         gate = build_gate(group[0].gate, self.policy)
         generator = self.generator if group[0].cache_prompt else self.uncached
         steps = generator.stream([j.prompt_ids for j in group], gate, group[0].generation)
-        with closing(steps):
-            for item in steps:
-                if isinstance(item, Finished):
-                    results = item.results
-                elif all(j.cancelled for j in group):
+        try:
+            while not isinstance(item := await self._step(steps), Finished):
+                if all(j.cancelled for j in group):
                     log.info("all %d clients of a batch disconnected: generation stopped", len(group))
                     return [None] * len(group)
+        finally:
+            self.executor.submit(steps.close)  # FIFO after any step still running
         self.stats.record_batch(len(group))
         label = _label(gate.name, group[0])
-        for r in results:
+        for r in item.results:
             self.stats.record_tokens(label, r.layers_per_token)
             self.stats.record_energy(label, r.energy_j)
             self._record_rounds(label, r)
-        return [self._completion(j, r, gate.describe(), len(group)) for j, r in zip(group, results)]
+        return [self._completion(j, r, gate.describe(), len(group)) for j, r in zip(group, item.results)]
 
     def _record_rounds(self, label: str, result: GenerationResult) -> None:
         spec = getattr(result, "speculative", None)
@@ -269,37 +314,70 @@ class GreenCodeServer:
         groups: dict[str, list[int]] = {}
         for i, job in enumerate(jobs):
             groups.setdefault(job.batch_key, []).append(i)
+        done = await asyncio.gather(*(self._generate_group([jobs[i] for i in idx]) for idx in groups.values()))
         out: list[Completion | None] = [None] * len(jobs)
-        loop = asyncio.get_running_loop()
-        for indices in groups.values():
-            done = await loop.run_in_executor(self.executor, self._generate_group, [jobs[i] for i in indices])
-            for i, completion in zip(indices, done):
+        for indices, completions in zip(groups.values(), done):
+            for i, completion in zip(indices, completions):
                 out[i] = completion
         return out
 
     async def _complete(self, protocol: str, jobs: list[Job]) -> list[Completion]:
+        """A non-streaming request: admitted to the batch lane, tokenized, generated within its deadline."""
         start = time.perf_counter()
-        try:
-            completions = await asyncio.gather(*(self._generate_batch(j) for j in jobs))
-        except asyncio.CancelledError:
-            for j in jobs:
-                j.cancelled = True
-            self.stats.record_cancelled(protocol)
-            raise
+        async with self.batches.slot() as deadline:
+            await self._tokenize(protocol, jobs)
+            try:
+                completions = await asyncio.wait_for(asyncio.gather(*(self._generate_batch(j) for j in jobs)),
+                                                     deadline.remaining())
+            except TimeoutError:
+                for j in jobs:
+                    j.cancelled = True
+                self.stats.record_request(protocol, "error")
+                raise self._timed_out() from None
+            except asyncio.CancelledError:
+                for j in jobs:
+                    j.cancelled = True
+                self.stats.record_cancelled(protocol)
+                raise
+        failed = [c.result.error for c in completions if c.result.error is not None]
+        if failed:
+            self.stats.record_request(protocol, "error")
+            raise GenerationFailed(failed[0])
         self.stats.record_request(protocol, "ok", time.perf_counter() - start)
         return completions
 
-    async def _stream(self, job: Job) -> AsyncIterator[tuple[TokenEvent, Completion | None]]:
+    def _timed_out(self) -> TimedOut:
+        limit = self.cfg.admission.request_timeout_s
+        return TimedOut(f"the request did not finish within the request timeout of {limit:g} s; retry later "
+                        "or ask for fewer tokens", self.batches.retry_after_s())
+
+    async def _open_stream(self, protocol: str, job: Job, chunks: Callable[[Job, Deadline], AsyncIterator[str]],
+                           media_type: str) -> StreamingResponse:
+        """Admit a stream to its lane (a refusal is still an HTTP 429/503), tokenize, and hand the slot to the
+        response, which gives it back when the stream ends."""
+        slot = AsyncExitStack()
+        deadline = await slot.enter_async_context(self.streams.slot())
+        try:
+            await self._tokenize(protocol, [job])
+        except BaseException:
+            await slot.aclose()
+            raise
+        return SlotStream(self._tracked(protocol, chunks(job, deadline)), slot.aclose, media_type)
+
+    async def _stream(self, job: Job, deadline: Deadline) -> AsyncIterator[tuple[TokenEvent, Completion | None]]:
         """Token events of one job as they are generated; the last one (it has a finish_reason) comes with
-        the job's Completion, taken from the generator's Finished event. Stops when the consumer does."""
+        the job's Completion, taken from the generator's Finished event. Stops when the consumer does;
+        raises GenerationFailed when the row fails and TimedOut past the deadline."""
         gate = build_gate(job.gate, self.policy)
         steps = (self.generator if job.cache_prompt else self.uncached).stream([job.prompt_ids], gate, job.generation)
-        loop = asyncio.get_running_loop()
         last: TokenEvent | None = None
         label = _label(gate.name, job)
         try:
-            while not isinstance(item := await loop.run_in_executor(self.executor, next, steps), Finished):
+            # past the deadline the wait for the next step ends; once the last token is out, Finished is awaited
+            while not isinstance(item := await self._step(steps, deadline if last is None else None), Finished):
                 for event in item:
+                    if event.error is not None:
+                        raise GenerationFailed(event.error)
                     self.stats.record_tokens(label, [event.layers])
                     if event.finish_reason is None:
                         yield event, None
@@ -313,7 +391,8 @@ class GreenCodeServer:
             self.executor.submit(steps.close)  # FIFO after any step still running
 
     async def _tracked(self, protocol: str, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
-        """Stream body with request metrics; a disconnect cancels it (and the generation under it)."""
+        """Stream body with request metrics; a disconnect cancels it (and the generation under it); a failure
+        after the 200 ends it with the protocol's error event."""
         start = time.perf_counter()
         try:
             async for chunk in chunks:
@@ -322,47 +401,53 @@ class GreenCodeServer:
             self.stats.record_cancelled(protocol)
             log.info("%s stream cancelled by the client", protocol)
             raise
+        except (GenerationFailed, TimedOut) as err:
+            log.error("%s stream failed: %s", protocol, err.message)
+            status = err.status if isinstance(err, TimedOut) else formats.failure_status(protocol)
+            prefix = "" if isinstance(err, TimedOut) else "generation failed: "
+            self.stats.record_request(protocol, "error")
+            yield formats.stream_error(protocol, prefix + err.message, status)
+            return
+        except Exception as err:  # a server fault: the client still gets an error event, not a cut connection
+            log.exception("%s stream failed", protocol)
+            self.stats.record_request(protocol, "error")
+            yield formats.stream_error(protocol, f"internal error: {type(err).__name__}: {err}", 500)
+            return
         self.stats.record_request(protocol, "ok", time.perf_counter() - start)
 
     # ------------------------------------------------------------------ TGI
 
-    async def _tgi_events(self, job: Job) -> AsyncIterator[str]:
+    async def _tgi_events(self, job: Job, deadline: Deadline) -> AsyncIterator[str]:
         index = 0
-        async for event, final in self._stream(job):
+        async for event, final in self._stream(job, deadline):
             yield formats.tgi_stream_event(index, event, final)
             index += 1
 
-    def _tgi_stream(self, job: Job) -> StreamingResponse:
-        return StreamingResponse(self._tracked(TGI, self._tgi_events(job)), media_type="text/event-stream")
-
     @api.post("/generate", responses=ERRORS, tags=["tgi"],
               summary="TGI generate (llm-vscode 'tgi'/'huggingface' backends)")
-    async def tgi_generate(self, body: TGIRequest, request: Request) -> dict[str, Any]:
-        self._authorize(request)
+    async def tgi_generate(self, body: TGIRequest) -> dict[str, Any]:
         [completion] = await self._complete(TGI, self._jobs(TGI, [body.to_ask()]))
         return formats.tgi_response(completion)
 
     @api.post("/generate_stream", responses=ERRORS, tags=["tgi"], summary="TGI streaming generate (SSE)")
-    async def tgi_generate_stream(self, body: TGIRequest, request: Request) -> StreamingResponse:
-        self._authorize(request)
+    async def tgi_generate_stream(self, body: TGIRequest) -> StreamingResponse:
         [job] = self._jobs(TGI, [body.to_ask()])
-        return self._tgi_stream(job)
+        return await self._open_stream(TGI, job, self._tgi_events, "text/event-stream")
 
     @api.post("/", responses=ERRORS, tags=["tgi"],
               summary="TGI compat route of the text_generation client: a list, or SSE when stream")
-    async def tgi_compat(self, body: TGIRequest, request: Request) -> Any:
-        self._authorize(request)
+    async def tgi_compat(self, body: TGIRequest) -> Any:
         [job] = self._jobs(TGI, [body.to_ask()])
         if body.stream:
-            return self._tgi_stream(job)
+            return await self._open_stream(TGI, job, self._tgi_events, "text/event-stream")
         [completion] = await self._complete(TGI, [job])
         return [formats.tgi_response(completion)]
 
     # ------------------------------------------------------------------ Ollama / llm-vscode
 
-    async def _ollama_lines(self, job: Job) -> AsyncIterator[str]:
+    async def _ollama_lines(self, job: Job, deadline: Deadline) -> AsyncIterator[str]:
         start = time.perf_counter()
-        async for event, final in self._stream(job):
+        async for event, final in self._stream(job, deadline):
             if event.text:
                 yield formats.ollama_chunk(self.model_name, event.text)
             if final is not None:
@@ -372,21 +457,19 @@ class GreenCodeServer:
     @api.post("/api/generate", responses=ERRORS, tags=["ollama"],
               summary="Ollama / llm-vscode generate (NDJSON when stream)")
     @api.post("/api/generate/", responses=ERRORS, include_in_schema=False)
-    async def ollama_generate(self, body: OllamaRequest, request: Request) -> Any:
-        self._authorize(request)
+    async def ollama_generate(self, body: OllamaRequest) -> Any:
         ask = body.to_ask()
         if not ask.prompt and not ask.suffix:
             return formats.ollama_loaded(self.model_name)
         [job] = self._jobs(OLLAMA, [ask])
         if body.streams():
-            return StreamingResponse(self._tracked(OLLAMA, self._ollama_lines(job)), media_type="application/x-ndjson")
+            return await self._open_stream(OLLAMA, job, self._ollama_lines, "application/x-ndjson")
         start = time.perf_counter()
         [completion] = await self._complete(OLLAMA, [job])
         return formats.ollama_final(self.model_name, completion, time.perf_counter() - start, text=completion.text)
 
     @api.post("/api/show", responses=ERRORS, tags=["ollama"], summary="Ollama model card (Continue probes it)")
-    async def ollama_show(self, body: OllamaShowRequest, request: Request) -> dict[str, Any]:
-        self._authorize(request)
+    async def ollama_show(self, body: OllamaShowRequest) -> dict[str, Any]:
         arch = getattr(self.lm.model.config, "model_type", "unknown")
         return {
             "modelfile": "", "parameters": "", "template": formats.ollama_template(self.fim, self.cfg.fim_order),
@@ -399,52 +482,47 @@ class GreenCodeServer:
         }
 
     @api.get("/api/tags", responses=ERRORS, tags=["ollama"], summary="Ollama model list (the one served model)")
-    async def ollama_tags(self, request: Request) -> dict[str, Any]:
-        self._authorize(request)
+    async def ollama_tags(self) -> dict[str, Any]:
         return {"models": [{"name": self.model_name, "model": self.model_name, "modified_at": formats.now_iso(),
                             "size": 0, "digest": self.lm.fingerprint, "details": {}}]}
 
     # ------------------------------------------------------------------ OpenAI
 
-    async def _openai_chunks(self, job: Job) -> AsyncIterator[str]:
+    async def _openai_chunks(self, job: Job, deadline: Deadline) -> AsyncIterator[str]:
         cid, created = formats.openai_id(), int(time.time())
-        async for event, final in self._stream(job):
+        async for event, final in self._stream(job, deadline):
             yield formats.openai_chunk(cid, created, self.model_name, event.text, event.finish_reason, final)
         yield formats.OPENAI_DONE
 
     @api.post("/v1/completions", responses=ERRORS, tags=["openai"],
               summary="OpenAI legacy completions (SSE when stream)")
-    async def openai_completions(self, body: CompletionRequest, request: Request) -> Any:
-        self._authorize(request)
+    async def openai_completions(self, body: CompletionRequest) -> Any:
         asks = body.to_asks()
         if body.stream and len(asks) > 1:
             raise ApiError("stream supports one prompt with n=1", "n")
         jobs = self._jobs(OPENAI, asks)
         if body.stream:
-            return StreamingResponse(self._tracked(OPENAI, self._openai_chunks(jobs[0])),
-                                     media_type="text/event-stream")
+            return await self._open_stream(OPENAI, jobs[0], self._openai_chunks, "text/event-stream")
         return formats.openai_response(self.model_name, await self._complete(OPENAI, jobs))
 
     @api.get("/v1/models", responses=ERRORS, tags=["openai"], summary="OpenAI model list (the one served model)")
-    async def openai_models(self, request: Request) -> dict[str, Any]:
-        self._authorize(request)
+    async def openai_models(self) -> dict[str, Any]:
         model = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "greencode"}
         return {"object": "list", "data": [model]}
 
     # ------------------------------------------------------------------ operations
 
-    @api.get("/health", tags=["ops"], summary="liveness + what is loaded (no API key needed)")
+    @api.get("/health", tags=["ops"], summary="liveness + what is loaded (no API key needed; no paths)")
     async def health(self) -> dict[str, Any]:
         return {"status": "ok", "model": self.model_name, "num_layers": self.lm.num_layers,
                 "exit_points": self.lm.exit_points, "default_gate": self.default_gate,
-                "policy": self.cfg.policy_path, "energy_meter": self.generator.meter.source,
+                "policy_loaded": self.policy is not None, "energy_meter": self.generator.meter.source,
                 "context_limit": self.context_limit, "max_batch_size": self.cfg.max_batch_size,
                 "prefix_cache_mb": self.cfg.prefix_cache_mb, "fim": self.fim.family if self.fim else None}
 
     @api.get("/metrics", responses=ERRORS, tags=["ops"], summary="Prometheus metrics of the replica that answers",
              response_class=PlainTextResponse)
-    async def prometheus_metrics(self, request: Request) -> PlainTextResponse:
-        self._authorize(request)
+    async def prometheus_metrics(self) -> PlainTextResponse:
         return PlainTextResponse(self.stats.render(), media_type="text/plain; version=0.0.4")
 
 
@@ -457,7 +535,7 @@ def build_app_with_loader(cfg: ServeConfig | dict[str, Any] | None,
     cfg = cfg if isinstance(cfg, ServeConfig) else validate(ServeConfig, cfg or {}, source="serve config")
     return GreenCodeServer.options(
         num_replicas=cfg.num_replicas,
-        max_ongoing_requests=cfg.max_ongoing_requests,
+        max_ongoing_requests=cfg.ongoing_requests,
         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
     ).bind(cfg.model_dump(mode="json"), model_loader)
 

@@ -1,8 +1,10 @@
 """Errors of the HTTP surface: every refusal in the calling client's own error shape, never a bare 500.
 
-Routes raise :class:`ApiError`; FastAPI's validation errors and HTTP errors are rewritten the same
-way by the handlers :func:`install` registers. The body shapes per protocol are in
-``serve_app/formats.py`` (``error_body``).
+Routes raise :class:`ApiError` (the request is wrong: 4xx), :class:`GenerationFailed` (the model
+failed on it: TGI 424, others 500) or an admission refusal (429/503 with ``Retry-After``);
+FastAPI's validation errors and HTTP errors are rewritten the same way by the handlers
+:func:`install` registers. The body shapes per protocol are in ``serve_app/formats.py``
+(``error_body``); refusals before the app runs come from ``serve_app/guard.py``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app import formats
-from serve_app.formats import TGI
+from serve_app.admission import Refused
 
 log = logging.getLogger("greencode.serve")
 
@@ -24,7 +26,14 @@ log = logging.getLogger("greencode.serve")
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "invalid request (OpenAI / Ollama error shape)"},
     401: {"description": "missing or wrong API key (when the server has one)"},
+    403: {"description": "Host or Origin not allowed (DNS rebinding, cross-site page)"},
+    413: {"description": "request body over the size limit"},
+    415: {"description": "POST body without a JSON content type"},
     422: {"description": "invalid request (TGI error shape: error, error_type)"},
+    424: {"description": "generation failed (TGI error shape; OpenAI and Ollama answer 500)"},
+    429: {"description": "the replica's queue is full: retry after Retry-After seconds"},
+    500: {"description": "generation failed (OpenAI / Ollama error shape) or a server fault"},
+    503: {"description": "no capacity within the request timeout: retry after Retry-After seconds"},
 }
 
 
@@ -39,14 +48,20 @@ class ApiError(Exception):
         self.message, self.param, self.status = message, param, status
 
 
-def status_for(err_status: int | None, protocol: str) -> int:
-    return err_status if err_status is not None else (422 if protocol == TGI else 400)
+class GenerationFailed(Exception):
+    """The model failed on a request (e.g. non-finite logits in its row): a server fault, not the client's."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
 
 
-def error_response(request: Request, message: str, status: int | None, param: str | None = None) -> JSONResponse:
+def error_response(request: Request, message: str, status: int | None, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """``status=None``: the protocol's "invalid request" status."""
     protocol = formats.protocol_of(request.url.path)
-    code = status_for(status, protocol)
-    return JSONResponse(formats.error_body(protocol, message, code, param), status_code=code)
+    code = status if status is not None else formats.invalid_request_status(protocol)
+    return JSONResponse(formats.error_body(protocol, message, code, param), status_code=code, headers=headers)
 
 
 def describe_validation(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
@@ -79,6 +94,16 @@ async def _on_http_error(request: Request, err: StarletteHTTPException) -> JSONR
     return error_response(request, str(err.detail), err.status_code)
 
 
+async def _on_refused(request: Request, err: Refused) -> JSONResponse:
+    return error_response(request, err.message, err.status, headers={"Retry-After": str(err.retry_after_s)})
+
+
+async def _on_failed(request: Request, err: GenerationFailed) -> JSONResponse:
+    log.error("generation failed for a request to %s: %s", request.url.path, err.message)
+    protocol = formats.protocol_of(request.url.path)
+    return error_response(request, f"generation failed: {err.message}", formats.failure_status(protocol))
+
+
 async def _on_bug(request: Request, err: Exception) -> JSONResponse:
     """A server fault (never the client's): logged with its traceback, answered as a 500 in the client's shape."""
     log.exception("request to %s failed", request.url.path)
@@ -88,6 +113,8 @@ async def _on_bug(request: Request, err: Exception) -> JSONResponse:
 def install(api: FastAPI) -> None:
     """Register the handlers that render every error in the client's shape."""
     api.add_exception_handler(ApiError, _on_api_error)
+    api.add_exception_handler(Refused, _on_refused)
+    api.add_exception_handler(GenerationFailed, _on_failed)
     api.add_exception_handler(RequestValidationError, _on_invalid)
     api.add_exception_handler(StarletteHTTPException, _on_http_error)
     api.add_exception_handler(Exception, _on_bug)

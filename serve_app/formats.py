@@ -41,15 +41,42 @@ def protocol_of(path: str) -> str:
     return TGI
 
 
+def invalid_request_status(protocol: str) -> int:
+    """What each protocol answers for a request it refuses as invalid: 422 for TGI (as TGI does), 400 otherwise."""
+    return 422 if protocol == TGI else 400
+
+
+def failure_status(protocol: str) -> int:
+    """What each protocol answers when generation itself fails (a server fault): TGI 424, the others 500."""
+    return 424 if protocol == TGI else 500
+
+
 def error_body(protocol: str, message: str, status: int, param: str | None = None) -> dict[str, Any]:
-    """The error object each client library parses."""
+    """The error object each client library parses (its type names as the real servers use them)."""
     if protocol == OPENAI:
-        kind = "authentication_error" if status == 401 else "invalid_request_error" if status < 500 else "server_error"
+        kinds = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+        kind = kinds.get(status, "invalid_request_error" if status < 500 else "server_error")
         return {"error": {"message": message, "type": kind, "param": param, "code": None}}
     if protocol == OLLAMA:
         return {"error": message}
-    kind = "authentication" if status == 401 else "validation" if status < 500 else "generation"
+    if status == 401:
+        kind = "authentication"
+    elif status in (429, 503):
+        kind = "overloaded"
+    else:
+        kind = "generation" if status == 424 or status >= 500 else "validation"
     return {"error": message, "error_type": kind}
+
+
+def stream_error(protocol: str, message: str, status: int) -> str:
+    """The last chunk of a stream that failed after its 200: SSE ``event: error``, or an NDJSON error line.
+
+    The official clients raise on it (text_generation GenerationError, openai APIError, ollama ResponseError).
+    """
+    body = json.dumps(error_body(protocol, message, status))
+    if protocol == OLLAMA:
+        return body + "\n"
+    return f"event: error\ndata: {body}\n\n"
 
 
 def greencode_details(result: GenerationResult, gate: str, ignored: list[str], batch_size: int = 1) -> dict[str, Any]:

@@ -2,7 +2,10 @@
 
 Each replica keeps its own registry (label ``replica``); with several replicas a
 scrape through the HTTP proxy reaches one of them, so scrape replicas directly or
-sum over ``replica`` in Prometheus.
+sum over ``replica`` in Prometheus. Every 4xx/5xx answer is counted by status
+(``greencode_request_errors_total``) by :class:`ErrorCounter`, which wraps the whole app,
+refusals before the routes included; a stream that fails after its 200 counts as
+``greencode_requests_total{outcome="error"}``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from greencode.prefix_cache import PrefixCacheStats
+from serve_app.formats import protocol_of
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
 
@@ -48,6 +52,8 @@ class ServeMetrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
         self.cancelled = Counter("greencode_cancelled_requests", "requests whose client went away mid-generation",
                                  labels, registry=self.registry)
+        self.errors = Counter("greencode_request_errors", "HTTP answers with a 4xx/5xx status", labels + ["status"],
+                              registry=self.registry)
         spec = ["replica", "gate"]  # gate: the drafting gate of lossless requests, e.g. "lossless-policy"
         self.spec_counts = {
             key: Counter(f"greencode_lossless_{key}", doc, spec, registry=self.registry)
@@ -119,12 +125,43 @@ class ServeMetrics:
     def record_cancelled(self, protocol: str) -> None:
         self.cancelled.labels(self.replica, protocol).inc()
 
+    def record_error(self, protocol: str, status: int) -> None:
+        self.errors.labels(self.replica, protocol, str(status)).inc()
+
     def watch_prefix_cache(self, stats: Callable[[], PrefixCacheStats]) -> None:
         """Export the replica's prefix cache, read at scrape time (its counters live under the cache's lock)."""
         self.registry.register(_PrefixCacheCollector(self.replica, stats))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class ErrorCounter:
+    """ASGI middleware: reports the status of every 4xx/5xx answer (and of an exception that becomes a 500)."""
+
+    def __init__(self, app: Any, *, record: Callable[[str, int], None]) -> None:
+        self.app, self.record = app, record
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        protocol, started = protocol_of(scope["path"]), False
+
+        async def counted(message: dict[str, Any]) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                if message["status"] >= 400:
+                    self.record(protocol, message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted)
+        except Exception:
+            if not started:  # Starlette's outermost handler answers it with a 500
+                self.record(protocol, 500)
+            raise
 
 
 class _PrefixCacheCollector:

@@ -9,7 +9,7 @@ sends. Clients send fields we do not implement (``top_k``, ``repetition_penalty`
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -90,6 +90,19 @@ class GenerationKnobs(GateKnobs):
         return sorted(set(super().ignored()) | set(nested))
 
 
+@dataclass(frozen=True)
+class Fields:
+    """Where a protocol's body keeps what the request limits check, so a refusal names the field the client sent."""
+
+    prompt: str = "prompt"
+    knobs: str | None = None  # the object holding stop / max tokens (TGI 'parameters', Ollama 'options'), or top level
+    max_new_tokens: str = "max_tokens"
+    sequences: str = "n"
+
+    def knob(self, name: str) -> str:
+        return f"{self.knobs}.{name}" if self.knobs else name
+
+
 @dataclass
 class Ask:
     """What every protocol asks for, before server defaults and the tokenizer are applied."""
@@ -104,17 +117,20 @@ class Ask:
     gate: dict[str, Any] = field(default_factory=dict)
     ignored: list[str] = field(default_factory=list)
     include_prompt: bool = False
+    fields: Fields = Fields()
     cache_prompt: bool | None = None
     lossless: bool | None = None
 
 
-def _knobs_ask(prompt: str, knobs: GenerationKnobs | None, suffix: str | None = None,
+def _knobs_ask(prompt: str, knobs: GenerationKnobs | None, fields: Fields, suffix: str | None = None,
                ignored: list[str] | None = None) -> Ask:
     knobs = knobs or GenerationKnobs()
     flat = knobs.flattened()
     temperature = flat.temperature
     if temperature is None and flat.do_sample:
         temperature = 1.0
+    if flat.max_new_tokens is None and flat.num_predict is not None:
+        fields = replace(fields, max_new_tokens="num_predict")
     return Ask(
         prompt=prompt,
         suffix=suffix,
@@ -126,6 +142,7 @@ def _knobs_ask(prompt: str, knobs: GenerationKnobs | None, suffix: str | None = 
         gate=flat.gate_fields(),
         ignored=sorted(set(knobs.ignored()) | set(ignored or [])),
         include_prompt=bool(flat.return_full_text),
+        fields=fields,
         cache_prompt=flat.cache_prompt,
         lossless=flat.lossless,
     )
@@ -142,7 +159,8 @@ class TGIRequest(_Body):
     stream: bool | None = Field(False, description="only read on POST /: true answers with SSE")
 
     def to_ask(self) -> Ask:
-        return _knobs_ask(self.inputs, self.parameters, ignored=self.ignored())
+        return _knobs_ask(self.inputs, self.parameters, Fields("inputs", "parameters", "max_new_tokens"),
+                          ignored=self.ignored())
 
 
 # --------------------------------------------------------------------------- Ollama / llm-vscode
@@ -173,7 +191,9 @@ class OllamaRequest(_Body):
         if self.options is not None and self.parameters is not None:
             merged = {**self.parameters.model_dump(exclude_none=True), **self.options.model_dump(exclude_none=True)}
             knobs = GenerationKnobs.model_validate(merged)
-        return _knobs_ask(prompt or "", knobs, suffix=self.suffix, ignored=self.ignored())
+        fields = Fields("prompt" if self.prompt is not None else "inputs",
+                        "options" if self.options is not None else "parameters", "max_new_tokens")
+        return _knobs_ask(prompt or "", knobs, fields, suffix=self.suffix, ignored=self.ignored())
 
 
 class OllamaShowRequest(_Body):

@@ -41,6 +41,17 @@ def make_tiny(arch: str = "llama", num_layers: int = 12, vocab_size: int = 49152
     return wrap_model(model, tokenizer, ExitConfig(exit_points=exit_points) if exit_points else None)
 
 
+def poison(lm, token: int) -> None:
+    """Give ``token`` a NaN embedding: a row that feeds it to the model gets NaN logits from then on.
+
+    The tiny models tie the LM head to the embeddings; it is untied first, or every row's logits would hold NaN.
+    """
+    head = lm.model.get_output_embeddings()
+    head.weight = torch.nn.Parameter(head.weight.detach().clone())
+    with torch.no_grad():
+        lm.model.get_input_embeddings().weight[token] = float("nan")
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     """The embedded SmolLM2 tokenizer (converted once into the GreenCode cache)."""

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import make_tiny
+from conftest import make_tiny, poison
 from greencode.config import GenerationConfig
 from greencode.gates import ConfidenceGate, FixedGate, FullGate, PolicyGate
 from greencode.generate import GatedGenerator
@@ -177,6 +177,44 @@ def test_stop_sequence_and_eos(tokenizer):
     eos = gen.generate(["def f(x):"], FullGate(), GenerationConfig(max_new_tokens=10))[0]
     assert eos.finish_reason == "eos_token"
     assert eos.token_ids == free.token_ids[: free.token_ids.index(free.token_ids[2]) + 1]
+
+
+def test_a_row_whose_prompt_breaks_the_model_fails_alone(lm):
+    gen = GatedGenerator(lm)
+    free = gen.generate(PROMPTS, FullGate(), GREEDY)
+    poison(lm, 4000)  # only in PROMPTS[2]
+    *steps, finished = gen.stream(PROMPTS, FullGate(), GREEDY)
+    failed = [e for events in steps for e in events if e.finish_reason == "error"]
+    assert [(e.row, e.token_id, e.text) for e in failed] == [(2, None, "")] and "non-finite" in failed[0].error
+    broken, *rest = finished.results[2], *finished.results[:2]
+    assert broken.finish_reason == "error" and broken.token_ids == [] and broken.error == failed[0].error
+    assert [r.token_ids for r in rest] == [r.token_ids for r in free[:2]] and all(r.error is None for r in rest)
+    sampled = gen.generate(PROMPTS, FullGate(), GenerationConfig(max_new_tokens=12, temperature=0.7, seed=1))
+    assert [r.finish_reason for r in sampled] == ["length", "length", "error"]  # no raise, no NaN draw
+
+
+def test_a_row_that_breaks_midway_keeps_its_tokens_and_fails_alone():
+    lm = make_tiny("llama")
+    gen = GatedGenerator(lm)
+    free = gen.generate(PROMPTS, FullGate(), GREEDY)
+    said = free[0].token_ids[0]
+    assert all(said not in r.token_ids for r in free[1:])  # the tiny model's rows say different tokens
+    poison(lm, said)  # row 0 breaks once its first token is fed back
+    results = gen.generate(PROMPTS, FullGate(), GREEDY)
+    assert results[0].finish_reason == "error" and results[0].token_ids == [said]
+    assert [r.token_ids for r in results[1:]] == [r.token_ids for r in free[1:]]
+
+
+def test_streamed_text_joins_to_the_whole_text(tokenizer):
+    """Every token event's text, joined, is the result's text (held back while a stop sequence may start)."""
+    gen = GatedGenerator(make_tiny("llama", tokenizer=tokenizer))
+    free = gen.generate(["def f(x):"], FullGate(), GenerationConfig(max_new_tokens=12))[0]
+    for stop in ([], [free.text[4:7]], [free.text[-2:] + "never"]):
+        cfg = GenerationConfig(max_new_tokens=12, stop=stop)
+        *steps, finished = gen.stream(["def f(x):"], FullGate(), cfg)
+        [result] = finished.results
+        assert "".join(e.text for events in steps for e in events) == result.text
+        assert free.text.startswith(result.text) and not any(s in result.text for s in stop)
 
 
 def test_energy_is_measured_and_split_over_the_batch(lm, tmp_path, monkeypatch):

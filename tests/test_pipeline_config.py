@@ -36,6 +36,8 @@ def _cluster(path: Path) -> None:
     types = config["available_node_types"]
     assert any("GPU" in t["resources"] for t in types.values())
     assert "GPU" not in types[config["head_node_type"]]["resources"]
+    [start] = [c for c in config["head_start_ray_commands"] if " start " in c]
+    assert "--dashboard-host=127.0.0.1" in start  # its job API runs any command: reached over `ray dashboard` SSH
     setup = " ".join(config.get("initialization_commands", []) + config.get("setup_commands", []))
     # shared storage holds pickled checkpoints: never world-writable
     assert not re.search(r"chmod\s+(-R\s+)?(0?[0-7][0-7][2367]\b|[ao]\+w)", setup), setup

@@ -10,12 +10,13 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from conftest import make_tiny
+from conftest import make_tiny, poison
 from greencode.config import GenerationConfig, SpeculativeConfig
 from greencode.gates import ConfidenceGate, FixedGate, FullGate, PolicyGate
 from greencode.generate import GatedGenerator
 from greencode.modeling import model_fingerprint
 from greencode.policy import ExitPolicy
+from greencode.sampling import pick_tokens
 from greencode.speculative import (
     LosslessGenerator,
     SpeculativeStats,
@@ -170,7 +171,7 @@ def test_cache_holds_the_full_models_kv(lm):
         seq, logits = start(gen, prompt)
         tokens = [int(logits.argmax())]
         while len(tokens) < N_NEW:
-            out, _, _ = gen.round(seq, tokens[-1], gate, 4, GREEDY, None, stats)
+            out = gen.round(seq, tokens[-1], gate, 4, GREEDY, None, stats).tokens
             tokens += out
         assert seq.length == len(prompt) + len(tokens) - 1  # the last token is not fed yet
         ref = DynamicCache(config=lm.model.config)
@@ -208,7 +209,7 @@ def test_each_row_adapts_its_draft_length(lm):
         for _ in range(6):
             before, stats = seq.acceptance, SpeculativeStats()
             budgets.append(gen.budget(seq, gate, N_NEW, spec))
-            out, _, _ = gen.round(seq, token, gate, budgets[-1], cfg, None, stats)
+            out = gen.round(seq, token, gate, budgets[-1], cfg, None, stats).tokens
             token = out[-1]
             assert stats.drafted == budgets[-1] and stats.accepted == len(out) - 1
             if stats.drafted:
@@ -293,13 +294,40 @@ def test_result_reports_stats_time_and_unmeasured_energy(lm):
 # --------------------------------------------------------------------------- sampling
 
 
-def test_sampling_probs_is_what_the_generator_samples_from(lm):
+def test_sampling_probs_is_what_the_generator_samples_from():
+    """``sampling_probs`` is pick_tokens' distribution: the same draws for the same seed, normalised and
+    finite, also at the rule's edges (a temperature below the greedy limit, a top-p under the top token's
+    probability, a row holding NaN, one holding inf)."""
     logits = torch.randn(64, 50) * 3
-    cfg = GenerationConfig(temperature=0.7, top_p=0.8)
-    picked = GatedGenerator(lm)._pick(logits, cfg, torch.Generator().manual_seed(0))
-    ours = torch.multinomial(sampling_probs(logits, 0.7, 0.8), 1, generator=torch.Generator().manual_seed(0))
-    assert picked.tolist() == ours.squeeze(-1).tolist()
-    assert torch.allclose(sampling_probs(logits, 0.7, 0.8).sum(-1), torch.ones(64))
+    logits[5, 7], logits[9, 3] = float("nan"), float("inf")
+    for temperature, top_p in ((0.7, 0.8), (1.0, 1e-300), (1e-6, 0.9), (2.0, 1.0)):
+        picked = pick_tokens(logits, temperature, top_p, torch.Generator().manual_seed(0))
+        probs = sampling_probs(logits, temperature, top_p)
+        ours = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(0)).squeeze(-1)
+        assert picked.tokens.tolist() == ours.tolist(), (temperature, top_p)
+        assert bool(torch.isfinite(probs).all()) and torch.allclose(probs.sum(-1), torch.ones(64))
+
+
+@pytest.mark.parametrize("gate_name", ["fixed-first", "full"])  # the break found by a verification / at full depth
+def test_a_row_whose_logits_break_fails_alone(gate_name):
+    """Non-finite logits end only their row, with finish_reason 'error' after the tokens before them: at the
+    first token (a NaN in the prompt) and later (its first token fed back); the other rows stay exact."""
+    lm = tiny("llama")
+    gen, gate = LosslessGenerator(lm), GATES[gate_name](lm)
+    free = gen.generate(PROMPTS, gate, GREEDY)
+    said = free[0].token_ids[0]
+    assert all(said not in r.token_ids + p for r, p in zip(free[1:], PROMPTS[1:])) and said not in PROMPTS[0]
+    poison(lm, said)  # row 0 breaks once its first token is fed back
+    poison(lm, PROMPTS[2][2])  # row 2 from its prompt pass on
+    *steps, finished = gen.stream(PROMPTS, gate, GREEDY)
+    failed = [e for events in steps for e in events if e.finish_reason == "error"]
+    assert [(e.row, e.token_id) for e in failed] == [(0, None), (2, None)] and "non-finite" in failed[0].error
+    broken, fine, broken_prompt = finished.results
+    assert broken.finish_reason == "error" and broken.token_ids == [said] and broken.error == failed[0].error
+    assert broken_prompt.finish_reason == "error" and broken_prompt.token_ids == []
+    assert fine.token_ids == free[1].token_ids and fine.error is None
+    sampled = gen.generate(PROMPTS, gate, GREEDY.model_copy(update={"temperature": 0.7, "seed": 1}))
+    assert sampled[2].finish_reason == "error"  # no raise, no NaN draw
 
 
 def tv(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -335,9 +363,9 @@ def test_sampled_tokens_follow_the_full_model():
     seq, _ = start(gen, prompt, cfg)
     samples = []
     for _ in range(n):
-        out, _, _ = gen.round(seq, first, gate, 2, cfg, rng, stats)
+        out = gen.round(seq, first, gate, 2, cfg, rng, stats).tokens
         if len(out) < 2:
-            out += gen.round(seq, out[-1], gate, 2, cfg, rng, stats)[0]
+            out += gen.round(seq, out[-1], gate, 2, cfg, rng, stats).tokens
         samples.append(out[:2])
         gen.truncate(seq, len(prompt))  # back to the context for the next sample
     assert 0 < stats.accepted < stats.drafted

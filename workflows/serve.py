@@ -13,7 +13,7 @@ import logging
 import os
 from pathlib import Path
 
-from greencode.config import ConfigError, ServeConfig
+from greencode.config import LOOPBACK_HOSTS, ConfigError, ServeConfig
 from serve_app.app import ModelLoader, build_app_with_loader
 from workflows.common import ConfigCommand, Flag, cli_errors, init_ray, setup_logging
 
@@ -42,7 +42,12 @@ COMMAND.parser.add_argument("--port", type=int, default=8000, help="HTTP port (d
 
 def parse(argv: list[str] | None) -> tuple[ServeConfig, argparse.Namespace]:
     """The config of ``argv`` (--api-key falls back to $GREENCODE_API_KEY); a missing policy file is refused here,
-    before Ray starts."""
+    before Ray starts.
+
+    A non-loopback ``--host`` is reached under names the server cannot know, so unless the config names
+    ``allowed_hosts`` itself every Host is served there (the Host check guards loopback servers against DNS
+    rebinding; an exposed server relies on its API key).
+    """
     args = COMMAND.parser.parse_args(argv)
     setup_logging(args.verbose)
     if args.flag_api_key is None:
@@ -50,6 +55,11 @@ def parse(argv: list[str] | None) -> tuple[ServeConfig, argparse.Namespace]:
     cfg = COMMAND.config(args)
     if cfg.policy_path and not Path(cfg.policy_path).is_file():
         raise ConfigError(f"policy_path: file not found: {cfg.policy_path}")
+    if args.host not in LOOPBACK_HOSTS and "allowed_hosts" not in cfg.model_fields_set:
+        cfg.allowed_hosts = ["*"]
+        if cfg.api_key is None:
+            log.warning("serving on %s without an API key: anyone who reaches this address can use the model "
+                        "(set --api-key or $GREENCODE_API_KEY)", args.host)
     return cfg, args
 
 

@@ -1,0 +1,104 @@
+"""Request limits, checked before any model work (the checks of TGI's ``validation.rs``, per protocol).
+
+Every check returns ``None`` or a :class:`Violation` naming the offending field; the app turns a
+violation into a 4xx in the calling client's shape (``status=None``: the protocol's "invalid
+request" status, 422 for TGI, 400 otherwise; 413 for an oversized body). Order of use:
+
+1. ``check_content_length`` on the headers, then the byte count while the body is read (413);
+2. ``invalid_unicode`` on the parsed JSON: a lone surrogate (``"\\ud800"`` is valid JSON, and
+   the JSON decoder also lets UTF-8-encoded surrogates through) anywhere, key or value, would
+   fail later in the tokenizer or in the response encoder;
+3. ``check_request`` on what the request asks for, before tokenizing (prompt characters bound
+   the tokenizer's work; the token count is then checked against the context limit).
+
+The limits themselves are deployment config: ``ServeConfig.limits`` (greencode/config.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from greencode.config import RequestLimits
+
+
+@dataclass(frozen=True)
+class Violation:
+    """A refused request: what is wrong, the field to name, and the HTTP status (None: the protocol's 4xx)."""
+
+    message: str
+    param: str | None
+    status: int | None = None
+
+
+def check_content_length(value: str | None, limits: RequestLimits) -> Violation | None:
+    """The ``Content-Length`` header against ``max_body_bytes`` (a chunked body is counted as it arrives)."""
+    if value is None:
+        return None
+    try:
+        size = int(value)
+    except ValueError:
+        return Violation(f"Content-Length is not a number: {value[:40]!r}", None, 400)
+    return body_too_large(size, limits)
+
+
+def body_too_large(size: int, limits: RequestLimits) -> Violation | None:
+    if size <= limits.max_body_bytes:
+        return None
+    return Violation(f"request body is {size} bytes or more; this server accepts at most {limits.max_body_bytes}",
+                     None, 413)
+
+
+def _escaped(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def invalid_unicode(value: Any, path: str = "") -> Violation | None:
+    """The first string (value or object key) in a parsed JSON body that is not valid Unicode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            where = path or "body"
+            return Violation(f"{where}: string holds a lone surrogate {_escaped(value[err.start])} at index "
+                             f"{err.start}: send valid UTF-8 text", path or None)
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            key_path = f"{path}.{_escaped(key)}" if path else _escaped(key)
+            if (bad := invalid_unicode(key, f"{key_path} (key)")) is not None:
+                return bad
+            if (bad := invalid_unicode(item, key_path)) is not None:
+                return bad
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if (bad := invalid_unicode(item, f"{path}.{i}" if path else str(i))) is not None:
+                return bad
+    return None
+
+
+def check_request(limits: RequestLimits, *, prompts: Sequence[str], prompt_field: str, suffix: str | None = None,
+                  stop: Sequence[str] = (), stop_field: str = "stop", max_new_tokens: int | None = None,
+                  max_new_tokens_field: str = "max_new_tokens", sequences: int = 1,
+                  sequences_field: str = "n") -> Violation | None:
+    """What one request asks for, in the field names of its protocol (``parameters.stop``, ``max_tokens``...)."""
+    if sequences > limits.max_sequences:
+        return Violation(f"{sequences_field}: this request asks for {sequences} sequences (prompts x n); "
+                         f"the server allows {limits.max_sequences} per request", sequences_field)
+    for prompt in prompts:
+        chars = len(prompt) + len(suffix or "")
+        if chars > limits.max_prompt_chars:
+            return Violation(f"{prompt_field}: the prompt is {chars} characters; the server accepts at most "
+                             f"{limits.max_prompt_chars}", prompt_field)
+    if len(stop) > limits.max_stop_sequences:
+        return Violation(f"{stop_field}: {len(stop)} stop sequences; the server accepts at most "
+                         f"{limits.max_stop_sequences}", stop_field)
+    for i, s in enumerate(stop):
+        if len(s) > limits.max_stop_chars:
+            return Violation(f"{stop_field}.{i}: a stop sequence of {len(s)} characters; the server accepts at most "
+                             f"{limits.max_stop_chars}", stop_field)
+    if max_new_tokens is not None and max_new_tokens > limits.max_new_tokens:
+        return Violation(f"{max_new_tokens_field}: {max_new_tokens} new tokens asked; the server allows at most "
+                         f"{limits.max_new_tokens}", max_new_tokens_field)
+    return None
