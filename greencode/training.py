@@ -268,7 +268,8 @@ class LiteStepper:
         step = self.step
         for i, (input_ids, attention_mask) in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if last or not hasattr(self.objective, "no_sync") else self.objective.no_sync()
+            defer_sync = not last and hasattr(self.objective, "no_sync")  # DDP: all-reduce on the last micro-batch
+            sync = self.objective.no_sync() if defer_sync else contextlib.nullcontext()
             with sync:
                 with autocast(self.cfg.precision, self.device):
                     loss, losses = self.objective(input_ids, attention_mask, step=step, micro=i)
