@@ -65,9 +65,9 @@ BASE = {"seq_len": 128, "batch_size": 4, "grad_accum": 1, "precision": "bf16", "
 DEEP = {"first_half_budget": 0.0}  # only the second-half exits (18, 22, 26 on 30 layers) and the final layer
 RECIPES: dict[str, dict[str, Any]] = {
     "old-demo": {"precision": "fp32", "optim": {"lr": 2e-4}},  # the demo before issue 10: decaying, final 0.1
-    # workflows/presets/demo.yaml: dataset labels on the deep exits + final, anchored to the base model
-    "demo": {"loss": {"second_half_budget": 0.5, "final_budget": 0.5, "anchor_weight": 0.5, **DEEP},
-             "optim": {"lr": 1e-4}},
+    # workflows/presets/demo.yaml: self-distillation on the deep exits + final, anchored to the base model
+    "demo": {"loss": {"target": "distill", "second_half_budget": 0.5, "final_budget": 0.5, "anchor_weight": 2.0,
+                      **DEEP}, "optim": {"lr": 1e-4}},
     "dataset": {"loss": {"final_budget": 0.5}},
     "distill": {"loss": {"target": "distill", "final_budget": 0.5}},
     "mix": {"loss": {"target": "mix", "final_budget": 0.5}},
