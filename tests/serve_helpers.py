@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import pytest
 import torch
 
 import conftest
@@ -193,9 +194,23 @@ def abuse_loader(cfg):
 ABUSE_CONFIG = {"max_batch_size": 8, "batch_wait_timeout_s": 0.05}  # every request here names its max tokens
 
 
-def abuse_server(request) -> Iterator[str]:
-    """Body of the ``server`` fixture of the modules with ``SERVE_APP = "abuse"``."""
+@pytest.fixture(scope="module")
+def server(request) -> Iterator[str]:
+    """The real Serve app on 127.0.0.1 of a module with ``SERVE_APP = "abuse"``; modules serving another app define
+    their own ``server``, which takes precedence (tests/conftest.py registers this module as a plugin)."""
     yield from shared_app(request, "abuse", lambda: ABUSE_CONFIG, abuse_loader)
+
+
+@pytest.fixture(scope="module")
+def http(server) -> Iterator[httpx.Client]:
+    """An HTTP client of the abuse app (the slowest request, a 2 MiB body, stays well within its timeout)."""
+    with httpx.Client(base_url=server, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def plan(tokenizer) -> AbuseScripts:
+    return AbuseScripts.build(tokenizer)
 
 
 def save_policy(path) -> str:

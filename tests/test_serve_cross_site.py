@@ -15,21 +15,10 @@ import pytest
 from greencode.config import RequestLimits
 from serve_app.guard import Guard, host_allowed, host_name, is_json_content_type, origin_allowed
 from serve_app.metrics import ErrorCounter
-from serve_helpers import PROTOCOL_IDS, PROTOCOLS, TGI, abuse_server, assert_error
+from serve_helpers import PROTOCOL_IDS, PROTOCOLS, TGI, assert_error
 
 SERVE_APP = "abuse"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-@pytest.fixture(scope="module")
-def server(request):
-    yield from abuse_server(request)
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server, timeout=60) as client:
-        yield client
 
 
 # --------------------------------------------------------------------------- serve_app/guard.py (no Ray)

@@ -12,21 +12,10 @@ import json
 import httpx
 import pytest
 
-from serve_helpers import OLLAMA, OPENAI, PROMPT, PROTOCOL_IDS, PROTOCOLS, TGI, abuse_server, assert_error
+from serve_helpers import OLLAMA, OPENAI, PROMPT, PROTOCOL_IDS, PROTOCOLS, TGI, assert_error
 
 SERVE_APP = "abuse"
 JSON = {"content-type": "application/json"}
-
-
-@pytest.fixture(scope="module")
-def server(request):
-    yield from abuse_server(request)
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server, timeout=60) as client:
-        yield client
 
 
 def send(http, path: str, body: dict) -> httpx.Response:

@@ -6,26 +6,14 @@ shape. The server runs with the default RequestLimits, so the payloads here are 
 
 import json
 
-import httpx
 import pytest
 
 from greencode.config import RequestLimits
 from serve_app.limits import body_too_large, check_content_length, check_request, invalid_unicode
-from serve_helpers import OLLAMA, OPENAI, PROTOCOL_IDS, PROTOCOLS, TGI, abuse_server, assert_error, metric
+from serve_helpers import OLLAMA, OPENAI, PROTOCOL_IDS, PROTOCOLS, TGI, assert_error, metric
 
 SERVE_APP = "abuse"
 LIMITS = RequestLimits()
-
-
-@pytest.fixture(scope="module")
-def server(request):
-    yield from abuse_server(request)
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server, timeout=120) as client:
-        yield client
 
 
 # --------------------------------------------------------------------------- serve_app/limits.py (no Ray)

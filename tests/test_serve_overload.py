@@ -15,15 +15,10 @@ import pytest
 
 from greencode.config import AdmissionLimits
 from serve_app.admission import Admission, Overloaded, TimedOut
-from serve_helpers import PROMPT, PROTOCOLS, TGI, abuse_server, assert_error, metric
+from serve_helpers import PROMPT, PROTOCOLS, TGI, assert_error, metric
 
 SERVE_APP = "abuse"
 LIMITS = AdmissionLimits()
-
-
-@pytest.fixture(scope="module")
-def server(request):
-    yield from abuse_server(request)
 
 
 # --------------------------------------------------------------------------- serve_app/admission.py (no Ray)

@@ -11,22 +11,11 @@ import json
 import httpx
 import pytest
 
-from serve_helpers import PROMPT, PROTOCOL_IDS, PROTOCOLS, TGI, abuse_server, assert_error
+from serve_helpers import PROMPT, PROTOCOL_IDS, PROTOCOLS, TGI, assert_error
 
 SERVE_APP = "abuse"
 GREEDY = " x x x x"  # what greedy decoding says for PROMPT in 4 tokens
 JSON = {"content-type": "application/json"}
-
-
-@pytest.fixture(scope="module")
-def server(request):
-    yield from abuse_server(request)
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server, timeout=60) as client:
-        yield client
 
 
 def completion(http, protocol, **knobs) -> str:

@@ -18,8 +18,6 @@ from serve_helpers import (
     PROTOCOL_IDS,
     PROTOCOLS,
     TGI,
-    AbuseScripts,
-    abuse_server,
     assert_error,
     check_error_body,
     metric,
@@ -27,22 +25,6 @@ from serve_helpers import (
 
 SERVE_APP = "abuse"
 SAID_BEFORE_FAILING = " one two three poison"
-
-
-@pytest.fixture(scope="module")
-def server(request):
-    yield from abuse_server(request)
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server, timeout=60) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def plan(tokenizer) -> AbuseScripts:
-    return AbuseScripts.build(tokenizer)
 
 
 def stream(http, protocol, prompt: str, **knobs):

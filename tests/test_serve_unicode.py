@@ -6,29 +6,12 @@ stop sequence that spans tokens (or sits inside split characters) must not leak 
 either (greencode/detokenize.py releases the text inside the generator).
 """
 
-import httpx
 import pytest
 
-from serve_helpers import OLLAMA, PROTOCOL_IDS, PROTOCOLS, TGI, AbuseScripts, abuse_server
+from serve_helpers import OLLAMA, PROTOCOL_IDS, PROTOCOLS, TGI
 
 SERVE_APP = "abuse"
 MAX_NEW = 64  # more than any script: every script ends with EOS
-
-
-@pytest.fixture(scope="module")
-def server(request):
-    yield from abuse_server(request)
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server, timeout=60) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def plan(tokenizer) -> AbuseScripts:
-    return AbuseScripts.build(tokenizer)
 
 
 def complete(http, protocol, prompt: str, **knobs) -> str:
