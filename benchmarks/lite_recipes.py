@@ -5,6 +5,7 @@
     .venv/bin/python -m benchmarks.lite_recipes --steps 30 --recipe 'mine: loss.target=mix optim.lr=1e-4'
     .venv/bin/python -m benchmarks.lite_recipes --timing 3                        # per-step cost only
     .venv/bin/python -m benchmarks.lite_recipes --steps 60 --recipes distill-deep --save /tmp/recipes
+    .venv/bin/python -m benchmarks.lite_recipes --steps 30 --recipes demo --translators 20480  # + translators
     .venv/bin/greencode eval --model /tmp/recipes/distill-deep --base-model embedded --gates full ...
 
 Every recipe starts from the same model (the embedded SmolLM2-135M unless ``--model``) and trains,
@@ -19,6 +20,11 @@ seconds of training, whichever comes first. It is then scored on held-out blocks
   is the starting point).
 
 Scoring always runs in fp32 (as the model is served), whatever precision a recipe trains in.
+
+``--translators TOKENS`` adds, for the untuned model and after every recipe, a row scored with exit
+translators fit on that model (greencode.translators, closed form at ``--translator-ridge``) from the
+first TOKENS training tokens: LITE, translators on the frozen base model, and translators on a LITE
+model side by side on the same held-out blocks.
 
 ``--timing N`` instead measures the per-step cost of each recipe: N rounds, each building every
 recipe fresh and timing its second step on one fixed batch, recipes interleaved so that load from
@@ -55,6 +61,7 @@ from greencode.training import (
     build_scheduler,
     exit_predictions,
 )
+from greencode.translators import ExitTranslators, collect_stats
 
 log = logging.getLogger("benchmarks.lite_recipes")
 CPU = torch.device("cpu")
@@ -176,7 +183,7 @@ def new_stepper(base: EarlyExitModel, recipe: Recipe) -> tuple[EarlyExitModel, L
 
 
 def train(base: EarlyExitModel, recipe: Recipe, data: Data, args: argparse.Namespace,
-          reference: torch.Tensor) -> Result:
+          reference: torch.Tensor) -> tuple[Result, EarlyExitModel]:
     cfg = recipe.cfg
     blocks = data.train(cfg.seq_len)
     sampler = BlockSampler(len(blocks), cfg.batch_size, cfg.grad_accum, seed=cfg.seed)
@@ -191,10 +198,34 @@ def train(base: EarlyExitModel, recipe: Recipe, data: Data, args: argparse.Names
     if args.save:
         with atomic_path(Path(args.save) / recipe.name, directory=True) as tmp:
             save_model_dir(lm.model, lm.tokenizer, exit_plan(lm, cfg, len(times)), tmp)
+    return score(lm, recipe, data, reference, len(times), times), lm
+
+
+def score(lm: EarlyExitModel, recipe: Recipe, data: Data, reference: torch.Tensor, steps: int,
+          times: list[float]) -> Result:
     preds, targets = exit_predictions(lm, data.val_batches, "fp32")  # as served, and as the reference was
     agree = (preds == reference[-1]).double().mean(dim=1).tolist()
-    return Result(recipe, len(times), sum(times), times, float((preds[-1] == targets).double().mean()),
-                  agree[-1], agree[:-1])
+    return Result(recipe, steps, sum(times), times, float((preds[-1] == targets).double().mean()), agree[-1],
+                  agree[:-1])
+
+
+def with_translators(lm: EarlyExitModel, name: str, data: Data, args: argparse.Namespace,
+                     reference: torch.Tensor) -> Result:
+    """``lm`` scored with exit translators fit on it (closed form, ``--translator-ridge``) from the first
+    ``--translators`` training tokens; the seconds are the fit's (one forward pass and the solves)."""
+    started = time.perf_counter()
+    blocks = data.train(args.val_seq_len)
+    count = min(len(blocks), -(-args.translators // args.val_seq_len))
+    stats = collect_stats(lm, (blocks.batch(slice(s, min(s + 4, count)), CPU) for s in range(0, count, 4)))
+    translators = ExitTranslators(lm.exit_points, lm.hidden_size, {"model_fingerprint": lm.fingerprint})
+    for i, layer in enumerate(lm.exit_points):
+        translators.set_map(layer, *stats.solve(i, args.translator_ridge))
+    seconds = time.perf_counter() - started
+    lm.attach_translators(translators)
+    try:
+        return score(lm, Recipe(f"{name} + translators", FinetuneConfig()), data, reference, 0, [seconds])
+    finally:
+        lm.attach_translators(None)
 
 
 def timing(base: EarlyExitModel, recipes: list[Recipe], data: Data, rounds: int) -> dict[str, list[float]]:
@@ -256,6 +287,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--csv", default=None, help="also write the results here")
+    p.add_argument("--translators", type=int, default=0, metavar="TOKENS",
+                   help="also score every model (the untuned one too) with exit translators fit on TOKENS training "
+                        "tokens: the recipes side by side with translators on a frozen model")
+    p.add_argument("--translator-ridge", type=float, default=0.01, help="ridge strength (x tokens) of those fits")
     p.add_argument("--save", default=None, metavar="DIR",
                    help="save each trained model as DIR/<recipe> (a model dir `greencode eval --model` loads)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -288,10 +323,13 @@ def main(argv: list[str] | None = None) -> None:
     reference, targets = exit_predictions(base, data.val_batches, "fp32")
     base_acc = float((reference[-1] == targets).double().mean())
     untuned = (reference[:-1] == reference[-1]).double().mean(dim=1).tolist()
-    results = []
+    results = [with_translators(base, "untuned", data, args, reference)] if args.translators else []
     for recipe in recipes:
-        results.append(train(base, recipe, data, args, reference))
-        r = results[-1]
+        result, lm = train(base, recipe, data, args, reference)
+        results.append(result)
+        if args.translators:
+            results.append(with_translators(lm, recipe.name, data, args, reference))
+        r = result
         log.info("%s done: %d steps in %.0f s; acc %.3f, final=base %.3f, exits %s", recipe.name, r.steps, r.seconds,
                  r.acc, r.final_agree, " ".join(f"{a:.3f}" for a in r.exit_agree))
     limit = " and ".join(x for x in (f"{args.steps} steps" if args.steps else "",

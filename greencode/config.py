@@ -52,6 +52,9 @@ class ModelConfig(_Strict):
     gguf_file: str | None = Field(None, description="GGUF file name inside a hub repo / dir")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights dtype")
     device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1' ...")
+    translators: str | None = Field(
+        None, description="exit translators to decode exits through (a dir written by `greencode fit-exits`); "
+        "None = the model dir's own if it holds them, else untranslated; 'none' = untranslated")
 
 
 # --------------------------------------------------------------------------- exits + loss
@@ -295,6 +298,31 @@ class LiteSweepConfig(_Strict):
     name: str = Field("lite_sweep", description="the sweep's dir under storage_path; a rerun resumes it")
     output_path: str = Field("runs/lite_sweep/best.yaml",
                              description="the best settings as a `finetune:` block for --config")
+
+
+# --------------------------------------------------------------------------- exit translators
+
+
+class FitExitsConfig(_Strict):
+    """`greencode fit-exits`: one affine map per exit onto the last layer's normalized state, fit in closed
+    form on a frozen model from statistics Ray Data sums over the training split (tuned lens)."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the (base or fine-tuned) model; unchanged")
+    data: DataConfig = Field(default_factory=DataConfig, description="the corpus (train / validation / test splits)")
+    exits: ExitConfig = Field(default_factory=ExitConfig, description="exit points to fit a translator for")
+    kind: Literal["affine", "identity"] = Field(
+        "affine", description="affine: a fitted map per exit; identity: decode exits untranslated (no fit)")
+    train_tokens: int = Field(20480, ge=2, description="training-split tokens the statistics are summed over")
+    validation_tokens: int = Field(2048, ge=1, description="validation-split tokens the ridge strength is picked on")
+    heldout_tokens: int = Field(2048, ge=0, description="test-split tokens the recorded agreement is measured on "
+                                "(0 = none)")
+    seq_len: int = Field(256, ge=8, description="tokens per block")
+    ridge_grid: list[Annotated[float, Field(gt=0)]] = Field(
+        default_factory=lambda: [1e-3, 1e-2, 1e-1], min_length=1,
+        description="ridge strengths (x tokens) tried per exit; the penalty pulls the map towards the identity")
+    blocks_per_task: int = Field(16, ge=1, description="blocks one Ray Data call sums statistics over")
+    num_workers: int = Field(1, ge=1, description="model actors of the Ray Data pool")
+    output_dir: str = Field("runs/translators", description="where the translators are written (atomically)")
 
 
 # --------------------------------------------------------------------------- shards + env + PPO
@@ -554,13 +582,15 @@ class ServeConfig(_Strict):
 # --------------------------------------------------------------------------- pipeline
 
 
-PipelineStage = Literal["finetune", "extract", "train_policy", "sweep", "evaluate"]
+PipelineStage = Literal["finetune", "fit_exits", "extract", "train_policy", "sweep", "evaluate"]
 
 
 # Keys of the stage sections that the pipeline fills in itself -> where they come from instead.
 PIPELINE_OWNED: dict[str, dict[str, str]] = {
     "finetune": {"model": "the top-level model", "data": "the top-level data", "exits": "the top-level exits",
                  "storage_path": "run_dir", "output_dir": "run_dir"},
+    "fit_exits": {"model": "the top-level model (fine-tuned)", "data": "the top-level data",
+                  "exits": "the top-level exits", "output_dir": "run_dir"},
     "extract": {"model": "the top-level model (fine-tuned)", "data": "the top-level data",
                 "exits": "the top-level exits", "split": "the stage (train; held-out shards: validation)",
                 "output_dir": "run_dir"},
@@ -587,6 +617,8 @@ class PipelineConfig(_Strict):
     stages: list[PipelineStage] = Field(default_factory=lambda: ["finetune", "extract", "train_policy", "evaluate"],
                                         description="stages to run, in pipeline order")
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="the fine-tuning stage")
+    fit_exits: FitExitsConfig = Field(default_factory=FitExitsConfig,
+                                      description="the exit-translator stage (after fine-tuning, before extraction)")
     extract: ExtractConfig = Field(default_factory=ExtractConfig, description="the training-shard extraction stage")
     heldout_samples: int = Field(50, ge=1, description="samples extracted from the validation split to score policies")
     policy: PolicyTrainConfig = Field(default_factory=PolicyTrainConfig, description="the policy stage")

@@ -84,7 +84,8 @@ def extract_rows(lm: EarlyExitModel, samples: Sequence[Sample], tokens_per_sampl
     for sample, result in zip(samples, generated):
         new = list(result.token_ids)
         hidden = result.exit_states  # Shape: [T, n, H]
-        predictions = lm.decode(hidden).argmax(dim=-1).cpu().tolist()  # [T, n]
+        predictions = torch.stack([lm.decode_exit(hidden[:, i], k).argmax(dim=-1)
+                                   for i, k in enumerate(lm.exit_points)], dim=1).cpu().tolist()  # [T, n]
         hidden_np = hidden.float().cpu().numpy()
         for t, token in enumerate(new):
             rows.append(

@@ -15,7 +15,7 @@ import torch
 from greencode.config import GateConfig
 from greencode.policy import ExitPolicy
 
-Decode = Callable[[torch.Tensor], torch.Tensor]
+Decode = Callable[[torch.Tensor, int], torch.Tensor]  # (hidden [B, H], exit layer) -> logits: lm.decode_exit
 
 
 class Gate:
@@ -74,7 +74,7 @@ class ConfidenceGate(Gate):
         self.confidence = confidence
 
     def exit_mask(self, hidden, layer, decode):
-        logits = decode(hidden)
+        logits = decode(hidden, layer)
         top = torch.softmax(logits.float(), dim=-1).amax(dim=-1)
         return top >= self.confidence, logits
 

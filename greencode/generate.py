@@ -208,7 +208,8 @@ class GatedGenerator:
             if layer in decisions:
                 t0 = time.perf_counter()
                 rows = all_rows if n_active == bsz else active.nonzero().squeeze(1)
-                leave, gate_logits = gate.exit_mask(h[:, -1] if rows is all_rows else h[rows, -1], layer, lm.decode)
+                exiting = h[:, -1] if rows is all_rows else h[rows, -1]
+                leave, gate_logits = gate.exit_mask(exiting, layer, lm.decode_exit)
                 if bool(leave.any()):
                     left = rows[leave]
                     exit_layers[left] = layer
@@ -222,11 +223,14 @@ class GatedGenerator:
                 gate_time += time.perf_counter() - t0
 
         need = ~have_logits
-        if bool(need.any()):
-            fresh = lm.decode(h[need, -1])
-            if logits is None:
-                logits = fresh.new_empty(bsz, fresh.shape[-1])
-            logits[need] = fresh
+        if bool(need.any()):  # one LM-head call per exit layer the rows without logits left at
+            needing = exit_layers[need]
+            for layer in needing.unique().tolist():
+                rows = need.nonzero().squeeze(1)[needing == layer]
+                fresh = lm.decode_exit(h[rows, -1], layer)
+                if logits is None:
+                    logits = fresh.new_empty(bsz, fresh.shape[-1])
+                logits[rows] = fresh
         exit_states = torch.stack(states, dim=1) if len(states) == len(collect) and collect else None
         return StepOutput(logits.float(), exit_layers, gate_time, exit_states)
 

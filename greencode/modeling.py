@@ -24,6 +24,8 @@ from greencode.config import ExitConfig, ModelConfig
 from greencode.digests import file_digest, tree_digest
 from greencode.exits import resolve_exit_points
 from greencode.locks import FileLock
+from greencode.translators import META_FILE as TRANSLATORS_META
+from greencode.translators import ExitTranslators
 
 log = logging.getLogger(__name__)
 
@@ -207,11 +209,21 @@ class EarlyExitModel:
     exit_points: list[int]
     adapter: DecoderAdapter = field(init=False)
     fingerprint: str = field(init=False)
+    translators: ExitTranslators | None = field(default=None, init=False)  # None: exits decode untranslated
 
     def __post_init__(self) -> None:
         self.adapter = adapter_for(self.model)
         self.exit_points = list(self.exit_points)
         self.fingerprint = model_fingerprint(self.model)
+
+    def attach_translators(self, translators: ExitTranslators | None) -> None:
+        """Decode exits through ``translators`` from now on (None: untranslated); refused when they were fit
+        for another model (:class:`~greencode.translators.TranslatorMismatchError` names both fingerprints)."""
+        if translators is not None:
+            translators.check(self.fingerprint, self.exit_points, self.hidden_size)
+            head = next(self.adapter.lm_head.parameters())
+            translators = translators.to(device=head.device, dtype=head.dtype)
+        self.translators = translators
 
     @property
     def num_layers(self) -> int:
@@ -226,8 +238,21 @@ class EarlyExitModel:
         return next(self.model.parameters()).device
 
     def decode(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits of any layer's hidden state through the single final norm + LM head."""
+        """Logits of the last layer's hidden state through the single final norm + LM head."""
         return self.adapter.lm_head(self.adapter.final_norm(hidden))
+
+    def exit_normed(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
+        """What the LM head reads for a state that left after ``layer``: the final norm, then the exit's
+        translator (none at the last layer, or without translators)."""
+        normed = self.adapter.final_norm(hidden)
+        if self.translators is None or layer >= self.num_layers:
+            return normed
+        return self.translators(normed, layer)
+
+    def decode_exit(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
+        """Logits of a state that left the network after ``layer`` (1-based; ``num_layers`` = the full model):
+        the one way every gate, draft, shard and report decodes an exit."""
+        return self.adapter.lm_head(self.exit_normed(hidden, layer))
 
     def positions(self, attention_mask: torch.Tensor) -> torch.Tensor:
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -348,7 +373,16 @@ def resolve_model_path(cfg: ModelConfig) -> tuple[str, str | None]:
 
 def model_digest(model: ModelConfig) -> str | None:
     """The content digest of what a model spec loads: the embedded GGUF, a local file or dir, or for a
-    hub id the commit of its cached snapshot (``hf:<repo>@<commit>``); None when nothing local names it."""
+    hub id the commit of its cached snapshot (``hf:<repo>@<commit>``), plus its exit translators' when it
+    has some; None when nothing local names the model."""
+    weights = _weights_digest(model)
+    source = translators_path(model)
+    if weights is None or source is None or not source.exists():
+        return weights
+    return f"{weights}+translators:{tree_digest(source)}"
+
+
+def _weights_digest(model: ModelConfig) -> str | None:
     if model.name == "embedded":
         return tree_digest(embedded_gguf_path())
     path = Path(model.name)
@@ -400,7 +434,22 @@ def load_model(cfg: ModelConfig | None = None, exits: ExitConfig | None = None) 
     except OSError as err:
         raise FileNotFoundError(f"cannot load model {cfg.name!r}{_offline_hint()}: {err}") from None
     model.to(resolve_device(cfg.device)).eval()
-    return wrap_model(model, tokenizer, exits)
+    lm = wrap_model(model, tokenizer, exits)
+    source = translators_path(cfg)
+    if source is not None:
+        lm.attach_translators(ExitTranslators.load(source))
+        log.info("exits decode through the translators in %s", source)
+    return lm
+
+
+def translators_path(cfg: ModelConfig) -> Path | None:
+    """Where a model spec's exit translators are: ``cfg.translators``, else the model dir's own, else None."""
+    if cfg.translators == "none":
+        return None
+    if cfg.translators is not None:
+        return Path(cfg.translators)
+    own = Path(cfg.name)
+    return own if (own / TRANSLATORS_META).is_file() else None
 
 
 def wrap_model(model: nn.Module, tokenizer: Any, exits: ExitConfig | None = None) -> EarlyExitModel:

@@ -272,10 +272,10 @@ class LosslessGenerator(GatedGenerator):
         extra = torch.tensor(sorted({t for t in prompt if t >= size}), dtype=torch.long, device=weight.device)
         return Shortlist(size, extra, weight[extra])
 
-    def _shortlist_pick(self, shortlist: Shortlist, hidden: torch.Tensor) -> int:
-        """Greedy draft token of ``hidden`` ([1, 1, H] at an exit) over the shortlist."""
+    def _shortlist_pick(self, shortlist: Shortlist, hidden: torch.Tensor, layer: int) -> int:
+        """Greedy draft token of ``hidden`` ([1, 1, H] that left after ``layer``) over the shortlist."""
         head = self.lm.adapter.lm_head
-        x = self.lm.adapter.final_norm(hidden)[0, -1]
+        x = self.lm.exit_normed(hidden, layer)[0, -1]
         top = x @ head.weight[: shortlist.size].T
         if getattr(head, "bias", None) is not None:
             top = top + head.bias[: shortlist.size]
@@ -322,7 +322,7 @@ class LosslessGenerator(GatedGenerator):
                 exact_state = h
             if layer in decisions:
                 t0 = time.perf_counter()
-                leave, logits = gate.exit_mask(h[:, -1], layer, lm.decode)
+                leave, logits = gate.exit_mask(h[:, -1], layer, lm.decode_exit)
                 gate_time += time.perf_counter() - t0
                 if bool(leave[0]):
                     exact = min(layer, prefix_exact)
@@ -377,8 +377,9 @@ class LosslessGenerator(GatedGenerator):
         the shortlist (greedy) or the full head; a sampled draft keeps its distribution q for the accept test."""
         greedy = effective_temperature(cfg.temperature) == 0
         if gate_logits is None and greedy and seq.shortlist is not None:
-            return self._shortlist_pick(seq.shortlist, record.exit_state)
-        logits = (gate_logits if gate_logits is not None else self.lm.decode(record.exit_state[:, -1])).float()
+            return self._shortlist_pick(seq.shortlist, record.exit_state, record.ran)
+        logits = gate_logits if gate_logits is not None else self.lm.decode_exit(record.exit_state[:, -1], record.ran)
+        logits = logits.float()
         if greedy:  # broken draft logits give some token: the verification rejects it if it is wrong
             return int(pick_tokens(logits, 0.0).tokens[0])
         record.draft_probs = sampling_probs(logits[0], cfg.temperature, cfg.top_p)

@@ -179,8 +179,9 @@ def exit_predictions(lm: EarlyExitModel, batches: Iterable[tuple[torch.Tensor, t
         labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
         rows, next_tokens = prediction_rows(labels)
         with autocast(precision, lm.device):
-            hidden = lm.forward_exits(input_ids, attention_mask).hidden_states
-            preds.append(torch.stack([lm.decode(gather_rows(h, rows)).argmax(-1) for h in hidden]))
+            fwd = lm.forward_exits(input_ids, attention_mask)
+            preds.append(torch.stack([lm.decode_exit(gather_rows(h, rows), layer).argmax(-1)
+                                      for h, layer in zip(fwd.hidden_states, fwd.layers)]))
         targets.append(next_tokens)
     lm.model.train(was_training)
     return torch.cat(preds, dim=1), torch.cat(targets)

@@ -33,12 +33,12 @@ def validation_counts(lm: EarlyExitModel, batches: Iterable[tuple[torch.Tensor, 
     lm.model.eval()
     for input_ids, attention_mask in batches:
         with autocast(precision, lm.device):
-            hidden = lm.forward_exits(input_ids, attention_mask).hidden_states
+            fwd = lm.forward_exits(input_ids, attention_mask)
         targets = input_ids[:, 1:]
         valid = torch.ones_like(targets, dtype=torch.bool) if attention_mask is None else attention_mask[:, 1:].bool()
         preds, nll = [], []
-        for h in hidden:
-            logits = lm.decode(h)[:, :-1].float()  # Shape: [b, s - 1, v]
+        for h, layer in zip(fwd.hidden_states, fwd.layers):
+            logits = lm.decode_exit(h, layer)[:, :-1].float()  # Shape: [b, s - 1, v]
             preds.append(logits.argmax(-1))
             token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
             nll.append(token_nll[valid].sum())

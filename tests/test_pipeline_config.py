@@ -20,7 +20,14 @@ def test_presets_validate_and_put_every_artifact_under_run_dir(name):
     root = str(Path(cfg.run_dir).resolve())
     assert plans["extract"].output_dir.startswith(root) and plans["train_policy"].output_path.startswith(root)
     assert plans["evaluate"].output_dir.startswith(root) and plans["finetune"].output_dir.startswith(root)
-    assert plans["evaluate"].model.name == str(Path(root) / "model")  # evaluates the fine-tuned model
+    assert plans["fit_exits"].output_dir.startswith(root)
+    if "finetune" in cfg.stages:
+        assert plans["evaluate"].model.name == str(Path(root) / "model")  # evaluates the fine-tuned model
+    if "fit_exits" in cfg.stages:  # fit on the untranslated model; every later stage decodes through them
+        assert plans["fit_exits"].model.translators is None
+        for stage in ("extract", "extract_heldout", "evaluate"):
+            assert plans[stage].model.translators == plans["fit_exits"].output_dir
+        assert plans["fit_exits"].model.name == plans["evaluate"].model.name
 
 
 def test_pipeline_rejects_train_policy_with_sweep():
@@ -52,11 +59,11 @@ def _serve(path: Path) -> None:
 
 
 def _preset(path: Path) -> None:
-    from workflows import evaluate, extract, finetune, sweep, train_policy
+    from workflows import evaluate, extract, finetune, fit_exits, sweep, train_policy
 
     cfg = load_config(PipelineConfig, path)
     stage_configs(cfg)
-    for command in (finetune.COMMAND, extract.COMMAND, train_policy.COMMAND, sweep.COMMAND, evaluate.COMMAND):
+    for command in (finetune.COMMAND, fit_exits.COMMAND, extract.COMMAND, train_policy.COMMAND, sweep.COMMAND, evaluate.COMMAND):
         command.config(command.parser.parse_args(["--preset", path.stem]))  # each stage's --preset NAME
 
 

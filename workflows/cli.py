@@ -13,6 +13,7 @@ COMMANDS = {
     "generate": ("workflows.generate", "gated generation on one prompt (prints JSON with --json)"),
     "eval": ("workflows.evaluate", "baselines x thresholds on a corpus -> report dir"),
     "finetune": ("workflows.finetune", "LITE fine-tuning on Ray Train"),
+    "fit-exits": ("workflows.fit_exits", "exit translators on a frozen model (Ray Data statistics)"),
     "extract": ("workflows.extract", "hidden-state shards with Ray Data"),
     "train-policy": ("workflows.train_policy", "PPO exit policy with RLlib"),
     "sweep": ("workflows.sweep", "Ray Tune over the exit-policy reward coefficients"),

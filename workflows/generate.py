@@ -32,6 +32,7 @@ COMMAND = ConfigCommand(
     prog="greencode generate",
     flags=[
         Flag("--model", "model.name"),
+        Flag("--translators", "model.translators"),
         Flag("--gate", "gate.mode", choices=["full", "fixed", "confidence", "policy"]),
         Flag("--exit-layer", "gate.exit_layer", type=int),
         Flag("--confidence", "gate.confidence", type=float),

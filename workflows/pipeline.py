@@ -61,6 +61,11 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
     dtype = {"dtype": cfg.inference_dtype} if cfg.inference_dtype else {}
     base = ModelConfig(**{**cfg.model.model_dump(), **dtype})  # as extraction and evaluation run it
     model = ModelConfig(**{**base.model_dump(), "name": str(root / "model")}) if finetuned else base
+    translators = str(root / "translators")
+    if "fit_exits" in cfg.stages:  # every stage after it decodes exits through the translators it fits
+        fitted, model = model, ModelConfig(**{**model.model_dump(), "translators": translators})
+    else:
+        fitted = model
     shared = {"data": cfg.data.model_dump(), "exits": cfg.exits.model_dump()}
 
     def section(name: str, **fields: Any) -> dict[str, Any]:
@@ -70,6 +75,7 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
         EvalConfig,
         ExtractConfig,
         FinetuneConfig,
+        FitExitsConfig,
         PolicyTrainConfig,
         SweepConfig,
     )
@@ -82,6 +88,8 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
         "finetune": validate(FinetuneConfig, section("finetune", model=cfg.model.model_dump(), **shared,
                                                       storage_path=str(root / "finetune"),
                                                       output_dir=str(root / "model"))),
+        "fit_exits": validate(FitExitsConfig, section("fit_exits", model=fitted.model_dump(), **shared,
+                                                      output_dir=translators)),
         "extract": validate(ExtractConfig, section("extract", model=model.model_dump(), **shared, split="train",
                                                    output_dir=str(root / "shards" / "train"))),
         "extract_heldout": validate(ExtractConfig, section("extract", model=model.model_dump(), **shared,
@@ -114,24 +122,28 @@ class Stage:
 
 def _stages(cfg: PipelineConfig, plans: dict[str, Any]) -> list[Stage]:
     """The configured stages in pipeline order."""
-    from workflows import evaluate, extract, finetune, sweep, train_policy
+    from workflows import evaluate, extract, finetune, fit_exits, sweep, train_policy
 
     ft, ev, pol = plans["finetune"], plans["evaluate"], plans["train_policy"]
     model: Path | ModelConfig = Path(ft.output_dir) if "finetune" in cfg.stages else cfg.model
     train_shards, heldout_shards = Path(plans["extract"].output_dir), Path(plans["extract_heldout"].output_dir)
     shards = {"train_shards": train_shards, "heldout_shards": heldout_shards}
     policy = Path(pol.output_path)
+    fx = plans["fit_exits"]
+    translators = Path(fx.output_dir) if "fit_exits" in cfg.stages else None
+    decoded = {"model": model, "translators": translators}  # what the stages that decode exits read
     out = [
         Stage("finetune", ft, finetune.run, [Path(ft.output_dir)], {"base_model": cfg.model},
               [Path(ft.storage_path)]),
-        Stage("extract", plans["extract"], extract.run, [train_shards], {"model": model}, [train_shards]),
-        Stage("extract_heldout", plans["extract_heldout"], extract.run, [heldout_shards], {"model": model},
+        Stage("fit_exits", fx, fit_exits.run, [Path(fx.output_dir)], {"model": model}, []),
+        Stage("extract", plans["extract"], extract.run, [train_shards], decoded, [train_shards]),
+        Stage("extract_heldout", plans["extract_heldout"], extract.run, [heldout_shards], decoded,
               [heldout_shards]),
         Stage("train_policy", pol, train_policy.run, [policy, policy.with_suffix(".json")], shards,
               [Path(pol.storage_path)]),
         Stage("sweep", plans["sweep"], sweep.run, [policy], shards, [Path(plans["sweep"].storage_path)]),
         Stage("evaluate", ev, evaluate.run, [Path(ev.output_dir) / "results.json"],
-              {"model": model, "base_model": ev.base_model, "policy": Path(ev.policy_path) if ev.policy_path else None},
+              {**decoded, "base_model": ev.base_model, "policy": Path(ev.policy_path) if ev.policy_path else None},
               []),
     ]
     wanted = set(cfg.stages) | ({"extract_heldout"} if "extract" in cfg.stages else set())
@@ -247,6 +259,8 @@ def final_message(cfg: PipelineConfig, outcome: dict[str, Any]) -> str:
         lines += [f"plots: {p}" for p in sorted(report.glob("*.png"))]
     model = plans["evaluate"].model.name
     serve = f"greencode serve --model {model}"
+    if plans["evaluate"].model.translators:
+        serve += f" --translators {plans['evaluate'].model.translators}"
     if {"train_policy", "sweep"} & set(cfg.stages):
         serve += f" --policy {plans['train_policy'].output_path}"
     lines += ["", f"serve it:  .venv/bin/{serve} --port 8000",

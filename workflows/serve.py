@@ -24,6 +24,7 @@ COMMAND = ConfigCommand(
     prog="greencode serve",
     flags=[
         Flag("--model", "model.name"),
+        Flag("--translators", "model.translators"),
         Flag("--policy", "policy_path"),
         Flag("--gate", "default_gate", choices=["full", "fixed", "confidence", "policy"]),
         Flag("--threshold", "gate.threshold", type=float),

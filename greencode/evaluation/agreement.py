@@ -43,17 +43,25 @@ def exit_argmax(lm: EarlyExitModel, blocks: BlockSet) -> torch.Tensor:
     return exit_predictions(lm, _batches(blocks, lm.device))[0]
 
 
-def agreement_table(tuned: torch.Tensor, base: torch.Tensor | None, layers: list[int]) -> dict[str, Any]:
-    """Share of positions where each exit (and the final layer) agrees with the base model's final argmax."""
+def agreement_table(tuned: torch.Tensor, base: torch.Tensor | None, layers: list[int],
+                    untranslated: torch.Tensor | None = None) -> dict[str, Any]:
+    """Share of positions where each exit (and the final layer) agrees with the base model's final argmax.
+
+    ``tuned``: the evaluated model's exits as it decodes them; ``base``: the base model's own exits
+    (untranslated); ``untranslated``: the evaluated model's exits decoded without its translators.
+    """
     reference = (base if base is not None else tuned)[-1]
-    table: dict[str, Any] = {"layers": layers, "tokens": int(reference.numel()),
-                             "finetuned": [float((row == reference).float().mean()) for row in tuned]}
-    table["untuned"] = [float((row == reference).float().mean()) for row in base] if base is not None else None
-    return table
+
+    def share(rows: torch.Tensor | None) -> list[float] | None:
+        return None if rows is None else [float((row == reference).float().mean()) for row in rows]
+
+    return {"layers": layers, "tokens": int(reference.numel()), "finetuned": share(tuned), "untuned": share(base),
+            "untranslated": share(untranslated)}
 
 
 def _key(cfg: EvalConfig, lm: EarlyExitModel) -> str:
-    blob = json.dumps({"model": lm.fingerprint, "base": cfg.base_model.model_dump(mode="json") if cfg.base_model
+    translators = lm.translators.meta.get("weights_digest") if lm.translators is not None else None
+    blob = json.dumps({"model": lm.fingerprint, "translators": translators, "base": cfg.base_model.model_dump(mode="json") if cfg.base_model
                        else None, "data": cfg.data.model_dump(mode="json"), "tokens": cfg.agreement_tokens,
                        "seq_len": cfg.agreement_seq_len, "exits": lm.exit_points}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
@@ -80,7 +88,16 @@ def compute_agreement(cfg: EvalConfig, lm: EarlyExitModel, out_dir: Path) -> dic
         return None
     tuned = exit_argmax(lm, blocks)
     base = exit_argmax(load_model(cfg.base_model, cfg.exits), blocks) if cfg.base_model is not None else None
-    table = {"key": key, "blocks": len(blocks), **agreement_table(tuned, base, [*lm.exit_points, lm.num_layers])}
+    untranslated = None
+    if lm.translators is not None:  # what the translators bring: the same exits decoded without them
+        translators = lm.translators
+        lm.attach_translators(None)
+        try:
+            untranslated = exit_argmax(lm, blocks)
+        finally:
+            lm.attach_translators(translators)
+    layers = [*lm.exit_points, lm.num_layers]
+    table = {"key": key, "blocks": len(blocks), **agreement_table(tuned, base, layers, untranslated)}
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(table, indent=2))
     log.info("exit agreement on %d held-out tokens written to %s", table["tokens"], path)

@@ -202,12 +202,26 @@ def write_report(cfg: EvalConfig, plan: EvalPlan, out_dir: Path,
     return EvalReport(out_dir, rows, agreement)
 
 
+AGREEMENT_COLUMNS = {  # key -> label, in the order the report shows them
+    "untuned": "Base model's exits",
+    "untranslated": "Evaluated, untranslated",
+    "finetuned": "Evaluated, as decoded",
+}
+
+
 def agreement_rows(agreement: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per exit (and the final layer): agreement with the base model's final argmax, before and after."""
-    untuned = agreement["untuned"] or [None] * len(agreement["layers"])
-    return [{"layer": layer, "untuned": u, "finetuned": f, "change": None if u is None else f - u,
-             "tokens": agreement["tokens"]}
-            for layer, u, f in zip(agreement["layers"], untuned, agreement["finetuned"])]
+    """One row per exit (and the final layer): agreement with the base model's final argmax of every computed
+    decoding (base model's exits; the evaluated model's without and with its translators), and the change from
+    the first to the last."""
+    present = [k for k in AGREEMENT_COLUMNS if agreement.get(k)]
+    rows = []
+    for i, layer in enumerate(agreement["layers"]):
+        row = {"layer": layer, **{k: agreement[k][i] if agreement.get(k) else None for k in AGREEMENT_COLUMNS}}
+        first, last = row[present[0]], row[present[-1]]
+        row["change"] = None if len(present) < 2 else last - first
+        row["tokens"] = agreement["tokens"]
+        rows.append(row)
+    return rows
 
 
 def _add_deltas(rows: list[dict[str, Any]], margin: float) -> None:
@@ -303,11 +317,15 @@ def _agreement_section(agreement: dict[str, Any] | None) -> list[str]:
              "tokens)", "",
              "Share of positions where the exit's argmax equals the base model's final-layer argmax. Untuned = the "
              "base model's own exits" + ("" if agreement["untuned"] else " (no base model given: the evaluated "
-                                         "model's final layer is the reference)") + ".", "",
-             "| Exit layer | Untuned | Fine-tuned | Change |", "|---:|---:|---:|---:|"]
+                                         "model's final layer is the reference)") + "; untranslated = the evaluated "
+             "model's exits through the shared head alone; as decoded = through its exit translators when it has "
+             "them (what every gate uses).", ""]
+    present = [k for k in AGREEMENT_COLUMNS if agreement.get(k)]
+    lines += ["| Exit layer | " + " | ".join(AGREEMENT_COLUMNS[k] for k in present) + " | Change |",
+              "|---:|" + "---:|" * (len(present) + 1)]
     for row in agreement_rows(agreement):
         change = "n/a" if row["change"] is None else f"{row['change']:+.3f}"
-        lines.append(f"| {row['layer']} | {_fmt(row['untuned'])} | {_fmt(row['finetuned'])} | {change} |")
+        lines.append(f"| {row['layer']} | " + " | ".join(_fmt(row[k]) for k in present) + f" | {change} |")
     return lines + [""]
 
 
@@ -410,16 +428,16 @@ def _save(fig: Any, path: Path) -> None:
 
 
 def _agreement_plot(agreement: dict[str, Any], path: Path) -> None:
-    """Agreement with the base model's final prediction against exit layer, before and after fine-tuning."""
+    """Agreement with the base model's final prediction against exit layer, for every decoding the run computed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    if agreement["untuned"]:
-        ax.plot(agreement["layers"], agreement["untuned"], marker="o", label="untuned (base model's exits)")
-    ax.plot(agreement["layers"], agreement["finetuned"], marker="o", label="fine-tuned")
+    for key, label in AGREEMENT_COLUMNS.items():
+        if agreement.get(key):
+            ax.plot(agreement["layers"], agreement[key], marker="o", label=label)
     ax.set_xlabel("exit layer")
     ax.set_ylabel("agreement with base final argmax")
     ax.set_ylim(0, 1.02)
