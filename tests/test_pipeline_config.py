@@ -63,7 +63,8 @@ def _preset(path: Path) -> None:
 
     cfg = load_config(PipelineConfig, path)
     stage_configs(cfg)
-    for command in (finetune.COMMAND, fit_exits.COMMAND, extract.COMMAND, train_policy.COMMAND, sweep.COMMAND, evaluate.COMMAND):
+    for command in (finetune.COMMAND, fit_exits.COMMAND, extract.COMMAND, train_policy.COMMAND, sweep.COMMAND,
+                    evaluate.COMMAND):
         command.config(command.parser.parse_args(["--preset", path.stem]))  # each stage's --preset NAME
 
 

@@ -61,8 +61,9 @@ def agreement_table(tuned: torch.Tensor, base: torch.Tensor | None, layers: list
 
 def _key(cfg: EvalConfig, lm: EarlyExitModel) -> str:
     translators = lm.translators.meta.get("weights_digest") if lm.translators is not None else None
-    blob = json.dumps({"model": lm.fingerprint, "translators": translators, "base": cfg.base_model.model_dump(mode="json") if cfg.base_model
-                       else None, "data": cfg.data.model_dump(mode="json"), "tokens": cfg.agreement_tokens,
+    blob = json.dumps({"model": lm.fingerprint, "translators": translators,
+                       "base": cfg.base_model.model_dump(mode="json") if cfg.base_model else None,
+                       "data": cfg.data.model_dump(mode="json"), "tokens": cfg.agreement_tokens,
                        "seq_len": cfg.agreement_seq_len, "exits": lm.exit_points}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
