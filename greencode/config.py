@@ -307,6 +307,8 @@ class FitExitsConfig(_Strict):
     """`greencode fit-exits`: one affine map per exit onto the last layer's normalized state, fit in closed
     form on a frozen model from statistics Ray Data sums over the training split (tuned lens)."""
 
+    operational = frozenset({"output_dir", "num_workers", "blocks_per_task"})
+
     model: ModelConfig = Field(default_factory=ModelConfig, description="the (base or fine-tuned) model; unchanged")
     data: DataConfig = Field(default_factory=DataConfig, description="the corpus (train / validation / test splits)")
     exits: ExitConfig = Field(default_factory=ExitConfig, description="exit points to fit a translator for")

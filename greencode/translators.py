@@ -239,7 +239,7 @@ def fit_translators(lm: Any, stats: TranslatorStats, validation: Iterable[tuple[
     if not targets:
         raise ValueError("no validation tokens to choose the ridge strength on")
     target = torch.cat(targets)
-    translators = ExitTranslators(stats.exit_points, lm.hidden_size)
+    translators = ExitTranslators(stats.exit_points, lm.hidden_size, {"model_fingerprint": lm.fingerprint})
     scores: dict[str, dict[str, float]] = {}
     chosen: dict[str, float] = {}
     for i, layer in enumerate(stats.exit_points):

@@ -120,9 +120,7 @@ def test_the_fit_picks_the_ridge_that_agrees_most_and_beats_untranslated_on_its_
         scores = report["validation_agreement"][str(k)]
         assert scores[repr(report["ridge"][str(k)])] == max(scores.values())
     before = exit_predictions(lm, batches(data))[0]
-    lm.attach_translators(ExitTranslators([], lm.hidden_size, {"model_fingerprint": lm.fingerprint}))
-    translators.meta["model_fingerprint"] = lm.fingerprint
-    lm.attach_translators(translators)
+    lm.attach_translators(translators)  # fit for this model: accepted
     try:
         after = exit_predictions(lm, batches(data))[0]
     finally:
@@ -175,7 +173,6 @@ def fitted(lm) -> ExitTranslators:
     """Translators fit on the model's own states (as `greencode fit-exits` fits them)."""
     data = blocks(8, seed=2)
     translators, _ = fit_translators(lm, collect_stats(lm, batches(data)), batches(data), [1e-2])
-    translators.meta["model_fingerprint"] = lm.fingerprint
     return translators
 
 

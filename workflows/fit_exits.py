@@ -51,7 +51,7 @@ class StatsWorker:
 
         out: dict[str, list] = {}
         for ids, lengths in zip(batch["ids"], batch["lengths"]):
-            blocks = BlockSet(np.asarray(ids), np.asarray(lengths))
+            blocks = BlockSet(np.array(ids), np.array(lengths))  # writable copies: torch refuses read-only arrays
             stats = collect_stats(self.lm, (blocks.batch(slice(s, s + 4), self.lm.device)
                                             for s in range(0, len(blocks), 4)))
             for key, value in stats.to_dict().items():
@@ -153,13 +153,13 @@ def run(cfg: FitExitsConfig) -> dict[str, Any]:
             lm, stats, (validation.batch(slice(s, s + 4), lm.device) for s in range(0, len(validation), 4)),
             cfg.ridge_grid)
         meta.update(report, train_tokens=stats.count)
+        translators.meta = meta
         if blocks["test"] is not None and len(blocks["test"]):
             meta["heldout"] = heldout_agreement(lm, translators, blocks["test"])
             held = meta["heldout"]
             log.info("held-out agreement with the final layer (%d tokens): %s", held["tokens"], ", ".join(
                 f"exit {k} {a:.2f} -> {b:.2f}" for k, a, b in zip(held["layers"], held["untranslated"],
                                                                     held["translated"])))
-        translators.meta = meta
     meta["time_s"] = round(time.perf_counter() - start, 1)
     translators.meta = meta
     translators.save(cfg.output_dir)
