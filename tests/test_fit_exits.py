@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import save_tiny
 
+from conftest import save_tiny
 from greencode.config import FitExitsConfig, ModelConfig, PipelineConfig, validate
 from greencode.modeling import load_model
 from greencode.translators import META_FILE, collect_stats
