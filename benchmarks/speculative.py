@@ -1,6 +1,6 @@
 """Lossless (self-speculative) decoding against Hugging Face: tokens/s side by side, in one run.
 
-    .venv/bin/python benchmarks/speculative.py [--model embedded|LITE_MODEL_DIR] [--policy FILE]
+    .venv/bin/python benchmarks/speculative.py [--model embedded|LITE_MODEL_DIR] [--translators DIR] [--policy FILE]
         [--prompts 6] [--max-new-tokens 32] [--threshold 0.9] [--confidence 0.9] [--fixed-layers 18,22,26]
 
 Every row generates greedily, batch 1, with the KV cache, on the same held-out prompts (METHOD §6
@@ -203,6 +203,8 @@ def best_fixed_layers(lm: EarlyExitModel, meter: EnergyMeter, lossless: Lossless
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="embedded", help="'embedded', a LITE model dir, or any loadable model")
+    ap.add_argument("--translators", help="exit translators of --model (greencode fit-exits); default: the model "
+                    "dir's own, if any")
     ap.add_argument("--policy", help="ExitPolicy file trained for --model (policy rows are skipped without it)")
     ap.add_argument("--prompts", type=int, default=6)
     ap.add_argument("--max-new-tokens", type=int, default=32)
@@ -218,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     transformers.logging.set_verbosity_error()  # HF's assisted path warns about its own logits processors
     torch.set_num_threads(args.threads)
 
-    lm = load_model(ModelConfig(name=args.model))
+    lm = load_model(ModelConfig(name=args.model, translators=args.translators))
     meter = EnergyMeter(lm.device)
     plain, lossless = GatedGenerator(lm, meter), LosslessGenerator(lm, meter)
     plain.eos_ids = lossless.eos_ids = set()  # every row makes exactly max_new_tokens tokens
