@@ -82,3 +82,11 @@ def test_the_pipeline_stage_reruns_when_the_model_changes_and_not_otherwise(tmp_
     assert fitted_at() != first
     lm = load_model(ModelConfig(name=str(model), translators=str(meta.parent)))
     assert lm.translators.meta["model_fingerprint"] == lm.fingerprint
+
+
+def test_bad_input_is_one_clear_error_before_any_work(tmp_path):
+    with pytest.raises(SystemExit, match=r"config error: .*ridge_grid.0: Input should be greater than 0"):
+        fit_exits.main(["--set", "ridge_grid=[0]", "--output-dir", str(tmp_path / "t")])
+    with pytest.raises(SystemExit, match="error: cannot load model"):
+        fit_exits.main(["--model", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "t")])
+    assert not (tmp_path / "t").exists()
