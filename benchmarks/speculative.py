@@ -52,8 +52,9 @@ from greencode.modeling import EarlyExitModel, load_model
 from greencode.policy import ExitPolicy
 from greencode.speculative import LosslessGenerator
 
-NO_POLICY_HINT = ("no --policy: policy rows skipped. For the demo's LITE model and its policy run `.venv/bin/greencode "
-                  "pipeline --preset demo`, then add --model runs/demo/model --policy runs/demo/policy/exit_policy.pt")
+NO_POLICY_HINT = ("no --policy: policy rows skipped. For the demo's translators and policy run `.venv/bin/greencode "
+                  "pipeline --preset demo`, then add --translators runs/demo/translators "
+                  "--policy runs/demo/policy/exit_policy.pt")
 
 
 @dataclass

@@ -1,11 +1,11 @@
 """`greencode generate`: gated generation on one prompt, printed as text or one JSON object.
 
-    greencode generate --model embedded --gate policy --policy runs/demo/policy/exit_policy.pt \
-        --threshold 0.9 --max-new-tokens 15 --prompt-file snippet.py --json
+    greencode generate --model embedded --translators runs/demo/translators --gate policy \
+        --policy runs/demo/policy/exit_policy.pt --threshold 0.9 --max-new-tokens 15 --prompt-file snippet.py --json
     greencode generate --config my-gate.yaml --set generation.temperature=0.2 --prompt 'def fib(n):'
     greencode generate --model Qwen/Qwen2.5-Coder-0.5B --prompt-file before.py --suffix-file after.py   (FIM)
-    greencode generate --model runs/demo/model --gate policy --policy runs/demo/policy/exit_policy.pt \
-        --lossless --prompt-file snippet.py --json   (the full model's text, drafted by the policy)
+    greencode generate --model embedded --translators runs/demo/translators --gate policy \
+        --policy runs/demo/policy/exit_policy.pt --lossless --prompt-file snippet.py --json   (the full model's text)
 
 Needs no Ray: the model runs in this process.
 """

@@ -1,6 +1,7 @@
 """`greencode serve`: flags -> ServeConfig -> the serve_app deployment on Ray Serve, until interrupted.
 
-    greencode serve --model runs/demo/model --policy runs/demo/policy/exit_policy.pt --port 8000
+    greencode serve --model embedded --translators runs/demo/translators \
+        --policy runs/demo/policy/exit_policy.pt --port 8000
     greencode serve --config my-serve.yaml --set gate.threshold=0.95
 
 The same ServeConfig is what ``serve run serve_app/config.yaml`` reads as ``args``.
