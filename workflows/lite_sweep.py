@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import logging
 import math
 from pathlib import Path
@@ -35,7 +34,7 @@ from greencode.blocks import BlockSet
 from greencode.config import ConfigError, FinetuneConfig, LiteSweepConfig, result_config, set_dotted
 from greencode.manifest import StageIdentity
 from workflows import tune as tune_driver
-from workflows.common import ConfigCommand, cli_errors
+from workflows.common import ConfigCommand, summary_main
 from workflows.tune import Trial, TunePlan, key_of
 
 log = logging.getLogger("greencode.lite_sweep")
@@ -235,11 +234,7 @@ COMMAND = ConfigCommand(LiteSweepConfig, "Ray Tune sweep over the LITE loss (one
                         prog="greencode lite-sweep")
 
 
-@cli_errors
-def main(argv: list[str] | None = None) -> None:
-    cfg, _ = COMMAND.parse(argv)
-    print(json.dumps(run(cfg), indent=2))
-
+main = summary_main(COMMAND, run)
 
 if __name__ == "__main__":
     main()

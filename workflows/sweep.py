@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import logging
 import math
 import tempfile
@@ -31,7 +30,7 @@ from greencode.policy import ExitPolicy
 from greencode.scoring import policy_logits, score_exits
 from greencode.shards import check_shards, list_shards, load_shards
 from workflows import tune as tune_driver
-from workflows.common import ConfigCommand, cli_errors, stage_presets
+from workflows.common import ConfigCommand, stage_presets, summary_main
 from workflows.train_policy import EPISODE_METRICS, SaveCheckpoint, algo_config, plan_resources, train
 from workflows.tune import Trial, TunePlan, key_of
 
@@ -173,11 +172,7 @@ COMMAND = ConfigCommand(SweepConfig, "Ray Tune sweep over the exit-policy reward
                         presets=stage_presets("sweep"))
 
 
-@cli_errors
-def main(argv: list[str] | None = None) -> None:
-    cfg, _ = COMMAND.parse(argv)
-    print(json.dumps(run(cfg), indent=2))
-
+main = summary_main(COMMAND, run)
 
 if __name__ == "__main__":
     main()
