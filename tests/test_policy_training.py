@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from greencode.config import ExtractConfig, PolicyPPOConfig, PolicyTrainConfig, SweepConfig
+from greencode.config import ConfigError, ExtractConfig, PolicyPPOConfig, PolicyTrainConfig, SweepConfig
 from greencode.digests import file_digest
 from greencode.env import observation_stats
 from greencode.extraction import MANIFEST
@@ -115,6 +115,11 @@ def test_sweep_reuses_only_trials_of_the_same_settings_and_restores_only_into_th
     assert list(out.rglob("events.out.tfevents*"))  # TensorBoard
     ExitPolicy.load(tmp_path / "best.pt", hidden_size=64)
     assert json.dumps(sweep.run(sweep_cfg)) == json.dumps(summary)  # unchanged: the finished sweep, as it is
+    (tmp_path / "best.pt").write_bytes(b"replaced")  # the export replaced: exported again, nothing trained
+    assert sweep.run(sweep_cfg)["trained"] == []
+    ExitPolicy.load(tmp_path / "best.pt", hidden_size=64)
+    with pytest.raises(ConfigError, match="appear twice"):
+        sweep.run(sweep_cfg.model_copy(update={"alpha": [0.1, 0.1]}))
 
     # killed after its trial finished, before its record and the summary: restored, nothing trained
     for path in [out / "best.json", *(out / "trials").glob("*.json")]:
