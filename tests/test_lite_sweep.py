@@ -60,7 +60,7 @@ def test_sweep_reuses_only_trials_of_the_same_settings_and_restores_only_into_th
                           name="tiny", output_path=str(tmp_path / "best.yaml"))
     out = tmp_path / "s" / "tiny"
     summary = run(cfg)
-    first = sorted(summary["trained"])
+    first = sorted(summary["ran"])
     assert len(first) == 2 and summary["reused"] == [] and experiment_trials(out / "tune") == first
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert sorted(r["loss.target"] for r in rows) == ["dataset", "distill"]
@@ -91,12 +91,12 @@ def test_sweep_reuses_only_trials_of_the_same_settings_and_restores_only_into_th
     grown = cfg.model_copy(update={"grid": {"loss.target": ["dataset", "distill", "mix"]}})
     with caplog.at_level(logging.INFO, logger="greencode.tune"):
         summary = run(grown)
-    assert sorted(summary["reused"]) == first and len(summary["trained"]) == 1
+    assert sorted(summary["reused"]) == first and len(summary["ran"]) == 1
     assert "config grid.loss.target: ['dataset', 'distill'] -> ['dataset', 'distill', 'mix']" in caplog.text
-    assert experiment_trials(out / "tune") == summary["trained"]  # a new experiment, of the new point alone
+    assert experiment_trials(out / "tune") == summary["ran"]  # a new experiment, of the new point alone
     assert [experiment_trials(p) for p in out.glob("tune.set-aside-*")] == [first]
     rows = {r["loss.target"]: r for r in csv.DictReader((out / "results.csv").open())}
-    assert sorted(rows) == ["dataset", "distill", "mix"] and rows["mix"]["trial"] == summary["trained"][0]
+    assert sorted(rows) == ["dataset", "distill", "mix"] and rows["mix"]["trial"] == summary["ran"][0]
     assert rows["mix"]["reused"] == "False" and rows["dataset"]["reused"] == "True"
     assert summary["trials"] == 3 and summary["best_trial"] == rows[summary["best"]["loss.target"]]["trial"]
     assert load_config(PipelineConfig, tmp_path / "best.yaml").finetune.loss.target == summary["best"]["loss.target"]
@@ -106,7 +106,14 @@ def test_sweep_reuses_only_trials_of_the_same_settings_and_restores_only_into_th
     relearned = LiteSweepConfig(**{**cfg.model_dump(), "base": {**base, "optim": {**base["optim"], "lr": 3e-4}},
                                    "grid": {"loss.target": ["dataset"]}})
     summary = run(relearned)
-    assert summary["reused"] == [] and len(summary["trained"]) == 1 and summary["trained"][0] not in first
+    assert summary["reused"] == [] and len(summary["ran"]) == 1 and summary["ran"][0] not in first
+
+    # a scoring setting changed: the models trained for it are rescored in Tune, none is trained again
+    checkpoints = sorted(out.glob("runs/*/checkpoint_*"))
+    summary = run(cfg.model_copy(update={"deep_from": 0.3}))
+    assert len(summary["ran"]) == 2 and not set(summary["ran"]) & set(first) and summary["reused"] == []
+    assert {k: v for k, v in mtimes(out / "runs").items() if k in models} == models
+    assert sorted(out.glob("runs/*/checkpoint_*")) == checkpoints
 
 
 def mtimes(root) -> dict[str, int]:

@@ -423,7 +423,7 @@ def test_a_grown_sweep_grid_reruns_the_sweep_and_its_dependents_only_training_th
     rerun = changed(before, finished_at(chain.run))
     assert "sweep" in rerun and rerun <= {"sweep", "evaluate"}  # evaluate only if the best policy changed
     grown = json.loads((chain.run / "sweep" / "reward_sweep" / "best.json").read_text())
-    assert sorted(grown["reused"]) == sorted(summary["trained"]) and len(grown["trained"]) == 1
+    assert sorted(grown["reused"]) == sorted(summary["ran"]) and len(grown["ran"]) == 1
     assert stages_of(chain.run)["sweep"]["identity"] == grown["run_identity"]  # the manifest carries the sweep's own
 
 

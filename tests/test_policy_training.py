@@ -109,14 +109,14 @@ def test_sweep_reuses_only_trials_of_the_same_settings_and_restores_only_into_th
     assert len(sweep.reward_grid(sweep_cfg)) == 1
     out = tmp_path / "sweep" / "reward_sweep"
     summary = sweep.run(sweep_cfg)
-    first = summary["trained"]
+    first = summary["ran"]
     assert summary["trials"] == 1 and summary["best_reward"]["alpha"] == 0.1 and len(first) == 1
     assert (out / "results.csv").is_file() and (out / "pareto.csv").is_file()
     assert list(out.rglob("events.out.tfevents*"))  # TensorBoard
     ExitPolicy.load(tmp_path / "best.pt", hidden_size=64)
     assert json.dumps(sweep.run(sweep_cfg)) == json.dumps(summary)  # unchanged: the finished sweep, as it is
     (tmp_path / "best.pt").write_bytes(b"replaced")  # the export replaced: exported again, nothing trained
-    assert sweep.run(sweep_cfg)["trained"] == []
+    assert sweep.run(sweep_cfg)["ran"] == []
     ExitPolicy.load(tmp_path / "best.pt", hidden_size=64)
     with pytest.raises(ConfigError, match="appear twice"):
         sweep.run(sweep_cfg.model_copy(update={"alpha": [0.1, 0.1]}))
@@ -134,12 +134,12 @@ def test_sweep_reuses_only_trials_of_the_same_settings_and_restores_only_into_th
     grown = sweep_cfg.model_copy(update={"alpha": [0.1, 0.25, 0.9]})
     with caplog.at_level(logging.INFO, logger="greencode.tune"):
         summary = sweep.run(grown)
-    assert summary["reused"] == first and len(summary["trained"]) == 1 and summary["trials"] == 2
+    assert summary["reused"] == first and len(summary["ran"]) == 1 and summary["trials"] == 2
     assert "config alpha: [0.1, 0.9] -> [0.1, 0.25, 0.9]" in caplog.text
-    assert experiment_trials(out / "tune") == summary["trained"]
+    assert experiment_trials(out / "tune") == summary["ran"]
     assert [experiment_trials(p) for p in out.glob("tune.set-aside-*")] == [first]
     rows = {float(r["alpha"]): r for r in csv.DictReader((out / "results.csv").open())}
-    assert sorted(rows) == [0.1, 0.25] and rows[0.25]["trial"] == summary["trained"][0]
+    assert sorted(rows) == [0.1, 0.25] and rows[0.25]["trial"] == summary["ran"][0]
     assert rows[0.25]["reused"] == "False" and rows[0.1]["reused"] == "True"
     best = rows[summary["best_reward"]["alpha"]]
     assert summary["best_trial"] == best["trial"]
@@ -150,4 +150,4 @@ def test_sweep_reuses_only_trials_of_the_same_settings_and_restores_only_into_th
     relearned = sweep_cfg.model_copy(update={"base": base.model_copy(update={
         "ppo": base.ppo.model_copy(update={"lr": base.ppo.lr * 2})})})
     summary = sweep.run(relearned)
-    assert summary["reused"] == [] and len(summary["trained"]) == 1 and summary["trained"] != first
+    assert summary["reused"] == [] and len(summary["ran"]) == 1 and summary["ran"] != first

@@ -191,12 +191,12 @@ def _fit(sweep: Sweep, pending: list[Trial]) -> list[tuple[Trial, Any]]:
     return [(by_key[r.config["trial"]["key"]], r) for r in tuner.fit() if r.config["trial"]["key"] in by_key]
 
 
-def _summarize(sweep: Sweep, records: dict[str, dict[str, Any]], trained: list[str],
+def _summarize(sweep: Sweep, records: dict[str, dict[str, Any]], ran: list[str],
                failed: list[dict[str, Any]]) -> dict[str, Any]:
     """results.csv, pareto.csv, the best trial's export and best.json, from the current grid's finished trials."""
     import pandas as pd
 
-    rows = [{**records[t.key]["params"], **records[t.key]["scores"], "trial": t.key, "reused": t.key not in trained}
+    rows = [{**records[t.key]["params"], **records[t.key]["scores"], "trial": t.key, "reused": t.key not in ran}
             for t in sweep.trials if t.key in records]
     if not rows:
         raise RuntimeError(f"every {sweep.what} trial failed; the first error: {failed[0]['error']}")
@@ -220,7 +220,7 @@ def _summarize(sweep: Sweep, records: dict[str, dict[str, Any]], trained: list[s
         "pareto_csv": str(out / "pareto.csv"),
         "tensorboard": f"tensorboard --logdir {out}",
         "trials": len(rows),
-        "trained": [k for k in trained if k in records],
+        "ran": [k for k in ran if k in records],  # finished by Tune this time: trained, resumed or (LITE) rescored
         "reused": [r["trial"] for r in rows if r["reused"]],
         "failed_trials": failed,
         "run_identity": sweep.identity.digest,
