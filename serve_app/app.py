@@ -187,11 +187,8 @@ class GreenCodeServer:
         wrapped in the Guard and the error counter, which need this replica's config and metrics."""
         app = self.app  # set by serve.ingress's wrapper before this is called
         cfg = self.cfg
-        methods: dict[str, set[str]] = {}
-        for route in app.routes:  # what each path answers, so the Guard refuses the rest from the headers alone
-            methods.setdefault(route.path, set()).update(getattr(route, "methods", None) or ())
         app.add_middleware(Guard, limits=cfg.limits, tenant_keys=cfg.tenant_keys, allowed_hosts=cfg.allowed_hosts,
-                           allowed_origins=cfg.allowed_origins, require_json=cfg.require_json, routes=methods)
+                           allowed_origins=cfg.allowed_origins, require_json=cfg.require_json, routes=app.routes)
         app.add_middleware(ErrorCounter, record=self.stats.record_error)  # outermost: counts the Guard's refusals
         return app
 

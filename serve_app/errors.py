@@ -120,7 +120,7 @@ async def _on_bug(request: Request, err: Exception) -> JSONResponse:
     client's shape with that id only."""
     request_id = new_request_id()
     log.error("request to %s failed (request id %s)", request.url.path, request_id, exc_info=err)
-    return error_response(request, internal_message(request_id), 500, headers={"X-Request-Id": request_id})
+    return error_response(request, internal_message(request_id), 500)
 
 
 def install(api: FastAPI) -> None:

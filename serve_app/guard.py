@@ -35,6 +35,8 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
+from starlette.routing import Match
+
 from greencode.config import LOOPBACK_HOSTS
 from serve_app import formats
 from serve_app.limits import RequestLimits, Violation, body_too_large, check_content_length, check_json
@@ -99,7 +101,7 @@ class Guard:
     def __init__(self, app: Any, *, limits: RequestLimits, tenant_keys: dict[str, str] | None = None,
                  open_paths: Sequence[str] = OPEN_PATHS, allowed_hosts: Sequence[str] = LOOPBACK_HOSTS,
                  allowed_origins: Sequence[str] = (), require_json: bool = True,
-                 routes: dict[str, set[str]] | None = None) -> None:
+                 routes: Sequence[Any] | None = None) -> None:
         tenant_keys = dict(tenant_keys or {})
         if any(not key.strip() for key in tenant_keys.values()):
             raise ValueError("tenant_keys: an empty key would let every request in; leave it unset or set a real key")
@@ -107,7 +109,7 @@ class Guard:
         self.open_paths, self.allowed_hosts = tuple(open_paths), tuple(allowed_hosts)
         self.allowed_origins = tuple(allowed_origins)
         self.require_json = require_json
-        self.routes = routes  # path -> methods it takes; None: every path and method goes to the app
+        self.routes = RouteTable(routes) if routes is not None else None  # None: everything goes to the app
         self.readers = 0  # requests reading their body now
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -166,8 +168,8 @@ class Guard:
         """404 / 405 for what no route takes (GET-only paths refuse a POST before its body is read)."""
         if self.routes is None:
             return None
-        methods = self.routes.get(scope["path"])
-        if methods is None:
+        methods = self.routes.methods(scope["path"])
+        if not methods:
             return Violation(f"no route {scope['path'][:200]!r}: see /docs for the routes", None, 404)
         if scope["method"] not in methods:
             return Violation(f"{scope['path']} does not take {scope['method'][:20]}; it takes "
@@ -208,13 +210,34 @@ class Guard:
         if status == 401:
             headers.append((b"www-authenticate", b'Bearer realm="greencode"'))
         if status == 405 and self.routes is not None:
-            headers.append((b"allow", ", ".join(sorted(self.routes[scope["path"]])).encode()))
+            headers.append((b"allow", ", ".join(sorted(self.routes.methods(scope["path"]))).encode()))
         if status == 503:
             headers.append((b"retry-after", b"1"))
         if status == 413 or scope["method"] in BODY_METHODS:
             headers.append((b"connection", b"close"))  # the unread rest of the body is not worth reading
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+class RouteTable:
+    """The methods the app's routes take at a path, asked of the routes themselves (Starlette's ``matches``:
+    FULL = path and method, PARTIAL = the path only); remembered for the paths that exist."""
+
+    METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+    def __init__(self, routes: Sequence[Any]) -> None:
+        self.routes = list(routes)
+        self.known: dict[str, frozenset[str]] = {}
+
+    def methods(self, path: str) -> frozenset[str]:
+        if path in self.known:
+            return self.known[path]
+        found = frozenset(m for m in self.METHODS if any(
+            route.matches({"type": "http", "path": path, "root_path": "", "method": m})[0] == Match.FULL
+            for route in self.routes))
+        if found:  # unknown paths are not remembered: a client could send endless ones
+            self.known[path] = found
+        return found
 
 
 def check_text(body: bytes) -> Violation | None:
