@@ -463,6 +463,9 @@ class RequestLimits(_Strict):
     max_new_tokens: int = Field(4096, ge=1, le=4096, description="tokens one sequence may ask for (at most 4096)")
     max_sequences: int = Field(16, ge=1, description="sequences one request expands to (OpenAI: prompts x n)")
     max_cache_salt_chars: int = Field(256, ge=1, description="characters of a request's cache_salt")
+    max_request_tokens: int = Field(
+        16384, ge=1, description="sequences x new tokens one request may ask for (TGI's max_total_tokens budget): "
+                                 "what one request can make the replica generate")
     body_min_rate_bytes_s: float = Field(
         4096.0, gt=0, description="after body_grace_s a body must keep arriving at this many bytes/s (408 otherwise): "
                                   "a slow sender cannot hold a connection for the whole body_timeout_s")

@@ -56,6 +56,7 @@ from greencode.speculative import LosslessGenerator
 from serve_app import errors, formats
 from serve_app.admission import Admission, Deadline, TimedOut
 from serve_app.errors import ERRORS, ApiError, GenerationFailed
+from serve_app.fair import FairWorker
 from serve_app.formats import OLLAMA, OPENAI, TGI, Completion
 from serve_app.guard import Guard, tenant_of
 from serve_app.limits import check_request
@@ -72,6 +73,10 @@ from serve_app.schemas import (
 log = logging.getLogger("greencode.serve")
 
 ModelLoader = Callable[[ServeConfig], EarlyExitModel]
+# Non-streaming batches run side by side, taking turns step by step on the model thread (serve_app/fair.py):
+# a request arriving while a long batch runs starts between two of its steps instead of after its end. The
+# lane's admission (admission.max_active) bounds the requests; this bound only has to stay above it.
+CONCURRENT_BATCHES = 256
 
 api = FastAPI(
     title="GreenCode",
@@ -169,7 +174,7 @@ class GreenCodeServer:
         # thread decodes with the model's at the same time
         self.prompts = PromptBuilder(copy.deepcopy(self.lm.tokenizer), self.cfg.fim_order)
         self.fim = self.prompts.fim
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="greencode-generate")
+        self.worker = FairWorker("greencode-generate")  # all model work; tenants take turns step by step
         self.tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="greencode-tokenize")
         self.streams, self.batches = Admission(self.cfg.admission), Admission(self.cfg.admission)
         self.stats = ServeMetrics(_replica_name(), self.lm.num_layers)
@@ -279,10 +284,11 @@ class GreenCodeServer:
         return Completion(result=result, text=text, token_texts=[tok.decode([t]) for t in result.token_ids],
                           gate=gate, ignored=job.ask.ignored, batch_size=batch_size, seed=job.generation.seed)
 
-    async def _step(self, steps: Iterator[Any], deadline: Deadline | None = None) -> Any:
-        """One generation step on the generation thread: streams and batches take turns step by step.
-        With a deadline, waiting for the step (behind the others' steps) ends at it with TimedOut."""
-        step = asyncio.get_running_loop().run_in_executor(self.executor, next, steps)
+    async def _step(self, tenant: str, steps: Iterator[Any], deadline: Deadline | None = None) -> Any:
+        """One generation step on the generation thread: streams and batches take turns step by step, and
+        tenants take turns (serve_app/fair.py). With a deadline, waiting for the step (behind the others' steps)
+        ends at it with TimedOut."""
+        step = asyncio.wrap_future(self.worker.submit(tenant, next, steps))
         if deadline is None:
             return await step
         try:
@@ -294,13 +300,14 @@ class GreenCodeServer:
         """One batch of jobs sharing settings; stops if every client left. A failed row fails only its job."""
         gate = build_gate(group[0].gate, self.policy)
         steps = self._generator(group[0]).stream([j.prompt_ids for j in group], gate, group[0].generation)
+        tenant = group[0].partition.tenant
         try:
-            while not isinstance(item := await self._step(steps), Finished):
+            while not isinstance(item := await self._step(tenant, steps), Finished):
                 if all(j.cancelled for j in group):
                     log.info("all %d clients of a batch disconnected: generation stopped", len(group))
                     return [None] * len(group)
         finally:
-            self.executor.submit(steps.close)  # FIFO after any step still running
+            self.worker.submit(tenant, steps.close)  # after any step of it still running
         self.stats.record_batch(len(group))
         label = _label(gate.name, group[0])
         for r in item.results:
@@ -320,7 +327,7 @@ class GreenCodeServer:
         if spec is not None:
             self.stats.record_speculative(label, spec, len(result.token_ids))
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=CONCURRENT_BATCHES)
     async def _generate_batch(self, jobs: list[Job]) -> list[Completion | BaseException | None]:
         """Serve batching: requests arriving together, grouped by equal gate + sampling settings + cache partition.
         A group that fails answers its own requests with the error (Serve hands each caller its item); the
@@ -389,11 +396,13 @@ class GreenCodeServer:
         raises GenerationFailed when the row fails and TimedOut past the deadline."""
         gate = build_gate(job.gate, self.policy)
         steps = self._generator(job).stream([job.prompt_ids], gate, job.generation)
+        tenant = job.partition.tenant
         last: TokenEvent | None = None
         label = _label(gate.name, job)
         try:
             # past the deadline the wait for the next step ends; once the last token is out, Finished is awaited
-            while not isinstance(item := await self._step(steps, deadline if last is None else None), Finished):
+            while not isinstance(item := await self._step(tenant, steps, deadline if last is None else None),
+                                 Finished):
                 for event in item:
                     if event.error is not None:
                         raise GenerationFailed(event.error)
@@ -407,7 +416,7 @@ class GreenCodeServer:
             self._record_rounds(label, result)
             yield last, self._completion(job, result, gate.describe(), 1)
         finally:
-            self.executor.submit(steps.close)  # FIFO after any step still running
+            self.worker.submit(tenant, steps.close)  # after any step of it still running
 
     async def _tracked(self, protocol: str, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
         """Stream body with request metrics; a disconnect cancels it (and the generation under it); a failure

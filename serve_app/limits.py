@@ -105,6 +105,10 @@ def check_request(limits: RequestLimits, *, prompts: Sequence[str], prompt_field
     if cache_salt is not None and len(cache_salt) > limits.max_cache_salt_chars:
         return Violation(f"{cache_salt_field}: {len(cache_salt)} characters; the server accepts at most "
                          f"{limits.max_cache_salt_chars}", cache_salt_field)
+    if max_new_tokens is not None and sequences * max_new_tokens > limits.max_request_tokens:
+        return Violation(f"{max_new_tokens_field}: {sequences} sequences x {max_new_tokens} new tokens = "
+                         f"{sequences * max_new_tokens} tokens; the server allows {limits.max_request_tokens} per "
+                         "request", max_new_tokens_field)
     if max_new_tokens is not None and max_new_tokens > limits.max_new_tokens:
         return Violation(f"{max_new_tokens_field}: {max_new_tokens} new tokens asked; the server allows at most "
                          f"{limits.max_new_tokens}", max_new_tokens_field)
