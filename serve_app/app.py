@@ -8,18 +8,21 @@ Routes (see docs/serving.md): TGI ``/generate``,
 ``/api/generate`` (+ trailing slash, NDJSON when streaming), ``/api/show``,
 ``/api/tags``; OpenAI ``/v1/completions`` (+ SSE); ``/health``; ``/metrics``.
 
-A request passes, in order: the Guard (guard.py: Host, Origin, API key before the body,
-JSON content type, body size, UTF-8 and lone surrogates), the request schema (schemas.py),
+A request passes, in order: the Guard (guard.py: Host, Origin, route and method, API key (which
+names the tenant) before the body, JSON content type, body size and rate, strict UTF-8 JSON),
+the request schema (schemas.py),
 the request limits (limits.py), admission to its lane (admission.py: streams and
 non-streaming batches are admitted separately; 429 with Retry-After when the lane's queue is
 full, 503 when no slot frees before the request timeout), tokenization (on its own thread;
 fill-in-the-middle requests get the served model's own FIM layout, prompts.py), then
 generation. Non-streaming requests go through Serve batching: requests that arrive
-together and share gate + sampling settings run as one batch, each row still exiting (and
-failing) on its own. Each replica keeps a prefix cache (``prefix_cache_mb``): a request reuses
-the full-depth keys/values of the longest prompt prefix an earlier one stored. All model work
-runs one step at a time on one worker thread per replica, so a stream's tokens interleave with
-a batch's steps and the event loop keeps accepting requests; a client that disconnects cancels
+together and share gate + sampling settings and cache partition run as one batch, each row
+still exiting (and failing) on its own; batches run side by side. Each replica keeps a prefix
+cache (``prefix_cache_mb``) partitioned by tenant and ``cache_salt``: a request reuses the
+full-depth keys/values of the longest prompt prefix an earlier request of its partition stored.
+All model work runs one step at a time on one worker thread per replica, the tenants taking
+turns (fair.py), so a stream's tokens interleave with a batch's steps and the event loop keeps
+accepting requests; a client that disconnects cancels
 its request, which stops a stream after the current token and a batch once all its rows are
 gone. Response shapes are in formats.py, errors in errors.py, metrics (and the error counter)
 in metrics.py.
