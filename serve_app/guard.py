@@ -49,6 +49,14 @@ TENANT = "greencode.tenant"  # ASGI scope key of the request's tenant
 ANONYMOUS = "anonymous"  # the one tenant of a server without keys
 
 
+def route_path(scope: dict[str, Any]) -> str:
+    """The path the app's routes see: ``path`` without the ``root_path`` a Serve ``route_prefix`` puts before it."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+        return path[len(root):] or "/"
+    return path
+
+
 def tenant_of(scope: dict[str, Any]) -> str:
     """The tenant the Guard identified for a request (every request of a server without keys: ANONYMOUS)."""
     return scope.get(TENANT, ANONYMOUS)
@@ -155,7 +163,7 @@ class Guard:
         if (wrong_route := self._check_route(scope)) is not None:
             return wrong_route, None
         tenant = bearer_tenant(headers.get("authorization"), self.tenant_keys) if self.tenant_keys else None
-        if self.tenant_keys and tenant is None and scope["path"] not in self.open_paths:
+        if self.tenant_keys and tenant is None and route_path(scope) not in self.open_paths:
             return Violation("missing or wrong API key: send the header 'Authorization: Bearer <key>'", None, 401), None
         if scope["method"] in BODY_METHODS:
             if self.require_json and not is_json_content_type(headers.get("content-type")):
@@ -168,7 +176,7 @@ class Guard:
         """404 / 405 for what no route takes (GET-only paths refuse a POST before its body is read)."""
         if self.routes is None:
             return None
-        methods = self.routes.methods(scope["path"])
+        methods = self.routes.methods(route_path(scope))
         if not methods:
             return Violation(f"no route {scope['path'][:200]!r}: see /docs for the routes", None, 404)
         if scope["method"] not in methods:
@@ -203,14 +211,14 @@ class Guard:
                 return b"".join(chunks), None
 
     async def _refuse(self, scope: dict[str, Any], send: Any, refusal: Violation) -> None:
-        protocol = formats.protocol_of(scope["path"])
+        protocol = formats.protocol_of(route_path(scope))
         status = refusal.status or formats.invalid_request_status(protocol)
         body = json.dumps(formats.error_body(protocol, refusal.message, status, refusal.param)).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         if status == 401:
             headers.append((b"www-authenticate", b'Bearer realm="greencode"'))
         if status == 405 and self.routes is not None:
-            headers.append((b"allow", ", ".join(sorted(self.routes.methods(scope["path"]))).encode()))
+            headers.append((b"allow", ", ".join(sorted(self.routes.methods(route_path(scope)))).encode()))
         if status == 503:
             headers.append((b"retry-after", b"1"))
         if status == 413 or scope["method"] in BODY_METHODS:
