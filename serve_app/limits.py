@@ -54,9 +54,13 @@ def _escaped(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def check_json(value: Any, max_depth: int, path: str = "") -> Violation | None:
+def check_json(value: Any, max_depth: int) -> Violation | None:
     """The first string (value or object key) in a parsed JSON body that is not valid Unicode, or the first
-    object/array nested deeper than ``max_depth``."""
+    object/array nested deeper than ``max_depth`` levels."""
+    return _check_json(value, max_depth, max_depth, "")
+
+
+def _check_json(value: Any, limit: int, left: int, path: str) -> Violation | None:
     if isinstance(value, str):
         try:
             value.encode("utf-8")
@@ -65,18 +69,18 @@ def check_json(value: Any, max_depth: int, path: str = "") -> Violation | None:
             return Violation(f"{where}: string holds a lone surrogate {_escaped(value[err.start])} at index "
                              f"{err.start}: send valid UTF-8 text", path or None)
         return None
-    if isinstance(value, (dict, list)) and max_depth <= 0:
-        return Violation(f"{path or 'body'}: JSON nested too deeply", path or None)
+    if isinstance(value, (dict, list)) and left <= 0:
+        return Violation(f"request body nests JSON deeper than {limit} levels", None)
     if isinstance(value, dict):
         for key, item in value.items():
             key_path = f"{path}.{_escaped(key)}" if path else _escaped(key)
-            if (bad := check_json(key, max_depth - 1, f"{key_path} (key)")) is not None:
+            if (bad := _check_json(key, limit, left - 1, f"{key_path} (key)")) is not None:
                 return bad
-            if (bad := check_json(item, max_depth - 1, key_path)) is not None:
+            if (bad := _check_json(item, limit, left - 1, key_path)) is not None:
                 return bad
     elif isinstance(value, list):
         for i, item in enumerate(value):
-            if (bad := check_json(item, max_depth - 1, f"{path}.{i}" if path else str(i))) is not None:
+            if (bad := _check_json(item, limit, left - 1, f"{path}.{i}" if path else str(i))) is not None:
                 return bad
     return None
 
