@@ -244,7 +244,8 @@ def test_a_server_fault_in_a_stream_is_a_generic_error_event(http, protocol):
 
 
 def test_a_failing_batch_group_fails_alone(http):
-    """Bob's faulting request arrives with three of alice's: they share Serve's batch, not its failure."""
+    """Bob's faulting request arrives with three of alice's (within batch_wait_timeout_s: Serve batches them
+    together, in separate groups); his fails, theirs are served."""
     prompt = unique_prompt("# batch")
 
     def send(i):
