@@ -482,6 +482,7 @@ def _serve_generation() -> GenerationConfig:
 
 
 LOOPBACK_HOSTS = ["127.0.0.1", "localhost", "::1"]
+DEFAULT_TENANT = "default"  # the tenant of ServeConfig.api_key
 
 
 class RequestLimits(_Strict):
@@ -494,6 +495,16 @@ class RequestLimits(_Strict):
     max_stop_chars: int = Field(256, ge=1, description="characters of one stop sequence")
     max_new_tokens: int = Field(4096, ge=1, le=4096, description="tokens one sequence may ask for (at most 4096)")
     max_sequences: int = Field(16, ge=1, description="sequences one request expands to (OpenAI: prompts x n)")
+    max_cache_salt_chars: int = Field(256, ge=1, description="characters of a request's cache_salt")
+    max_request_tokens: int = Field(
+        16384, ge=1, description="sequences x new tokens one request may ask for (TGI's max_total_tokens budget): "
+                                 "what one request can make the replica generate")
+    body_min_rate_bytes_s: float = Field(
+        4096.0, gt=0, description="after body_grace_s a body must keep arriving at this many bytes/s (408 otherwise): "
+                                  "a slow sender cannot hold a connection for the whole body_timeout_s")
+    body_grace_s: float = Field(2.0, gt=0, description="seconds a body may take before body_min_rate_bytes_s applies")
+    max_body_readers: int = Field(
+        32, ge=1, description="request bodies read at once per replica; one more is a 503 with Retry-After at once")
 
 
 class AdmissionLimits(_Strict):
@@ -536,7 +547,14 @@ class ServeConfig(_Strict):
     num_cpus: float = Field(1.0, gt=0, description="CPUs per replica")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica, e.g. 1 or 0.5")
     api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' on every route but /health "
-                                                  "(and the API schema); an empty key is refused")
+                                                  "(and the API schema); the key of tenant 'default'. An empty key is "
+                                                  "refused")
+    api_keys: dict[str, str] = Field(
+        default_factory=dict, description="tenant name -> API key: each key names its tenant, whose prefix cache "
+                                          "entries no other tenant can match (`greencode serve --api-key-file`)")
+    prefix_cache_entries: int = Field(
+        4096, ge=1, description="per replica: most prefix cache entries; each tenant keeps at most its share of "
+                                "these and of prefix_cache_mb (divided evenly between the tenants)")
     allowed_hosts: list[str] = Field(
         default_factory=lambda: list(LOOPBACK_HOSTS), min_length=1,
         description="Host header names served (DNS-rebinding defence); '*' = any. `greencode serve --host` on a "
@@ -565,6 +583,29 @@ class ServeConfig(_Strict):
         if key is not None and not key.strip():
             raise ValueError("an empty key would let every request in: leave api_key unset (null) or set a real key")
         return key
+
+    @field_validator("api_keys")
+    @classmethod
+    def _real_keys(cls, keys: dict[str, str]) -> dict[str, str]:
+        for tenant, key in keys.items():
+            if not tenant.strip() or not key.strip():
+                raise ValueError(f"tenant {tenant!r}: empty tenant names and keys are refused")
+        if len(set(keys.values())) != len(keys):
+            raise ValueError("two tenants have the same key: a key must name exactly one tenant")
+        return keys
+
+    @model_validator(mode="after")
+    def _one_default(self) -> ServeConfig:
+        if self.api_key is not None and DEFAULT_TENANT in self.api_keys:
+            raise ValueError(f"api_key is the key of tenant {DEFAULT_TENANT!r}, which api_keys names too: set one")
+        if self.api_key is not None and self.api_key in self.api_keys.values():
+            raise ValueError("api_key equals a key of api_keys: a key must name exactly one tenant")
+        return self
+
+    @property
+    def tenant_keys(self) -> dict[str, str]:
+        """Every tenant and its key (api_key is tenant 'default'); empty: no key needed, one anonymous tenant."""
+        return {**self.api_keys, **({DEFAULT_TENANT: self.api_key} if self.api_key is not None else {})}
 
     @model_validator(mode="after")
     def _serve_queue(self) -> ServeConfig:

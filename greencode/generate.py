@@ -30,10 +30,11 @@ step and, last, :class:`Finished` with the results.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import torch
 
@@ -43,7 +44,7 @@ from greencode.energy import EnergyMeter
 from greencode.fim import detect_fim
 from greencode.gates import FullGate, Gate
 from greencode.modeling import EarlyExitModel
-from greencode.prefix_cache import PrefixCache, full_depth_tokens
+from greencode.prefix_cache import PrefixCache, ScopedPrefixCache, full_depth_tokens
 from greencode.sampling import pick_tokens
 from greencode.tokens import encode
 
@@ -138,7 +139,7 @@ class GatedGenerator:
     """
 
     def __init__(self, lm: EarlyExitModel, meter: EnergyMeter | None = None,
-                 prefix_cache: PrefixCache | None = None) -> None:
+                 prefix_cache: PrefixCache | ScopedPrefixCache | None = None) -> None:
         self.lm = lm
         self.meter = meter or EnergyMeter(lm.device)
         cfg = lm.model.generation_config
@@ -153,6 +154,12 @@ class GatedGenerator:
         if prefix_cache is not None:
             prefix_cache.check_model(lm.fingerprint, lm.model.config)
         self.prefix_cache = prefix_cache
+
+    def scoped(self, prefix_cache: PrefixCache | ScopedPrefixCache | None) -> Self:
+        """This generator (same model, meter, everything) over another prefix cache: one tenant's partition."""
+        other = copy.copy(self)
+        other.prefix_cache = prefix_cache
+        return other
 
     # ------------------------------------------------------------------ one forward step
 

@@ -20,24 +20,60 @@ Rules that keep reuse exact:
   models, learned positions added before the layers for OPT) are valid in any batch layout as
   long as the prefix starts the row, which :meth:`PrefixCache.reuse` guarantees.
 
-The cache is bounded by bytes: least recently used whole entries are evicted before an
-insert would exceed the budget, so it never holds more than its budget.
+Rules that keep it private (issue 25): a cached prompt answers much faster than a cold one and
+replies report how many prompt tokens were reused, so a shared cache would tell one client what
+another one sent. Every entry belongs to a :class:`Partition` (the tenant its API key names,
+plus the request's optional ``cache_salt``) and a lookup only ever matches entries of its own
+partition: the partition's digest seeds the hash chain every index key is built from, and a
+candidate's partition is compared again before use. Each tenant has its own byte budget and
+entry cap, and evicts only its own least recently used entries, so one tenant's long prompts
+cannot push the others' out. A later kind of entry (stored completions for type-along reuse)
+keys on the same :class:`Partition`.
 
-:class:`greencode.generate.GatedGenerator` drives it: its prompt pass calls :meth:`~PrefixCache.reuse`
-and runs only the positions that were not loaded, then stores the prompts; the end of a stream
-stores each row's prompt and full-depth completion (:meth:`~PrefixCache.remember`).
+The index is a hash chain over token blocks (as vLLM's prefix caching): an entry is indexed
+under the chained digest of its first token and of every whole ``block_tokens`` block, so a
+lookup costs one digest per block of the prompt plus an exact comparison with the few entries
+at its deepest matching block, however many entries are stored. The match is exact to the
+token (the comparison runs past the block boundary); it can only fall short, by less than a
+block, when another entry of the same bucket would have matched longer.
+
+:class:`greencode.generate.GatedGenerator` drives it through a :class:`ScopedPrefixCache` (one
+partition's view): its prompt pass calls :meth:`~ScopedPrefixCache.reuse` and runs only the
+positions that were not loaded, then stores the prompts; the end of a stream stores each row's
+prompt and full-depth completion (:meth:`~ScopedPrefixCache.remember`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+
+BLOCK_TOKENS = 16  # tokens per hash-chain block of the index
+CANDIDATES = 8  # entries compared exactly at the deepest matching block (the most recently stored)
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Whose entries a lookup may match: a tenant (named by its API key) and an optional client ``cache_salt``."""
+
+    tenant: str = "anonymous"
+    salt: str | None = None
+
+    @property
+    def digest(self) -> bytes:
+        """Seed of every index key of the partition (distinct for every (tenant, salt), including no salt)."""
+        return hashlib.blake2b(json.dumps([self.tenant, self.salt]).encode(), digest_size=16).digest()
+
+
+SHARED = Partition()  # the partition of callers that name none (one user, benchmarks)
 
 
 @dataclass(frozen=True)
@@ -49,8 +85,8 @@ class PrefixCacheStats:
     entries: int
     bytes_held: int
     budget_bytes: int
-    evictions: int  # entries dropped to stay within the budget
-    rejected: int  # sequences not stored because they alone exceed the budget
+    evictions: int  # entries dropped to stay within a budget or entry cap
+    rejected: int  # sequences not stored because they alone exceed their tenant's budget
 
     @property
     def hit_rate(self) -> float:
@@ -62,10 +98,18 @@ class PrefixCacheStats:
 class _Entry:
     tokens: np.ndarray  # [n] int64, read-only
     kv: torch.Tensor  # [layers, 2, kv_heads, n, head_dim]: keys and values of every layer
+    partition: Partition
+    keys: tuple[bytes, ...]  # index keys: the chained digest at each of its block boundaries
 
     @property
     def nbytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()
+
+
+@dataclass
+class _Tenant:
+    lru: OrderedDict[int, None] = field(default_factory=OrderedDict)  # its entries, oldest use first
+    bytes: int = 0
 
 
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -76,49 +120,107 @@ def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     return int(differ[0]) if differ.size else n
 
 
+def _boundaries(n: int, block: int) -> list[int]:
+    """Lengths an n-token sequence is indexed at: its first token, then every whole block."""
+    if n == 0:
+        return []
+    return [1, *range(block, n + 1, block)] if block > 1 else list(range(1, n + 1))
+
+
 class PrefixCache:
-    """Token sequences with their full-depth K/V, LRU by bytes, safe to share between threads.
+    """Token sequences with their full-depth K/V per :class:`Partition`, LRU by bytes per tenant, thread-safe.
+
+    ``budget_bytes`` and ``max_entries`` bound the whole cache; ``tenant_budget_bytes`` and
+    ``tenant_max_entries`` (default: the whole) bound each tenant, and a tenant over its own bound
+    evicts only its own entries. Sized so the tenants' bounds add up to at most the whole (the
+    server divides by its number of keys), no tenant ever evicts another's entries.
 
     Bound to one model (``model_fingerprint``): K/V of other weights would silently give wrong
-    tokens, so :meth:`check_model` refuses a model it was not made for. Lookup is a scan over
-    the entries (a few hundred at realistic budgets: microseconds next to a layer).
+    tokens, so :meth:`check_model` refuses a model it was not made for.
     """
 
-    def __init__(self, budget_bytes: int, model_fingerprint: str) -> None:
+    def __init__(self, budget_bytes: int, model_fingerprint: str, *, max_entries: int = 4096,
+                 tenant_budget_bytes: int | None = None, tenant_max_entries: int | None = None,
+                 block_tokens: int = BLOCK_TOKENS) -> None:
         if budget_bytes < 0:
             raise ValueError(f"prefix cache budget_bytes must be >= 0, got {budget_bytes}")
+        if max_entries < 1 or block_tokens < 1:
+            raise ValueError(f"max_entries and block_tokens must be >= 1, got {max_entries} and {block_tokens}")
         self.budget_bytes = int(budget_bytes)
+        self.max_entries = int(max_entries)
+        self.tenant_budget_bytes = min(self.budget_bytes, int(tenant_budget_bytes if tenant_budget_bytes is not None
+                                                              else budget_bytes))
+        self.tenant_max_entries = min(self.max_entries, int(tenant_max_entries or max_entries))
+        self.block_tokens = int(block_tokens)
         self.model_fingerprint = model_fingerprint
-        self._entries: OrderedDict[int, _Entry] = OrderedDict()  # oldest use first
+        self._entries: dict[int, _Entry] = {}
+        self._lru: OrderedDict[int, None] = OrderedDict()  # every entry, oldest use first
+        self._tenants: dict[str, _Tenant] = {}
+        self._index: dict[bytes, dict[int, None]] = {}  # chained digest -> entries indexed under it
+        self._ends: dict[bytes, dict[int, None]] = {}  # digest at an entry's deepest boundary -> entries
         self._next_key = 0
         self._bytes = 0
         self._lock = threading.Lock()
         self._lookups = self._hits = self._prompt_tokens = self._reused_tokens = 0
         self._evictions = self._rejected = 0
 
+    def scoped(self, partition: Partition) -> ScopedPrefixCache:
+        """This cache as one partition sees it (what a generator is given)."""
+        return ScopedPrefixCache(self, partition)
+
+    # ------------------------------------------------------------------ keys
+
+    def _chain(self, tokens: np.ndarray, partition: Partition) -> tuple[list[int], list[bytes]]:
+        """(boundaries, chained digests at them), seeded by the partition."""
+        bounds = _boundaries(len(tokens), self.block_tokens)
+        digest, start, keys = partition.digest, 0, []
+        for end in bounds:
+            digest = hashlib.blake2b(digest + tokens[start:end].tobytes(), digest_size=16).digest()
+            keys.append(digest)
+            start = end
+        return bounds, keys
+
+    def _best(self, query: np.ndarray, partition: Partition, keys: list[bytes]) -> tuple[int | None, int]:
+        """(entry id, common length) of the best match among the entries at the deepest indexed boundary."""
+        found = None
+        for key in keys:  # an entry is indexed at all its boundaries: the first miss ends the chain
+            if key not in self._index:
+                break
+            found = key
+        if found is None:
+            return None, 0
+        best_id, best_len = None, 0
+        for i, entry_id in enumerate(reversed(self._index[found])):
+            if i == CANDIDATES:
+                break
+            entry = self._entries[entry_id]
+            if entry.partition != partition:  # a digest collision: never another partition's entry
+                continue
+            n = _common_prefix(entry.tokens, query)
+            if n > best_len:
+                best_id, best_len = entry_id, n
+        return best_id, best_len
+
     # ------------------------------------------------------------------ lookup
 
-    def longest_prefix(self, tokens: Sequence[int]) -> tuple[int, torch.Tensor | None]:
-        """(length, K/V) of the stored sequence sharing the longest leading run with ``tokens``.
+    def longest_prefix(self, tokens: Sequence[int], partition: Partition = SHARED) -> tuple[int, torch.Tensor | None]:
+        """(length, K/V) of a stored sequence of ``partition`` sharing the longest leading run with ``tokens``.
 
         The K/V tensor ``[layers, 2, kv_heads, n, head_dim]`` is shared and must only be read
         (its first ``length`` positions are the match). The entry becomes the most recently used.
         """
         query = np.asarray(tokens, dtype=np.int64)
+        _, keys = self._chain(query, partition)
         with self._lock:
-            best_key, best_len = None, 0
-            for key, entry in reversed(self._entries.items()):  # most recent first wins ties
-                n = _common_prefix(entry.tokens, query)
-                if n > best_len:
-                    best_key, best_len = key, n
-            if best_key is None:
+            best, length = self._best(query, partition, keys)
+            if best is None:
                 return 0, None
-            self._entries.move_to_end(best_key)
-            return best_len, self._entries[best_key].kv
+            self._touch(best)
+            return length, self._entries[best].kv
 
-    def covers(self, tokens: Sequence[int]) -> bool:
-        """Whether a stored sequence starts with all of ``tokens`` (storing them would add nothing)."""
-        return self.longest_prefix(tokens)[0] == len(tokens)
+    def covers(self, tokens: Sequence[int], partition: Partition = SHARED) -> bool:
+        """Whether a stored sequence of ``partition`` starts with all of ``tokens`` (storing them adds nothing)."""
+        return self.longest_prefix(tokens, partition)[0] == len(tokens)
 
     def record(self, prompt_tokens: int, reused_tokens: int) -> None:
         """Count one looked-up prompt and how many of its tokens were actually reused."""
@@ -130,50 +232,93 @@ class PrefixCache:
 
     # ------------------------------------------------------------------ insert / evict
 
-    def insert(self, tokens: Sequence[int], kv: torch.Tensor) -> bool:
-        """Store ``tokens`` with their K/V ``[layers, 2, kv_heads, n, head_dim]``; True if stored.
+    def insert(self, tokens: Sequence[int], kv: torch.Tensor, partition: Partition = SHARED) -> bool:
+        """Store ``tokens`` with their K/V ``[layers, 2, kv_heads, n, head_dim]`` in ``partition``; True if stored.
 
-        Takes ownership of ``kv``: pass a tensor nothing else will write to (:func:`remember`
+        Takes ownership of ``kv``: pass a tensor nothing else will write to (:meth:`remember`
         builds one). A sequence already covered by a stored one is not stored again; stored
-        sequences that are prefixes of the new one are dropped (it answers every lookup they
-        would); least recently used entries are evicted until the new one fits the budget.
+        sequences of the partition that are prefixes of the new one are dropped (it answers every
+        lookup they would); the tenant's, then the cache's, least recently used entries are
+        evicted until the new one fits both budgets and entry caps.
         """
-        if kv.dim() != 5 or kv.shape[1] != 2 or kv.shape[3] != len(tokens):
+        if not len(tokens) or kv.dim() != 5 or kv.shape[1] != 2 or kv.shape[3] != len(tokens):
             raise ValueError(f"kv must be [layers, 2, kv_heads, {len(tokens)}, head_dim], got {list(kv.shape)}")
-        entry = _Entry(np.asarray(tokens, dtype=np.int64).copy(), kv)
-        entry.tokens.setflags(write=False)
+        array = np.asarray(tokens, dtype=np.int64).copy()
+        array.setflags(write=False)
+        bounds, keys = self._chain(array, partition)
+        entry = _Entry(array, kv, partition, tuple(keys))
         with self._lock:
-            if entry.nbytes > self.budget_bytes:
+            if entry.nbytes > self.tenant_budget_bytes:
                 self._rejected += 1
                 return False
-            for key, old in list(self._entries.items()):
-                n = _common_prefix(old.tokens, entry.tokens)
-                if n == len(entry.tokens):  # covered by a stored sequence: keep that one, fresher
-                    self._entries.move_to_end(key)
-                    return False
-                if n == len(old.tokens):  # a prefix of the new sequence: redundant from now on
-                    self._drop(key)
-            while self._bytes + entry.nbytes > self.budget_bytes:
-                self._drop(next(iter(self._entries)))
+            covering, n = self._best(array, partition, keys)
+            if covering is not None and n == len(array):  # keep the stored one, fresher
+                self._touch(covering)
+                return False
+            for key in keys:  # stored prefixes of the new sequence end at one of its boundaries
+                for old_id in list(self._ends.get(key, ())):
+                    old = self._entries[old_id]
+                    if old.partition == partition and len(old.tokens) <= len(array) \
+                            and _common_prefix(old.tokens, array) == len(old.tokens):
+                        self._drop(old_id)
+            tenant = self._tenants.setdefault(partition.tenant, _Tenant())
+            while tenant.lru and (tenant.bytes + entry.nbytes > self.tenant_budget_bytes
+                                  or len(tenant.lru) >= self.tenant_max_entries):
+                self._drop(next(iter(tenant.lru)))
                 self._evictions += 1
-            self._entries[self._next_key] = entry
-            self._next_key += 1
+            while self._lru and (self._bytes + entry.nbytes > self.budget_bytes
+                                 or len(self._entries) >= self.max_entries):
+                self._drop(next(iter(self._lru)))
+                self._evictions += 1
+            entry_id, self._next_key = self._next_key, self._next_key + 1
+            self._entries[entry_id] = entry
+            self._lru[entry_id] = None
+            tenant.lru[entry_id] = None
+            tenant.bytes += entry.nbytes
             self._bytes += entry.nbytes
+            for key in keys:
+                self._index.setdefault(key, {})[entry_id] = None
+            self._ends.setdefault(keys[-1], {})[entry_id] = None
             return True
 
-    def _drop(self, key: int) -> None:
-        self._bytes -= self._entries.pop(key).nbytes
+    def _touch(self, entry_id: int) -> None:
+        self._lru.move_to_end(entry_id)
+        self._tenants[self._entries[entry_id].partition.tenant].lru.move_to_end(entry_id)
+
+    def _drop(self, entry_id: int) -> None:
+        entry = self._entries.pop(entry_id)
+        del self._lru[entry_id]
+        tenant = self._tenants[entry.partition.tenant]
+        del tenant.lru[entry_id]
+        tenant.bytes -= entry.nbytes
+        if not tenant.lru:
+            del self._tenants[entry.partition.tenant]
+        self._bytes -= entry.nbytes
+        for key in entry.keys:
+            bucket = self._index[key]
+            del bucket[entry_id]
+            if not bucket:
+                del self._index[key]
+        ends = self._ends[entry.keys[-1]]
+        del ends[entry_id]
+        if not ends:
+            del self._ends[entry.keys[-1]]
 
     def clear(self) -> None:
         with self._lock:
-            self._entries.clear()
-            self._bytes = 0
+            for entry_id in list(self._entries):
+                self._drop(entry_id)
 
     def stats(self) -> PrefixCacheStats:
+        """Aggregates over every partition (what /metrics shows: nothing per tenant)."""
         with self._lock:
             return PrefixCacheStats(self._lookups, self._hits, self._prompt_tokens, self._reused_tokens,
                                     len(self._entries), self._bytes, self.budget_bytes, self._evictions,
                                     self._rejected)
+
+    def tenant_bytes(self, tenant: str) -> int:
+        with self._lock:
+            return self._tenants[tenant].bytes if tenant in self._tenants else 0
 
     # ------------------------------------------------------------------ what a request reads and writes
 
@@ -186,8 +331,9 @@ class PrefixCache:
                              f"{model_fingerprint}: make a new PrefixCache for it")
         _layers(DynamicCache(config=model_config))
 
-    def reuse(self, cache: Any, encoded: Sequence[Sequence[int]]) -> tuple[int, list[int]]:
-        """Load the longest stored prefix of every row into the empty request ``cache``.
+    def reuse(self, cache: Any, encoded: Sequence[Sequence[int]],
+              partition: Partition = SHARED) -> tuple[int, list[int]]:
+        """Load the longest stored prefix (of ``partition``) of every row into the empty request ``cache``.
 
         The rows are laid out as the generator's prompt pass lays them out: left-padded to the
         longest. Returns ``(past, reused)``: the cache now holds the first ``past`` columns, so the
@@ -201,7 +347,7 @@ class PrefixCache:
         if not encoded or any(len(p) == 0 for p in encoded):
             raise ValueError("every prompt needs at least one token")
         lengths = [len(p) for p in encoded]
-        matches = [self.longest_prefix(p) for p in encoded]
+        matches = [self.longest_prefix(p, partition) for p in encoded]
         matched = [min(n, length - 1) for (n, _), length in zip(matches, lengths)]
         new = max(length - m for length, m in zip(lengths, matched))  # S positions the pass runs
         past = max(lengths) - new  # cached columns
@@ -220,8 +366,9 @@ class PrefixCache:
                 cache.update(kv[i, 0], kv[i, 1], i)
         return past, reused
 
-    def remember(self, cache: Any, attention_mask: torch.Tensor, rows: Sequence[Sequence[int] | None]) -> int:
-        """Store each row's full-depth tokens with their K/V from a left-padded batch ``cache``.
+    def remember(self, cache: Any, attention_mask: torch.Tensor, rows: Sequence[Sequence[int] | None],
+                 partition: Partition = SHARED) -> int:
+        """Store each row's full-depth tokens with their K/V from a left-padded batch ``cache`` in ``partition``.
 
         ``rows[r]`` are the tokens of row ``r`` whose K/V are full-depth, starting at the row's
         first unpadded column (the prompt, possibly followed by :func:`full_depth_tokens` of its
@@ -232,15 +379,44 @@ class PrefixCache:
         starts = attention_mask.long().argmax(dim=1).tolist()  # first 1 of each (left-padded) row
         stored = 0
         for r, tokens in enumerate(rows):
-            if not tokens or self.covers(tokens):
+            if not tokens or self.covers(tokens, partition):
                 continue
             start, n = starts[r], len(tokens)
             if start + n > width:
                 raise ValueError(f"row {r}: {n} tokens from column {start} exceed the cache's {width} positions")
             kv = torch.stack([torch.stack((layer.keys[r, :, start:start + n], layer.values[r, :, start:start + n]))
                               for layer in layers])  # a fresh tensor: never a view of the request's cache
-            stored += self.insert(tokens, kv)
+            stored += self.insert(tokens, kv, partition)
         return stored
+
+
+@dataclass(frozen=True)
+class ScopedPrefixCache:
+    """One partition's view of a :class:`PrefixCache`: what a generator reads and writes for its requests."""
+
+    store: PrefixCache
+    partition: Partition
+
+    def check_model(self, model_fingerprint: str, model_config: Any) -> None:
+        self.store.check_model(model_fingerprint, model_config)
+
+    def longest_prefix(self, tokens: Sequence[int]) -> tuple[int, torch.Tensor | None]:
+        return self.store.longest_prefix(tokens, self.partition)
+
+    def covers(self, tokens: Sequence[int]) -> bool:
+        return self.store.covers(tokens, self.partition)
+
+    def insert(self, tokens: Sequence[int], kv: torch.Tensor) -> bool:
+        return self.store.insert(tokens, kv, self.partition)
+
+    def reuse(self, cache: Any, encoded: Sequence[Sequence[int]]) -> tuple[int, list[int]]:
+        return self.store.reuse(cache, encoded, self.partition)
+
+    def remember(self, cache: Any, attention_mask: torch.Tensor, rows: Sequence[Sequence[int] | None]) -> int:
+        return self.store.remember(cache, attention_mask, rows, self.partition)
+
+    def stats(self) -> PrefixCacheStats:
+        return self.store.stats()
 
 
 def full_depth_tokens(prompt: Sequence[int], completion: Sequence[int], layers_per_token: Sequence[int],

@@ -8,18 +8,21 @@ Routes (see docs/serving.md): TGI ``/generate``,
 ``/api/generate`` (+ trailing slash, NDJSON when streaming), ``/api/show``,
 ``/api/tags``; OpenAI ``/v1/completions`` (+ SSE); ``/health``; ``/metrics``.
 
-A request passes, in order: the Guard (guard.py: Host, Origin, API key before the body,
-JSON content type, body size, UTF-8 and lone surrogates), the request schema (schemas.py),
+A request passes, in order: the Guard (guard.py: Host, Origin, route and method, API key (which
+names the tenant) before the body, JSON content type, body size and rate, strict UTF-8 JSON),
+the request schema (schemas.py),
 the request limits (limits.py), admission to its lane (admission.py: streams and
 non-streaming batches are admitted separately; 429 with Retry-After when the lane's queue is
 full, 503 when no slot frees before the request timeout), tokenization (on its own thread;
 fill-in-the-middle requests get the served model's own FIM layout, prompts.py), then
 generation. Non-streaming requests go through Serve batching: requests that arrive
-together and share gate + sampling settings run as one batch, each row still exiting (and
-failing) on its own. Each replica keeps a prefix cache (``prefix_cache_mb``): a request reuses
-the full-depth keys/values of the longest prompt prefix an earlier one stored. All model work
-runs one step at a time on one worker thread per replica, so a stream's tokens interleave with
-a batch's steps and the event loop keeps accepting requests; a client that disconnects cancels
+together and share gate + sampling settings and cache partition run as one batch, each row
+still exiting (and failing) on its own; batches run side by side. Each replica keeps a prefix
+cache (``prefix_cache_mb``) partitioned by tenant and ``cache_salt``: a request reuses the
+full-depth keys/values of the longest prompt prefix an earlier request of its partition stored.
+All model work runs one step at a time on one worker thread per replica, the tenants taking
+turns (fair.py), so a stream's tokens interleave with a batch's steps and the event loop keeps
+accepting requests; a client that disconnects cancels
 its request, which stops a stream after the current token and a batch once all its rows are
 gone. Response shapes are in formats.py, errors in errors.py, metrics (and the error counter)
 in metrics.py.
@@ -40,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from ray import serve
 from ray.serve.deployment import Application
@@ -51,13 +54,14 @@ from greencode.gates import build_gate
 from greencode.generate import Finished, GenerationResult, TokenEvent
 from greencode.modeling import EarlyExitModel, load_model
 from greencode.policy import ExitPolicy
-from greencode.prefix_cache import PrefixCache
+from greencode.prefix_cache import Partition, PrefixCache
 from greencode.speculative import LosslessGenerator
 from serve_app import errors, formats
 from serve_app.admission import Admission, Deadline, TimedOut
 from serve_app.errors import ERRORS, ApiError, GenerationFailed
+from serve_app.fair import FairWorker
 from serve_app.formats import OLLAMA, OPENAI, TGI, Completion
-from serve_app.guard import Guard
+from serve_app.guard import Guard, tenant_of
 from serve_app.limits import check_request
 from serve_app.metrics import ErrorCounter, ServeMetrics
 from serve_app.prompts import PromptBuilder
@@ -72,6 +76,10 @@ from serve_app.schemas import (
 log = logging.getLogger("greencode.serve")
 
 ModelLoader = Callable[[ServeConfig], EarlyExitModel]
+# Non-streaming batches run side by side, taking turns step by step on the model thread (serve_app/fair.py):
+# a request arriving while a long batch runs starts between two of its steps instead of after its end. The
+# lane's admission (admission.max_active) bounds the requests; this bound only has to stay above it.
+CONCURRENT_BATCHES = 256
 
 api = FastAPI(
     title="GreenCode",
@@ -87,19 +95,23 @@ errors.install(api)
 
 @dataclass(eq=False)
 class Job:
-    """One sequence to generate: validated gate and sampling settings, then (tokenizer thread) its prompt ids."""
+    """One sequence to generate: validated gate and sampling settings, then (tokenizer thread) its prompt ids.
+
+    ``batch_key`` is computed when the job is built, in its own request: nothing about one job can fail
+    later while the batch it shares with others is being grouped."""
 
     ask: Ask
     gate: GateConfig
     generation: GenerationConfig
-    prompt_ids: list[int] = field(default_factory=list)  # filled on the tokenizer thread
+    partition: Partition  # the prefix cache entries it may match and adds to: its tenant's, with its salt
     cache_prompt: bool = True  # read and write the replica's prefix cache
+    batch_key: str = ""  # jobs with equal keys can share one generation batch
+    prompt_ids: list[int] = field(default_factory=list)  # filled on the tokenizer thread
     cancelled: bool = False
 
-    @property
-    def batch_key(self) -> str:
-        """Jobs with equal keys can share one generation batch."""
-        return self.gate.model_dump_json() + self.generation.model_dump_json() + str(self.cache_prompt)
+    def __post_init__(self) -> None:
+        self.batch_key = "|".join((self.gate.model_dump_json(), self.generation.model_dump_json(),
+                                   str(self.cache_prompt), self.partition.digest.hex()))
 
 
 def _label(gate: str, job: Job) -> str:
@@ -149,8 +161,11 @@ class GreenCodeServer:
         self.default_gate = self.cfg.default_gate
         if self.default_gate == "policy" and self.policy is None:
             self.default_gate = "full"
-        budget = int(self.cfg.prefix_cache_mb * 2**20)
-        self.prefix_cache = PrefixCache(budget, self.lm.fingerprint) if budget else None
+        budget, tenants = int(self.cfg.prefix_cache_mb * 2**20), max(1, len(self.cfg.tenant_keys))
+        self.prefix_cache = PrefixCache(
+            budget, self.lm.fingerprint, max_entries=self.cfg.prefix_cache_entries,
+            tenant_budget_bytes=budget // tenants, tenant_max_entries=max(1, self.cfg.prefix_cache_entries // tenants),
+        ) if budget else None
         # plain and lossless requests alike (generation.lossless picks per request)
         self.generator = LosslessGenerator(self.lm, prefix_cache=self.prefix_cache)
         # requests that say cache_prompt: false (benchmarks, privacy) neither read nor write the cache
@@ -162,7 +177,7 @@ class GreenCodeServer:
         # thread decodes with the model's at the same time
         self.prompts = PromptBuilder(copy.deepcopy(self.lm.tokenizer), self.cfg.fim_order)
         self.fim = self.prompts.fim
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="greencode-generate")
+        self.worker = FairWorker("greencode-generate")  # all model work; tenants take turns step by step
         self.tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="greencode-tokenize")
         self.streams, self.batches = Admission(self.cfg.admission), Admission(self.cfg.admission)
         self.stats = ServeMetrics(_replica_name(), self.lm.num_layers)
@@ -180,8 +195,8 @@ class GreenCodeServer:
         wrapped in the Guard and the error counter, which need this replica's config and metrics."""
         app = self.app  # set by serve.ingress's wrapper before this is called
         cfg = self.cfg
-        app.add_middleware(Guard, limits=cfg.limits, api_key=cfg.api_key, allowed_hosts=cfg.allowed_hosts,
-                           allowed_origins=cfg.allowed_origins, require_json=cfg.require_json)
+        app.add_middleware(Guard, limits=cfg.limits, tenant_keys=cfg.tenant_keys, allowed_hosts=cfg.allowed_hosts,
+                           allowed_origins=cfg.allowed_origins, require_json=cfg.require_json, routes=app.routes)
         app.add_middleware(ErrorCounter, record=self.stats.record_error)  # outermost: counts the Guard's refusals
         return app
 
@@ -220,11 +235,11 @@ class GreenCodeServer:
             self.cfg.limits, prompts=[a.prompt for a in asks], prompt_field=where.prompt, suffix=first.suffix,
             stop=first.stop, stop_field=where.knob("stop"), max_new_tokens=first.max_new_tokens,
             max_new_tokens_field=where.knob(where.max_new_tokens), sequences=len(asks),
-            sequences_field=where.sequences)
+            sequences_field=where.sequences, cache_salt=first.cache_salt, cache_salt_field=where.knob("cache_salt"))
         if violation is not None:
             raise ApiError(violation.message, violation.param, violation.status)
 
-    def _job(self, ask: Ask) -> Job:
+    def _job(self, ask: Ask, tenant: str) -> Job:
         gate = self._gate(ask.gate)
         asked = {"max_new_tokens": ask.max_new_tokens, "temperature": ask.temperature, "top_p": ask.top_p,
                  "stop": ask.stop or None, "seed": ask.seed, "lossless": ask.lossless}
@@ -233,13 +248,13 @@ class GreenCodeServer:
                                                      **{k: v for k, v in asked.items() if v is not None}})
         except ConfigError as err:
             raise ApiError(str(err), "lossless" if "lossless" in str(err) else "max_new_tokens") from None
-        return Job(ask, gate, generation, cache_prompt=ask.cache_prompt is not False)
+        return Job(ask, gate, generation, Partition(tenant, ask.cache_salt), cache_prompt=ask.cache_prompt is not False)
 
-    def _jobs(self, protocol: str, asks: list[Ask]) -> list[Job]:
+    def _jobs(self, protocol: str, asks: list[Ask], request: Request) -> list[Job]:
         """Validated jobs of a request, nothing tokenized yet (a refusal here costs no model work)."""
         try:
             self._limits(asks)
-            return [self._job(a) for a in asks]
+            return [self._job(a, tenant_of(request.scope)) for a in asks]
         except ApiError:
             self.stats.record_request(protocol, "rejected")
             raise
@@ -272,10 +287,11 @@ class GreenCodeServer:
         return Completion(result=result, text=text, token_texts=[tok.decode([t]) for t in result.token_ids],
                           gate=gate, ignored=job.ask.ignored, batch_size=batch_size, seed=job.generation.seed)
 
-    async def _step(self, steps: Iterator[Any], deadline: Deadline | None = None) -> Any:
-        """One generation step on the generation thread: streams and batches take turns step by step.
-        With a deadline, waiting for the step (behind the others' steps) ends at it with TimedOut."""
-        step = asyncio.get_running_loop().run_in_executor(self.executor, next, steps)
+    async def _step(self, tenant: str, steps: Iterator[Any], deadline: Deadline | None = None) -> Any:
+        """One generation step on the generation thread: streams and batches take turns step by step, and
+        tenants take turns (serve_app/fair.py). With a deadline, waiting for the step (behind the others' steps)
+        ends at it with TimedOut."""
+        step = asyncio.wrap_future(self.worker.submit(tenant, next, steps))
         if deadline is None:
             return await step
         try:
@@ -286,15 +302,15 @@ class GreenCodeServer:
     async def _generate_group(self, group: list[Job]) -> list[Completion | None]:
         """One batch of jobs sharing settings; stops if every client left. A failed row fails only its job."""
         gate = build_gate(group[0].gate, self.policy)
-        generator = self.generator if group[0].cache_prompt else self.uncached
-        steps = generator.stream([j.prompt_ids for j in group], gate, group[0].generation)
+        steps = self._generator(group[0]).stream([j.prompt_ids for j in group], gate, group[0].generation)
+        tenant = group[0].partition.tenant
         try:
-            while not isinstance(item := await self._step(steps), Finished):
+            while not isinstance(item := await self._step(tenant, steps), Finished):
                 if all(j.cancelled for j in group):
                     log.info("all %d clients of a batch disconnected: generation stopped", len(group))
                     return [None] * len(group)
         finally:
-            self.executor.submit(steps.close)  # FIFO after any step still running
+            self.worker.submit(tenant, steps.close)  # after any step of it still running
         self.stats.record_batch(len(group))
         label = _label(gate.name, group[0])
         for r in item.results:
@@ -303,22 +319,31 @@ class GreenCodeServer:
             self._record_rounds(label, r)
         return [self._completion(j, r, gate.describe(), len(group)) for j, r in zip(group, item.results)]
 
+    def _generator(self, job: Job) -> LosslessGenerator:
+        """The generator of a job: over its own partition of the prefix cache, or over none."""
+        if not job.cache_prompt or self.prefix_cache is None:
+            return self.uncached
+        return self.generator.scoped(self.prefix_cache.scoped(job.partition))
+
     def _record_rounds(self, label: str, result: GenerationResult) -> None:
         spec = getattr(result, "speculative", None)
         if spec is not None:
             self.stats.record_speculative(label, spec, len(result.token_ids))
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _generate_batch(self, jobs: list[Job]) -> list[Completion | None]:
-        """Serve batching: requests arriving together, grouped by equal gate + sampling settings."""
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01, max_concurrent_batches=CONCURRENT_BATCHES)
+    async def _generate_batch(self, jobs: list[Job]) -> list[Completion | BaseException | None]:
+        """Serve batching: requests arriving together, grouped by equal gate + sampling settings + cache partition.
+        A group that fails answers its own requests with the error (Serve hands each caller its item); the
+        other groups' requests are unaffected."""
         groups: dict[str, list[int]] = {}
         for i, job in enumerate(jobs):
             groups.setdefault(job.batch_key, []).append(i)
-        done = await asyncio.gather(*(self._generate_group([jobs[i] for i in idx]) for idx in groups.values()))
-        out: list[Completion | None] = [None] * len(jobs)
+        done = await asyncio.gather(*(self._generate_group([jobs[i] for i in idx]) for idx in groups.values()),
+                                    return_exceptions=True)
+        out: list[Completion | BaseException | None] = [None] * len(jobs)
         for indices, completions in zip(groups.values(), done):
-            for i, completion in zip(indices, completions):
-                out[i] = completion
+            for n, i in enumerate(indices):
+                out[i] = completions if isinstance(completions, BaseException) else completions[n]
         return out
 
     async def _complete(self, protocol: str, jobs: list[Job]) -> list[Completion]:
@@ -339,6 +364,10 @@ class GreenCodeServer:
                     j.cancelled = True
                 self.stats.record_cancelled(protocol)
                 raise
+        for c in completions:
+            if isinstance(c, BaseException):  # its batch group failed: this request fails, its batch-mates do not
+                self.stats.record_request(protocol, "error")
+                raise c
         failed = [c.result.error for c in completions if c.result.error is not None]
         if failed:
             self.stats.record_request(protocol, "error")
@@ -369,12 +398,14 @@ class GreenCodeServer:
         the job's Completion, taken from the generator's Finished event. Stops when the consumer does;
         raises GenerationFailed when the row fails and TimedOut past the deadline."""
         gate = build_gate(job.gate, self.policy)
-        steps = (self.generator if job.cache_prompt else self.uncached).stream([job.prompt_ids], gate, job.generation)
+        steps = self._generator(job).stream([job.prompt_ids], gate, job.generation)
+        tenant = job.partition.tenant
         last: TokenEvent | None = None
         label = _label(gate.name, job)
         try:
             # past the deadline the wait for the next step ends; once the last token is out, Finished is awaited
-            while not isinstance(item := await self._step(steps, deadline if last is None else None), Finished):
+            while not isinstance(item := await self._step(tenant, steps, deadline if last is None else None),
+                                 Finished):
                 for event in item:
                     if event.error is not None:
                         raise GenerationFailed(event.error)
@@ -388,7 +419,7 @@ class GreenCodeServer:
             self._record_rounds(label, result)
             yield last, self._completion(job, result, gate.describe(), 1)
         finally:
-            self.executor.submit(steps.close)  # FIFO after any step still running
+            self.worker.submit(tenant, steps.close)  # after any step of it still running
 
     async def _tracked(self, protocol: str, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
         """Stream body with request metrics; a disconnect cancels it (and the generation under it); a failure
@@ -408,10 +439,11 @@ class GreenCodeServer:
             self.stats.record_request(protocol, "error")
             yield formats.stream_error(protocol, prefix + err.message, status)
             return
-        except Exception as err:  # a server fault: the client still gets an error event, not a cut connection
-            log.exception("%s stream failed", protocol)
+        except Exception:  # a server fault: the client still gets an error event, not a cut connection
+            request_id = errors.new_request_id()
+            log.exception("%s stream failed (request id %s)", protocol, request_id)
             self.stats.record_request(protocol, "error")
-            yield formats.stream_error(protocol, f"internal error: {type(err).__name__}: {err}", 500)
+            yield formats.stream_error(protocol, errors.internal_message(request_id), 500)
             return
         self.stats.record_request(protocol, "ok", time.perf_counter() - start)
 
@@ -425,19 +457,19 @@ class GreenCodeServer:
 
     @api.post("/generate", responses=ERRORS, tags=["tgi"],
               summary="TGI generate (llm-vscode 'tgi'/'huggingface' backends)")
-    async def tgi_generate(self, body: TGIRequest) -> dict[str, Any]:
-        [completion] = await self._complete(TGI, self._jobs(TGI, [body.to_ask()]))
+    async def tgi_generate(self, body: TGIRequest, request: Request) -> dict[str, Any]:
+        [completion] = await self._complete(TGI, self._jobs(TGI, [body.to_ask()], request))
         return formats.tgi_response(completion)
 
     @api.post("/generate_stream", responses=ERRORS, tags=["tgi"], summary="TGI streaming generate (SSE)")
-    async def tgi_generate_stream(self, body: TGIRequest) -> StreamingResponse:
-        [job] = self._jobs(TGI, [body.to_ask()])
+    async def tgi_generate_stream(self, body: TGIRequest, request: Request) -> StreamingResponse:
+        [job] = self._jobs(TGI, [body.to_ask()], request)
         return await self._open_stream(TGI, job, self._tgi_events, "text/event-stream")
 
     @api.post("/", responses=ERRORS, tags=["tgi"],
               summary="TGI compat route of the text_generation client: a list, or SSE when stream")
-    async def tgi_compat(self, body: TGIRequest) -> Any:
-        [job] = self._jobs(TGI, [body.to_ask()])
+    async def tgi_compat(self, body: TGIRequest, request: Request) -> Any:
+        [job] = self._jobs(TGI, [body.to_ask()], request)
         if body.stream:
             return await self._open_stream(TGI, job, self._tgi_events, "text/event-stream")
         [completion] = await self._complete(TGI, [job])
@@ -457,11 +489,11 @@ class GreenCodeServer:
     @api.post("/api/generate", responses=ERRORS, tags=["ollama"],
               summary="Ollama / llm-vscode generate (NDJSON when stream)")
     @api.post("/api/generate/", responses=ERRORS, include_in_schema=False)
-    async def ollama_generate(self, body: OllamaRequest) -> Any:
+    async def ollama_generate(self, body: OllamaRequest, request: Request) -> Any:
         ask = body.to_ask()
         if not ask.prompt and not ask.suffix:
             return formats.ollama_loaded(self.model_name)
-        [job] = self._jobs(OLLAMA, [ask])
+        [job] = self._jobs(OLLAMA, [ask], request)
         if body.streams():
             return await self._open_stream(OLLAMA, job, self._ollama_lines, "application/x-ndjson")
         start = time.perf_counter()
@@ -496,11 +528,11 @@ class GreenCodeServer:
 
     @api.post("/v1/completions", responses=ERRORS, tags=["openai"],
               summary="OpenAI legacy completions (SSE when stream)")
-    async def openai_completions(self, body: CompletionRequest) -> Any:
+    async def openai_completions(self, body: CompletionRequest, request: Request) -> Any:
         asks = body.to_asks()
         if body.stream and len(asks) > 1:
             raise ApiError("stream supports one prompt with n=1", "n")
-        jobs = self._jobs(OPENAI, asks)
+        jobs = self._jobs(OPENAI, asks, request)
         if body.stream:
             return await self._open_stream(OPENAI, jobs[0], self._openai_chunks, "text/event-stream")
         return formats.openai_response(self.model_name, await self._complete(OPENAI, jobs))

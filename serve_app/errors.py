@@ -10,6 +10,7 @@ FastAPI's validation errors and HTTP errors are rewritten the same way by the ha
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -104,10 +105,22 @@ async def _on_failed(request: Request, err: GenerationFailed) -> JSONResponse:
     return error_response(request, f"generation failed: {err.message}", formats.failure_status(protocol))
 
 
+def new_request_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def internal_message(request_id: str) -> str:
+    """What a client learns of a server fault: that it happened, and the id to find it in the log (nothing of the
+    exception: its class and message may quote another request's data or the server's internals)."""
+    return f"internal error (request id {request_id}): the server log has the details"
+
+
 async def _on_bug(request: Request, err: Exception) -> JSONResponse:
-    """A server fault (never the client's): logged with its traceback, answered as a 500 in the client's shape."""
-    log.exception("request to %s failed", request.url.path)
-    return error_response(request, f"internal error: {type(err).__name__}: {err}", 500)
+    """A server fault (never the client's): logged with its traceback and a request id, answered as a 500 in the
+    client's shape with that id only."""
+    request_id = new_request_id()
+    log.error("request to %s failed (request id %s)", request.url.path, request_id, exc_info=err)
+    return error_response(request, internal_message(request_id), 500)
 
 
 def install(api: FastAPI) -> None:

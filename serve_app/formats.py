@@ -98,8 +98,10 @@ def greencode_details(result: GenerationResult, gate: str, ignored: list[str], b
     }
 
 
-def _details(c: Completion) -> dict[str, Any]:
-    return greencode_details(c.result, c.gate, c.ignored, c.batch_size)
+def _details(c: Completion, ignored: bool = True) -> dict[str, Any]:
+    """``ignored=False``: one choice of several, whose request-level summary names the ignored keys once."""
+    details = greencode_details(c.result, c.gate, c.ignored, c.batch_size)
+    return details if ignored else {k: v for k, v in details.items() if k != "ignored_parameters"}
 
 
 # --------------------------------------------------------------------------- TGI
@@ -205,7 +207,7 @@ def openai_response(model: str, completions: list[Completion]) -> dict[str, Any]
         "model": model,
         "choices": [
             {"text": c.text, "index": i, "logprobs": None,
-             "finish_reason": openai_finish_reason(c.result.finish_reason), "greencode": _details(c)}
+             "finish_reason": openai_finish_reason(c.result.finish_reason), "greencode": _details(c, ignored=False)}
             for i, c in enumerate(completions)
         ],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": generated,

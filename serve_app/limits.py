@@ -5,7 +5,7 @@ violation into a 4xx in the calling client's shape (``status=None``: the protoco
 request" status, 422 for TGI, 400 otherwise; 413 for an oversized body). Order of use:
 
 1. ``check_content_length`` on the headers, then the byte count while the body is read (413);
-2. ``invalid_unicode`` on the parsed JSON: a lone surrogate (``"\\ud800"`` is valid JSON, and
+2. ``check_json`` on the parsed JSON: nesting depth, and a lone surrogate (``"\\ud800"`` is valid JSON, and
    the JSON decoder also lets UTF-8-encoded surrogates through) anywhere, key or value, would
    fail later in the tokenizer or in the response encoder;
 3. ``check_request`` on what the request asks for, before tokenizing (prompt characters bound
@@ -54,8 +54,13 @@ def _escaped(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def invalid_unicode(value: Any, path: str = "") -> Violation | None:
-    """The first string (value or object key) in a parsed JSON body that is not valid Unicode."""
+def check_json(value: Any, max_depth: int) -> Violation | None:
+    """The first string (value or object key) in a parsed JSON body that is not valid Unicode, or the first
+    object/array nested deeper than ``max_depth`` levels."""
+    return _check_json(value, max_depth, max_depth, "")
+
+
+def _check_json(value: Any, limit: int, left: int, path: str) -> Violation | None:
     if isinstance(value, str):
         try:
             value.encode("utf-8")
@@ -64,16 +69,18 @@ def invalid_unicode(value: Any, path: str = "") -> Violation | None:
             return Violation(f"{where}: string holds a lone surrogate {_escaped(value[err.start])} at index "
                              f"{err.start}: send valid UTF-8 text", path or None)
         return None
+    if isinstance(value, (dict, list)) and left <= 0:
+        return Violation(f"request body nests JSON deeper than {limit} levels", None)
     if isinstance(value, dict):
         for key, item in value.items():
             key_path = f"{path}.{_escaped(key)}" if path else _escaped(key)
-            if (bad := invalid_unicode(key, f"{key_path} (key)")) is not None:
+            if (bad := _check_json(key, limit, left - 1, f"{key_path} (key)")) is not None:
                 return bad
-            if (bad := invalid_unicode(item, key_path)) is not None:
+            if (bad := _check_json(item, limit, left - 1, key_path)) is not None:
                 return bad
     elif isinstance(value, list):
         for i, item in enumerate(value):
-            if (bad := invalid_unicode(item, f"{path}.{i}" if path else str(i))) is not None:
+            if (bad := _check_json(item, limit, left - 1, f"{path}.{i}" if path else str(i))) is not None:
                 return bad
     return None
 
@@ -81,7 +88,8 @@ def invalid_unicode(value: Any, path: str = "") -> Violation | None:
 def check_request(limits: RequestLimits, *, prompts: Sequence[str], prompt_field: str, suffix: str | None = None,
                   stop: Sequence[str] = (), stop_field: str = "stop", max_new_tokens: int | None = None,
                   max_new_tokens_field: str = "max_new_tokens", sequences: int = 1,
-                  sequences_field: str = "n") -> Violation | None:
+                  sequences_field: str = "n", cache_salt: str | None = None,
+                  cache_salt_field: str = "cache_salt") -> Violation | None:
     """What one request asks for, in the field names of its protocol (``parameters.stop``, ``max_tokens``...)."""
     if sequences > limits.max_sequences:
         return Violation(f"{sequences_field}: this request asks for {sequences} sequences (prompts x n); "
@@ -98,6 +106,13 @@ def check_request(limits: RequestLimits, *, prompts: Sequence[str], prompt_field
         if len(s) > limits.max_stop_chars:
             return Violation(f"{stop_field}.{i}: a stop sequence of {len(s)} characters; the server accepts at most "
                              f"{limits.max_stop_chars}", stop_field)
+    if cache_salt is not None and len(cache_salt) > limits.max_cache_salt_chars:
+        return Violation(f"{cache_salt_field}: {len(cache_salt)} characters; the server accepts at most "
+                         f"{limits.max_cache_salt_chars}", cache_salt_field)
+    if max_new_tokens is not None and sequences * max_new_tokens > limits.max_request_tokens:
+        return Violation(f"{max_new_tokens_field}: {sequences} sequences x {max_new_tokens} new tokens = "
+                         f"{sequences * max_new_tokens} tokens; the server allows {limits.max_request_tokens} per "
+                         "request", max_new_tokens_field)
     if max_new_tokens is not None and max_new_tokens > limits.max_new_tokens:
         return Violation(f"{max_new_tokens_field}: {max_new_tokens} new tokens asked; the server allows at most "
                          f"{limits.max_new_tokens}", max_new_tokens_field)

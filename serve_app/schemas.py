@@ -18,6 +18,8 @@ from greencode.config import GateMode
 
 MAX_STOP_SEQUENCES = 16
 MAX_SEED = 2**63 - 1
+MAX_IGNORED_NAMES = 16  # unknown keys named back in a reply
+MAX_IGNORED_CHARS = 64  # characters of each
 
 
 class _Body(BaseModel):
@@ -26,8 +28,15 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     def ignored(self) -> list[str]:
-        """Unknown fields that ask for something (null, false and empty values ask for nothing)."""
-        return sorted(k for k, v in (self.model_extra or {}).items() if v not in (None, False, "", [], {}))
+        """Unknown fields that ask for something (null, false and empty values ask for nothing), capped."""
+        return capped(sorted(k for k, v in (self.model_extra or {}).items() if v not in (None, False, "", [], {})))
+
+
+def capped(names: list[str]) -> list[str]:
+    """At most MAX_IGNORED_NAMES names of at most MAX_IGNORED_CHARS each, then how many more: a reply echoing
+    unknown keys stays small whatever the request holds."""
+    shown = [n if len(n) <= MAX_IGNORED_CHARS else n[:MAX_IGNORED_CHARS] + "..." for n in names[:MAX_IGNORED_NAMES]]
+    return shown + ([f"... and {len(names) - MAX_IGNORED_NAMES} more"] if len(names) > MAX_IGNORED_NAMES else [])
 
 
 def _stop_list(value: Any) -> Any:
@@ -52,6 +61,9 @@ class GateKnobs(_Body):
     lossless: bool | None = Field(
         None, description="the full model's output: the gate only drafts tokens, the remaining layers verify them "
                           "(self-speculative decoding); default: the server's generation.lossless")
+    cache_salt: str | None = Field(
+        None, min_length=1, description="vLLM's name: prefix cache entries are shared only between requests of the "
+                                        "same tenant (API key) and the same salt; unset = the tenant's own partition")
 
     def gate_fields(self) -> dict[str, Any]:
         threshold = self.threshold if self.threshold is not None else self.RL_agent_thresh
@@ -87,7 +99,7 @@ class GenerationKnobs(GateKnobs):
 
     def ignored(self) -> list[str]:
         nested = self.parameters.ignored() if self.parameters is not None else []
-        return sorted(set(super().ignored()) | set(nested))
+        return capped(sorted(set(super().ignored()) | set(nested)))
 
 
 @dataclass(frozen=True)
@@ -120,6 +132,7 @@ class Ask:
     fields: Fields = Fields()
     cache_prompt: bool | None = None
     lossless: bool | None = None
+    cache_salt: str | None = None
 
 
 def _knobs_ask(prompt: str, knobs: GenerationKnobs | None, fields: Fields, suffix: str | None = None,
@@ -140,11 +153,12 @@ def _knobs_ask(prompt: str, knobs: GenerationKnobs | None, fields: Fields, suffi
         stop=list(flat.stop or []),
         seed=flat.seed,
         gate=flat.gate_fields(),
-        ignored=sorted(set(knobs.ignored()) | set(ignored or [])),
+        ignored=capped(sorted(set(knobs.ignored()) | set(ignored or []))),
         include_prompt=bool(flat.return_full_text),
         fields=fields,
         cache_prompt=flat.cache_prompt,
         lossless=flat.lossless,
+        cache_salt=flat.cache_salt,
     )
 
 
@@ -247,7 +261,7 @@ class CompletionRequest(GateKnobs):
                 prompt=p, suffix=self.suffix, max_new_tokens=self.max_tokens, temperature=self.temperature,
                 top_p=self.top_p, stop=list(self.stop or []), seed=self.seed, gate=self.gate_fields(),
                 ignored=self.ignored(), include_prompt=bool(self.echo), cache_prompt=self.cache_prompt,
-                lossless=self.lossless,
+                lossless=self.lossless, cache_salt=self.cache_salt,
             )
             for p in self.prompts()
             for _ in range(self.n)

@@ -58,6 +58,24 @@ def tiny_loader(cfg):
     return make_tiny("llama", tokenizer=smollm2_tokenizer())
 
 
+FAULT_WORD = " kaboom"  # faulty_loader's model raises on it
+FAULT_SECRET = "secret-detail-of-the-fault"  # what its exception says: no reply may show it
+
+
+def faulty_loader(cfg):
+    """``tiny_loader``'s model, whose embedding raises ``RuntimeError(FAULT_SECRET)`` on a sequence holding the last
+    token of ``FAULT_WORD``: a server fault (a bug, not a request error) on demand, in that request's batch only."""
+    lm = tiny_loader(cfg)
+    trigger = lm.tokenizer(FAULT_WORD)["input_ids"][-1]
+
+    def explode(module, args):
+        if bool((args[0] == trigger).any()):
+            raise RuntimeError(f"{FAULT_SECRET}: token {trigger} in {args[0].tolist()}")
+
+    lm.model.get_input_embeddings().register_forward_pre_hook(explode)
+    return lm
+
+
 @dataclass(frozen=True)
 class Script:
     """``prompt`` (text) is answered with exactly the token ids ``tokens``, then EOS."""

@@ -175,11 +175,49 @@ def test_cli_flags_become_the_serve_config(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="gate.threshold"):
         parse(["--threshold", "2"])
     assert cfg.allowed_hosts == ["127.0.0.1", "localhost", "::1"]  # loopback: only its own names (DNS rebinding)
-    assert parse(["--host", "0.0.0.0"])[0].allowed_hosts == ["*"]  # exposed: names the server cannot know
+    exposed = parse(["--host", "0.0.0.0"])[0].allowed_hosts  # its own names and addresses, never '*'
+    assert exposed[:3] == ["127.0.0.1", "localhost", "::1"] and socket.gethostname().lower() in exposed
+    assert "*" not in exposed
     assert parse(["--host", "0.0.0.0", "--set", "allowed_hosts=[gpu1.lan]"])[0].allowed_hosts == ["gpu1.lan"]
+    assert parse(["--allowed-origin", "https://ide.example"])[0].allowed_origins == ["https://ide.example"]
     monkeypatch.setenv("GREENCODE_API_KEY", "")
     with pytest.raises(ConfigError, match="api_key"):
         parse([])
+
+
+def test_an_exposed_bind_without_a_key_refuses_to_start_unless_no_auth(tmp_path, monkeypatch):
+    from greencode.config import ConfigError
+    from workflows.serve import main, parse
+
+    monkeypatch.delenv("GREENCODE_API_KEY", raising=False)
+    monkeypatch.delenv("GREENCODE_API_KEYS_FILE", raising=False)
+    with pytest.raises(ConfigError, match="--no-auth"):
+        parse(["--host", "0.0.0.0"])
+    with pytest.raises(SystemExit) as exit_info:  # the command itself: an error naming the flag, before Ray starts
+        main(["--host", "192.0.2.1"])
+    assert exit_info.value.code != 0
+    cfg, _ = parse(["--host", "0.0.0.0", "--no-auth"])
+    assert cfg.tenant_keys == {} and "*" not in cfg.allowed_hosts
+    assert parse(["--host", "127.0.0.1"])[0].tenant_keys == {}  # loopback without a key stays the default
+
+
+def test_a_key_file_names_one_tenant_per_key(tmp_path, monkeypatch):
+    from greencode.config import ConfigError
+    from workflows.serve import parse
+
+    monkeypatch.delenv("GREENCODE_API_KEY", raising=False)
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# team keys\nalice = key-a\n\nbob=key-b\n")
+    cfg, _ = parse(["--host", "0.0.0.0", "--api-key-file", str(keys)])
+    assert cfg.tenant_keys == {"alice": "key-a", "bob": "key-b"}
+    monkeypatch.setenv("GREENCODE_API_KEYS_FILE", str(keys))
+    monkeypatch.setenv("GREENCODE_API_KEY", "key-d")
+    assert parse([])[0].tenant_keys == {"alice": "key-a", "bob": "key-b", "default": "key-d"}
+    for text, error in [("alice key-a\n", "line 1: expected 'tenant=key'"), ("a=1\na=2\n", "line 2: tenant 'a'"),
+                        ("a=same\nb=same\n", "same key"), ("# nothing\n", "no 'tenant=key' line")]:
+        keys.write_text(text)
+        with pytest.raises(ConfigError, match=error):
+            parse([])
 
 
 def qwen_ids(tok, prefix, suffix):

@@ -49,8 +49,8 @@ def test_an_empty_api_key_is_refused_at_startup(key):
 
 
 def test_guard_refuses_an_empty_key():
-    with pytest.raises(ValueError, match="api_key"):
-        Guard(None, limits=RequestLimits(), api_key=" ")
+    with pytest.raises(ValueError, match="tenant_keys"):
+        Guard(None, limits=RequestLimits(), tenant_keys={"default": " "})
 
 
 def _call(guard: Guard, path: str, headers: dict[str, str], body: bytes = b"{}") -> tuple[list, int]:
@@ -77,7 +77,7 @@ def test_guard_checks_the_key_before_reading_a_byte():
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": message["body"]})
 
-    guard = Guard(app, limits=RequestLimits(), api_key=API_KEY)
+    guard = Guard(app, limits=RequestLimits(), tenant_keys={"default": API_KEY})
     json_type = {"content-type": "application/json"}
     sent, reads = _call(guard, "/v1/completions", {"authorization": "Bearer nope", **json_type})
     assert (sent[0]["status"], reads) == (401, 0)

@@ -3,8 +3,12 @@
     greencode serve --model embedded --translators runs/demo/translators \
         --policy runs/demo/policy/exit_policy.pt --port 8000
     greencode serve --config my-serve.yaml --set gate.threshold=0.95
+    GREENCODE_API_KEYS_FILE=keys.txt greencode serve --host 0.0.0.0    (one tenant per key; docs/serving.md)
 
-The same ServeConfig is what ``serve run serve_app/config.yaml`` reads as ``args``.
+The same ServeConfig is what ``serve run serve_app/config.yaml`` reads as ``args``. Keys come from
+``$GREENCODE_API_KEY`` (one tenant), a key file (``--api-key-file`` or ``$GREENCODE_API_KEYS_FILE``:
+``tenant=key`` per line) or ``--api-key``; keys on the command line show in ``ps``, so the docs
+never put them there.
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 from pathlib import Path
 
-from greencode.config import LOOPBACK_HOSTS, ConfigError, ServeConfig
+from greencode.config import LOOPBACK_HOSTS, ConfigError, ServeConfig, validate
 from serve_app.app import ModelLoader, build_app_with_loader
 from workflows.common import ConfigCommand, Flag, cli_errors, init_ray, setup_logging
 
@@ -36,32 +41,85 @@ COMMAND = ConfigCommand(
         Flag("--prefix-cache-mb", "prefix_cache_mb", type=float),
         Flag("--fim-order", "fim_order", choices=["psm", "spm"]),
         Flag("--api-key", "api_key"),
+        Flag("--allowed-origin", "allowed_origins", append=True),
     ],
 )
 COMMAND.parser.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to expose; default 127.0.0.1)")
 COMMAND.parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+COMMAND.parser.add_argument("--api-key-file", type=Path, default=None,
+                            help="tenant=key per line: each key names a tenant (default: $GREENCODE_API_KEYS_FILE)")
+COMMAND.parser.add_argument("--no-auth", action="store_true",
+                            help="serve a non-loopback --host without any API key (anyone who reaches it is served)")
+
+
+def read_key_file(path: Path) -> dict[str, str]:
+    """``tenant=key`` per line (blank lines and ``#`` comments skipped); errors name the file and line."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"api key file {path}: cannot read it ({err})") from None
+    keys: dict[str, str] = {}
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        tenant, sep, key = (part.strip() for part in line.partition("="))
+        if not sep or not tenant or not key:
+            raise ConfigError(f"api key file {path}, line {number}: expected 'tenant=key'")
+        if tenant in keys:
+            raise ConfigError(f"api key file {path}, line {number}: tenant {tenant!r} appears twice")
+        keys[tenant] = key
+    if not keys:
+        raise ConfigError(f"api key file {path}: no 'tenant=key' line")
+    return keys
+
+
+def own_names(host: str) -> list[str]:
+    """Loopback names, the bind address when it is one, and this machine's host names and their addresses:
+    the Host headers a client reaching this server by a name of its own sends (never '*')."""
+    names = list(LOOPBACK_HOSTS)
+    hostname = socket.gethostname()
+    candidates = [hostname, socket.getfqdn(), *([] if host in ("0.0.0.0", "::", "") else [host])]
+    try:
+        candidates += [info[4][0] for info in socket.getaddrinfo(hostname, None)]
+    except OSError:  # a host name that does not resolve: its addresses stay unknown (set allowed_hosts)
+        log.warning("host name %s does not resolve: only its name and loopback are allowed hosts", hostname)
+    for name in candidates:
+        name = name.lower().split("%", 1)[0]  # IPv6 zone ids are not sent in Host headers
+        if name and name not in names:
+            names.append(name)
+    return names
 
 
 def parse(argv: list[str] | None) -> tuple[ServeConfig, argparse.Namespace]:
-    """The config of ``argv`` (--api-key falls back to $GREENCODE_API_KEY); a missing policy file is refused here,
-    before Ray starts.
+    """The config of ``argv`` (--api-key falls back to $GREENCODE_API_KEY, --api-key-file to
+    $GREENCODE_API_KEYS_FILE); a missing policy file is refused here, before Ray starts.
 
-    A non-loopback ``--host`` is reached under names the server cannot know, so unless the config names
-    ``allowed_hosts`` itself every Host is served there (the Host check guards loopback servers against DNS
-    rebinding; an exposed server relies on its API key).
+    A non-loopback ``--host`` without any key refuses to start unless ``--no-auth`` says so. Its allowed
+    hosts, unless the config names them, are this machine's own names and addresses (:func:`own_names`),
+    never '*': the Host and Origin checks stay on.
     """
     args = COMMAND.parser.parse_args(argv)
     setup_logging(args.verbose)
     if args.flag_api_key is None:
         args.flag_api_key = os.environ.get("GREENCODE_API_KEY")
     cfg = COMMAND.config(args)
+    key_file = args.api_key_file or (Path(os.environ["GREENCODE_API_KEYS_FILE"])
+                                     if os.environ.get("GREENCODE_API_KEYS_FILE") else None)
+    if key_file is not None:
+        cfg = validate(ServeConfig, {**cfg.model_dump(exclude_unset=True),
+                                     "api_keys": {**cfg.api_keys, **read_key_file(key_file)}}, source=str(key_file))
     if cfg.policy_path and not Path(cfg.policy_path).is_file():
         raise ConfigError(f"policy_path: file not found: {cfg.policy_path}")
-    if args.host not in LOOPBACK_HOSTS and "allowed_hosts" not in cfg.model_fields_set:
-        cfg.allowed_hosts = ["*"]
-        if cfg.api_key is None:
-            log.warning("serving on %s without an API key: anyone who reaches this address can use the model "
-                        "(set --api-key or $GREENCODE_API_KEY)", args.host)
+    if args.host not in LOOPBACK_HOSTS:
+        if not cfg.tenant_keys and not args.no_auth:
+            raise ConfigError(f"--host {args.host} exposes the server, and it has no API key: set $GREENCODE_API_KEY "
+                              "or a key file (--api-key-file), or pass --no-auth to serve anyone who reaches it")
+        if "allowed_hosts" not in cfg.model_fields_set:
+            cfg.allowed_hosts = own_names(args.host)
+        if not cfg.tenant_keys:
+            log.warning("serving on %s without an API key (--no-auth): anyone who reaches this address can use "
+                        "the model", args.host)
     return cfg, args
 
 
