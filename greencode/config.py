@@ -286,6 +286,8 @@ class LiteSweepConfig(_Strict):
     the demo must keep; 0.96 of next-token accuracy tracked >= 0.95 of ROUGE-L/CodeBLEU).
     """
 
+    operational = frozenset({"max_concurrent", "storage_path", "name", "output_path"})
+
     base: FinetuneConfig = Field(default_factory=FinetuneConfig, description="every trial's fine-tuning settings")
     grid: dict[str, list[Any]] = Field(
         default_factory=lambda: {"loss.target": ["dataset", "distill"], "optim.lr": [3e-5, 1e-4]},
@@ -295,7 +297,8 @@ class LiteSweepConfig(_Strict):
                                    description="a best trial keeps at least this share of the base final accuracy")
     max_concurrent: int | None = Field(None, ge=1, description="trials at a time; None = as many as the CPUs fit")
     storage_path: str = Field("runs/lite_sweep", description="Tune's storage (each trial's Ray Train run under it)")
-    name: str = Field("lite_sweep", description="the sweep's dir under storage_path; a rerun resumes it")
+    name: str = Field("lite_sweep", description="the sweep's dir under storage_path; a rerun reuses its finished "
+                      "trials of the same settings")
     output_path: str = Field("runs/lite_sweep/best.yaml",
                              description="the best settings as a `finetune:` block for --config")
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import logging
 
 import pytest
 import torch
@@ -42,16 +44,24 @@ def test_grid_errors_name_the_key():
     assert len(trial_grid(LiteSweepConfig(grid={"loss.target": ["dataset", "distill"], "optim.lr": [1e-4]}))) == 2
 
 
+def experiment_trials(experiment) -> list[str]:
+    """The trial keys a Tune experiment dir ran (from each Tune trial's params.json)."""
+    return sorted(json.loads(p.read_text())["trial"]["key"] for p in experiment.glob("*/params.json"))
+
+
 @pytest.mark.ray
-def test_sweep_writes_csv_pareto_yaml_and_event_files_and_resumes(ray_local, tiny_model_dir, tmp_path):
+def test_sweep_reuses_only_trials_of_the_same_settings_and_restores_only_into_them(ray_local, tiny_model_dir,
+                                                                                   tmp_path, caplog):
     from workflows.lite_sweep import run
 
     base = tiny_run_config(tiny_model_dir, tmp_path, max_steps=1, num_workers=1, cpus_per_worker=1.0,
                            val_batches=2).model_dump(mode="json")
     cfg = LiteSweepConfig(base=base, grid={"loss.target": ["dataset", "distill"]}, storage_path=str(tmp_path / "s"),
                           name="tiny", output_path=str(tmp_path / "best.yaml"))
-    summary = run(cfg)
     out = tmp_path / "s" / "tiny"
+    summary = run(cfg)
+    first = sorted(summary["ran"])
+    assert len(first) == 2 and summary["reused"] == [] and experiment_trials(out / "tune") == first
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert sorted(r["loss.target"] for r in rows) == ["dataset", "distill"]
     # a random tiny model predicts no next token right: only the agreements are numbers here
@@ -59,12 +69,52 @@ def test_sweep_writes_csv_pareto_yaml_and_event_files_and_resumes(ray_local, tin
     assert list(csv.DictReader((out / "pareto.csv").open()))
     best = load_config(PipelineConfig, tmp_path / "best.yaml")  # a `finetune:` block the pipeline accepts
     assert best.finetune.loss.target == summary["best"]["loss.target"]
-    for trial_dir in (out / "trials").iterdir():
-        assert list((trial_dir / "tensorboard").glob("events.out.tfevents.*"))
-        assert list(trial_dir.glob("checkpoint_0*"))
+    runs = sorted((out / "runs").iterdir())
+    for run_dir in runs:
+        assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+        assert list(run_dir.glob("checkpoint_0*"))
+    models = mtimes(out / "runs")
 
-    # killed after the trials, before the summary: the rerun restores the Tune experiment, trains nothing
-    (out / "best.json").unlink()
-    (out / "results.csv").unlink()
-    assert run(cfg)["best"] == summary["best"]
-    assert len(list(csv.DictReader((out / "results.csv").open()))) == 2
+    # unchanged: the finished sweep is returned as it is
+    assert json.dumps(run(cfg)) == json.dumps(summary)  # (as JSON: the untrained tiny model's scores hold NaN)
+
+    # killed after its trials finished, before their records and the summary: restored, nothing trained
+    for path in [out / "best.json", out / "results.csv", *(out / "trials").glob("*.json")]:
+        path.unlink()
+    with caplog.at_level(logging.INFO, logger="greencode.tune"):
+        again = run(cfg)
+    assert "resuming the sweep in" in caplog.text
+    assert again["best"] == summary["best"] and mtimes(out / "runs") == models
+
+    # a value added to the grid: only the new point trains, in a new experiment (the old one set aside)
+    caplog.clear()
+    grown = cfg.model_copy(update={"grid": {"loss.target": ["dataset", "distill", "mix"]}})
+    with caplog.at_level(logging.INFO, logger="greencode.tune"):
+        summary = run(grown)
+    assert sorted(summary["reused"]) == first and len(summary["ran"]) == 1
+    assert "config grid.loss.target: ['dataset', 'distill'] -> ['dataset', 'distill', 'mix']" in caplog.text
+    assert experiment_trials(out / "tune") == summary["ran"]  # a new experiment, of the new point alone
+    assert [experiment_trials(p) for p in out.glob("tune.set-aside-*")] == [first]
+    rows = {r["loss.target"]: r for r in csv.DictReader((out / "results.csv").open())}
+    assert sorted(rows) == ["dataset", "distill", "mix"] and rows["mix"]["trial"] == summary["ran"][0]
+    assert rows["mix"]["reused"] == "False" and rows["dataset"]["reused"] == "True"
+    assert summary["trials"] == 3 and summary["best_trial"] == rows[summary["best"]["loss.target"]]["trial"]
+    assert load_config(PipelineConfig, tmp_path / "best.yaml").finetune.loss.target == summary["best"]["loss.target"]
+    assert mtimes(out / "runs").items() >= models.items()  # the first two models were not retrained
+
+    # the base recipe's learning rate changed: no finished trial is reused
+    relearned = LiteSweepConfig(**{**cfg.model_dump(), "base": {**base, "optim": {**base["optim"], "lr": 3e-4}},
+                                   "grid": {"loss.target": ["dataset"]}})
+    summary = run(relearned)
+    assert summary["reused"] == [] and len(summary["ran"]) == 1 and summary["ran"][0] not in first
+
+    # a scoring setting changed: the models trained for it are rescored in Tune, none is trained again
+    checkpoints = sorted(out.glob("runs/*/checkpoint_*"))
+    summary = run(cfg.model_copy(update={"deep_from": 0.3}))
+    assert len(summary["ran"]) == 2 and not set(summary["ran"]) & set(first) and summary["reused"] == []
+    assert {k: v for k, v in mtimes(out / "runs").items() if k in models} == models
+    assert sorted(out.glob("runs/*/checkpoint_*")) == checkpoints
+
+
+def mtimes(root) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and "model" in p.parts}

@@ -113,3 +113,20 @@ def test_preset_then_config_files_then_set(tmp_path):
     assert cfg.evaluate.num_samples == 5
     with pytest.raises(ConfigError, match="finetune.max_steps"):
         COMMAND.config(COMMAND.parser.parse_args(["--preset", "demo", "--set", "finetune.max_steps=0"]))
+
+
+def test_the_manifest_records_the_sweep_by_its_own_identity_and_a_grid_change_touches_only_the_sweep(tmp_path):
+    from workflows import pipeline, sweep
+
+    def identities(**sections) -> dict[str, str]:
+        cfg = validate(PipelineConfig, {"run_dir": str(tmp_path), "stages": ["extract", "sweep", "evaluate"],
+                                        **sections})
+        plans = stage_configs(cfg)
+        out = {s.name: pipeline._identity(s, tmp_path, {}).digest for s in pipeline._stages(cfg, plans)}
+        assert out["sweep"] == sweep.run_identity(plans["sweep"]).digest  # what best.json and the experiment record
+        return out
+
+    before = identities()
+    after = identities(sweep={"alpha": [0.1, 0.2]})
+    assert {name for name in before if before[name] != after[name]} == {"sweep"}  # evaluate follows via the policy
+    assert identities(run_dir=str(tmp_path / "moved"))["sweep"] == before["sweep"]  # shards by content, not path

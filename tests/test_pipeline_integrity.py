@@ -168,9 +168,9 @@ def latest_checkpoint(run: Path) -> str | None:
 def sweep_trials(run: Path) -> dict[float, Path]:
     """The sweep's trial dirs by their alpha."""
     trials = {}
-    for params in (run / "sweep" / "reward_sweep").glob("*/params.json"):
+    for params in (run / "sweep" / "reward_sweep" / "tune").glob("*/params.json"):
         try:
-            trials[json.loads(params.read_text())["reward"]["alpha"]] = params.parent
+            trials[json.loads(params.read_text())["trial"]["params"]["alpha"]] = params.parent
         except (OSError, ValueError, KeyError):
             continue  # being written
     return trials
@@ -181,7 +181,7 @@ def sweep_restorable_mid_trial(run: Path) -> bool:
     restore reads); the first trial finished before the second started (one trial at a time)."""
     second = sweep_trials(run).get(SWEEP_ALPHAS[1])
     checkpoints = list(second.glob("checkpoint_*")) if second else []
-    states = list((run / "sweep" / "reward_sweep").glob("experiment_state-*.json"))
+    states = list((run / "sweep" / "reward_sweep" / "tune").glob("experiment_state-*.json"))
     return bool(checkpoints and states) and (max(s.stat().st_mtime for s in states)
                                              > max(c.stat().st_mtime for c in checkpoints))
 
@@ -411,6 +411,20 @@ def test_changed_thresholds_rerun_only_evaluate_and_keep_its_finished_parts(chai
     assert sorted(r["param"] for r in rows if r["family"] == "policy") == [0.5, 0.9]
     assert mtimes(map(Path, parts)) == parts  # the unchanged settings were not recomputed
     assert stages_of(chain.run)["evaluate"]["config"]["thresholds"] == [0.5, 0.9]
+
+
+def test_a_grown_sweep_grid_reruns_the_sweep_and_its_dependents_only_training_the_new_point(chain, ray_local):
+    from workflows import pipeline
+
+    before = finished_at(chain.run)
+    summary = json.loads((chain.run / "sweep" / "reward_sweep" / "best.json").read_text())
+    pipeline.run(in_process_config(chain, evaluate={"thresholds": [0.5, 0.9]},
+                                   sweep={"alpha": [*SWEEP_ALPHAS, 0.5]}))
+    rerun = changed(before, finished_at(chain.run))
+    assert "sweep" in rerun and rerun <= {"sweep", "evaluate"}  # evaluate only if the best policy changed
+    grown = json.loads((chain.run / "sweep" / "reward_sweep" / "best.json").read_text())
+    assert sorted(grown["reused"]) == sorted(summary["ran"]) and len(grown["ran"]) == 1
+    assert stages_of(chain.run)["sweep"]["identity"] == grown["run_identity"]  # the manifest carries the sweep's own
 
 
 RETRAINED = {"stages": ["finetune", "extract", "train_policy", "evaluate"], "evaluate": {"thresholds": [0.5, 0.9]}}

@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import logging
 import math
 
 import pytest
 import torch
 
-from greencode.config import ExtractConfig, PolicyPPOConfig, PolicyTrainConfig, SweepConfig
+from greencode.config import ConfigError, ExtractConfig, PolicyPPOConfig, PolicyTrainConfig, SweepConfig
+from greencode.digests import file_digest
 from greencode.env import observation_stats
 from greencode.extraction import MANIFEST
 from greencode.policy import ExitPolicy
@@ -94,13 +97,57 @@ def test_generate_cli_gates_with_the_trained_policy(trained, tiny_model_dir, cap
     assert record["generated_tokens"] == 3 and 1 <= record["mean_layers"] <= 12
 
 
-def test_sweep_skips_alpha_above_beta_and_exports_the_best(trained, tmp_path):
+def experiment_trials(experiment) -> list[str]:
+    """The trial keys a Tune experiment dir ran (from each Tune trial's params.json)."""
+    return sorted(json.loads(p.read_text())["trial"]["key"] for p in experiment.glob("*/params.json"))
+
+
+def test_sweep_reuses_only_trials_of_the_same_settings_and_restores_only_into_them(trained, tmp_path, caplog):
     cfg, _ = trained
     base = cfg.model_copy(update={"output_path": str(tmp_path / "best.pt")})
     sweep_cfg = SweepConfig(base=base, alpha=[0.1, 0.9], beta=[0.5], gamma=[0.5], storage_path=str(tmp_path / "sweep"))
     assert len(sweep.reward_grid(sweep_cfg)) == 1
+    out = tmp_path / "sweep" / "reward_sweep"
     summary = sweep.run(sweep_cfg)
-    assert summary["trials"] == 1 and summary["best_reward"]["alpha"] == 0.1
-    assert (tmp_path / "sweep" / "reward_sweep" / "results.csv").is_file()
-    assert list((tmp_path / "sweep" / "reward_sweep").rglob("events.out.tfevents*"))  # TensorBoard
+    first = summary["ran"]
+    assert summary["trials"] == 1 and summary["best_reward"]["alpha"] == 0.1 and len(first) == 1
+    assert (out / "results.csv").is_file() and (out / "pareto.csv").is_file()
+    assert list(out.rglob("events.out.tfevents*"))  # TensorBoard
     ExitPolicy.load(tmp_path / "best.pt", hidden_size=64)
+    assert json.dumps(sweep.run(sweep_cfg)) == json.dumps(summary)  # unchanged: the finished sweep, as it is
+    (tmp_path / "best.pt").write_bytes(b"replaced")  # the export replaced: exported again, nothing trained
+    assert sweep.run(sweep_cfg)["ran"] == []
+    ExitPolicy.load(tmp_path / "best.pt", hidden_size=64)
+    with pytest.raises(ConfigError, match="appear twice"):
+        sweep.run(sweep_cfg.model_copy(update={"alpha": [0.1, 0.1]}))
+
+    # killed after its trial finished, before its record and the summary: restored, nothing trained
+    for path in [out / "best.json", *(out / "trials").glob("*.json")]:
+        path.unlink()
+    with caplog.at_level(logging.INFO, logger="greencode.tune"):
+        again = sweep.run(sweep_cfg)
+    assert "resuming the sweep in" in caplog.text and again["best_eval"] == summary["best_eval"]
+    assert experiment_trials(out / "tune") == first
+
+    # a value added to the grid: only the new point trains, in a new experiment (the old one set aside)
+    caplog.clear()
+    grown = sweep_cfg.model_copy(update={"alpha": [0.1, 0.25, 0.9]})
+    with caplog.at_level(logging.INFO, logger="greencode.tune"):
+        summary = sweep.run(grown)
+    assert summary["reused"] == first and len(summary["ran"]) == 1 and summary["trials"] == 2
+    assert "config alpha: [0.1, 0.9] -> [0.1, 0.25, 0.9]" in caplog.text
+    assert experiment_trials(out / "tune") == summary["ran"]
+    assert [experiment_trials(p) for p in out.glob("tune.set-aside-*")] == [first]
+    rows = {float(r["alpha"]): r for r in csv.DictReader((out / "results.csv").open())}
+    assert sorted(rows) == [0.1, 0.25] and rows[0.25]["trial"] == summary["ran"][0]
+    assert rows[0.25]["reused"] == "False" and rows[0.1]["reused"] == "True"
+    best = rows[summary["best_reward"]["alpha"]]
+    assert summary["best_trial"] == best["trial"]
+    assert float(best["eval_advantage_vs_fixed"]) == max(float(r["eval_advantage_vs_fixed"]) for r in rows.values())
+    assert file_digest(tmp_path / "best.pt") == file_digest(out / "trials" / best["trial"] / "exit_policy.pt")
+
+    # the base PPO learning rate changed: no finished trial is reused
+    relearned = sweep_cfg.model_copy(update={"base": base.model_copy(update={
+        "ppo": base.ppo.model_copy(update={"lr": base.ppo.lr * 2})})})
+    summary = sweep.run(relearned)
+    assert summary["reused"] == [] and len(summary["ran"]) == 1 and summary["ran"] != first

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import logging
 import os
 import sys
@@ -174,3 +175,14 @@ def cli_errors(main: Callable[..., Any]) -> Callable[..., Any]:
             raise SystemExit(f"error: {err}") from None
 
     return wrapper
+
+
+def summary_main(command: ConfigCommand[C], run: Callable[[C], dict[str, Any]]) -> Callable[..., None]:
+    """``main(argv)`` of a command whose result is a summary: build the config, run, print the summary as JSON."""
+
+    @cli_errors
+    def main(argv: Sequence[str] | None = None) -> None:
+        cfg, _ = command.parse(argv)
+        print(json.dumps(run(cfg), indent=2))
+
+    return main

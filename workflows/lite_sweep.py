@@ -2,26 +2,25 @@
 
 Each trial is one Ray Train fine-tuning run (the same loop as `greencode finetune`, run by
 :func:`workflows.finetune.run` from the Tune trial, the pattern of Ray Train V2 + Tune), in its
-own run dir under the sweep: it checkpoints every ``base.checkpoint_every`` steps and writes
-TensorBoard event files there, and a restarted trial resumes its run. The trained model is
-then scored on the validation blocks against the base model (final-layer accuracy as a share
-of the base model's, each exit's agreement with the base model's final prediction), and the
-scores go to the trial's TensorBoard dir and to Tune.
+own run dir under the sweep (``runs/<key>``, named by its settings): it checkpoints every
+``base.checkpoint_every`` steps and writes TensorBoard event files there, and a restarted
+trial resumes its run. The trained model is then scored on the validation blocks against the
+base model (final-layer accuracy as a share of the base model's, each exit's agreement with the
+base model's final prediction), and the scores go to the trial's TensorBoard dir and to Tune.
 
 Outputs under ``storage_path/name``: ``results.csv`` (every trial, ``pareto`` flag),
 ``pareto.csv`` (the front over final-accuracy ratio vs deep-exit agreement), ``best.json``
-and ``output_path``: the best settings as a ``finetune:`` block for ``--config``. A killed
-sweep resumes (``Tuner.restore``): finished trials are kept, unfinished ones continue from
-their last checkpoint.
+and ``output_path``: the best settings as a ``finetune:`` block for ``--config``. Reuse of
+finished trials (a value added to the grid trains only the new points), restore of a killed
+sweep of the same settings and these outputs are the shared Tune driver's (workflows.tune).
 
     greencode lite-sweep --preset demo-lite-sweep   # or --config my.yaml --set base.max_steps=8
 """
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import itertools
-import json
 import logging
 import math
 from pathlib import Path
@@ -30,11 +29,13 @@ from typing import Any
 import torch
 import yaml
 
-from greencode.atomic import write_atomic, write_json
+from greencode.atomic import write_atomic
 from greencode.blocks import BlockSet
-from greencode.config import ConfigError, FinetuneConfig, LiteSweepConfig, set_dotted
-from greencode.scoring import pareto_front
-from workflows.common import ConfigCommand, cli_errors, init_ray
+from greencode.config import ConfigError, FinetuneConfig, LiteSweepConfig, result_config, set_dotted
+from greencode.manifest import StageIdentity
+from workflows import tune as tune_driver
+from workflows.common import ConfigCommand, summary_main
+from workflows.tune import Trial, TunePlan, key_of
 
 log = logging.getLogger("greencode.lite_sweep")
 
@@ -43,6 +44,7 @@ SCORE = "deep_agree_base"
 # Tune refuses an empty request, so it reserves a token share of a CPU.
 DRIVER_CPU = 0.01
 FINAL = "final_acc_ratio"
+SCORES = (SCORE, FINAL, "final_acc", "base_final_acc", "final_agree_base", "steps")  # and agree_base_l<layer>
 
 
 def trial_grid(cfg: LiteSweepConfig) -> list[dict[str, Any]]:
@@ -52,28 +54,49 @@ def trial_grid(cfg: LiteSweepConfig) -> list[dict[str, Any]]:
     keys = list(cfg.grid)
     trials = [dict(zip(keys, values)) for values in itertools.product(*(cfg.grid[k] for k in keys))]
     for params in trials:
-        trial_config(cfg, params, Path("."))  # a bad key or value fails here, naming it
+        trial_config(cfg, params)  # a bad key or value fails here, naming it
     return trials
 
 
-def trial_key(params: dict[str, Any]) -> str:
-    """A stable run name for a trial's settings: a rerun finds (and resumes) the same run dir."""
-    return "trial-" + hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
-
-
-def trial_config(cfg: LiteSweepConfig, params: dict[str, Any], out_dir: Path) -> FinetuneConfig:
+def trial_config(cfg: LiteSweepConfig, params: dict[str, Any]) -> FinetuneConfig:
+    """``base`` with one trial's grid values (its run dir is set by :func:`trials`)."""
     data = cfg.base.model_dump(mode="json")
     for dotted, value in params.items():
         try:
             set_dotted(data, dotted, value)
         except ConfigError as err:
             raise ConfigError(f"grid.{dotted}: {err}") from None
-    runs = out_dir / "trials"
-    data.update(storage_path=str(runs), run_name=trial_key(params), output_dir=str(runs / trial_key(params) / "model"))
     try:
         return FinetuneConfig.model_validate(data)
     except Exception as err:  # pydantic ValidationError: name the grid entry
         raise ConfigError(f"grid {params}: {err}") from None
+
+
+def _scoring(cfg: LiteSweepConfig) -> dict[str, Any]:
+    """Settings the scores depend on beyond training: the deep exits scored, the validation blocks scored on."""
+    return {"deep_from": cfg.deep_from, "val_batches": cfg.base.val_batches}
+
+
+def run_identity(cfg: LiteSweepConfig, base_model: str | None) -> StageIdentity:
+    """What the sweep's trials and its best settings depend on: grid, base recipe, scoring, base model content."""
+    return StageIdentity({**result_config(cfg), "scoring": _scoring(cfg)}, {"base_model": base_model})
+
+
+def trials(cfg: LiteSweepConfig, out_dir: Path, base_model: str | None) -> list[Trial]:
+    """One trial per grid point. Its Ray Train run dir (``runs/<key>``) is named by its fine-tuning
+    settings and base model, its record by those and the scoring settings: a scoring change rescores
+    the trained models without training them again."""
+    inputs = {"base_model": base_model}
+    out = []
+    for params in trial_grid(cfg):
+        ft = trial_config(cfg, params)
+        run_name = key_of(StageIdentity(result_config(ft), inputs), "run")
+        runs = out_dir / "runs"
+        ft = ft.model_copy(update={"storage_path": str(runs), "run_name": run_name,
+                                   "output_dir": str(runs / run_name / "model")})
+        key = key_of(StageIdentity({"finetune": result_config(ft), "scoring": _scoring(cfg)}, inputs))
+        out.append(Trial(key, params, {"cfg": ft.model_dump(mode="json"), "deep_from": cfg.deep_from}))
+    return out
 
 
 def nested(params: dict[str, Any]) -> dict[str, Any]:
@@ -128,19 +151,25 @@ def trial(config: dict[str, Any], val_blocks: BlockSet, reference: dict[str, Any
     from workflows import finetune
     from workflows.finetune import _tensorboard
 
-    cfg = FinetuneConfig.model_validate(config["trial"]["cfg"])
+    cfg = FinetuneConfig.model_validate(config["trial"]["config"]["cfg"])
     model_dir = finetune.run(cfg)  # resumes the trial's run from its last checkpoint after a restart
     lm = load_model(cfg.model.model_copy(update={"name": str(model_dir), "device": "cpu"}), cfg.exits)
     preds, targets = exit_predictions(lm, _batches(val_blocks, cfg.batch_size), cfg.precision)
     if not torch.equal(targets, reference["targets"]):
         raise RuntimeError("validation blocks differ from the ones the base model was scored on")
-    metrics = score(preds, targets, reference["reference"], reference["layers"], config["deep_from"])
+    metrics = score(preds, targets, reference["reference"], reference["layers"], config["trial"]["config"]["deep_from"])
     writer = _tensorboard(f"{finetune.run_dir(cfg)}/tensorboard")
     if writer is not None:
         for key, value in metrics.items():
             writer.add_scalar(f"sweep/{key}", value, cfg.max_steps)
         writer.close()
     tune.report({**metrics, "steps": cfg.max_steps, "model_dir": str(model_dir)})
+
+
+def keep(trial: Trial, result: Any, trial_dir: Path) -> tuple[dict[str, Any], Path]:
+    """A finished trial's scores; its artifact is the model its Ray Train run published."""
+    scores = {k: v for k, v in result.metrics.items() if k in SCORES or k.startswith("agree_base_l")}
+    return scores, Path(result.metrics["model_dir"])
 
 
 def pick_best(rows: list[dict[str, Any]], min_final_ratio: float) -> dict[str, Any]:
@@ -161,86 +190,51 @@ def run(cfg: LiteSweepConfig) -> dict[str, Any]:
     import ray
     from ray import tune
 
+    from greencode.modeling import model_digest
     from workflows.finetune import check_config, prepare_data
 
-    out_dir = Path(cfg.storage_path).resolve() / cfg.name
-    summary_path = out_dir / "best.json"
-    if summary_path.is_file() and Path(cfg.output_path).is_file():
-        log.info("LITE sweep %s already finished; delete %s to rerun", cfg.name, out_dir)
-        return json.loads(summary_path.read_text())
-    grid = trial_grid(cfg)
     check_config(cfg.base)
-    init_ray()
-    _, val = prepare_data(cfg.base)
-    if len(val) == 0:
-        raise ConfigError("base.data: no validation blocks to score the trials on (raise data.val_fraction)")
-    reference = reference_predictions(cfg.base, val)
-    trainable = tune.with_resources(tune.with_parameters(trial, val_blocks=val, reference=reference),
-                                   {"CPU": DRIVER_CPU})
-    per_trial = cfg.base.num_workers * cfg.base.cpus_per_worker
-    concurrent = cfg.max_concurrent or max(1, math.floor(ray.cluster_resources().get("CPU", 1)
-                                                         / (per_trial + DRIVER_CPU)))
-    experiment = str(out_dir / "tune")
-    if tune.Tuner.can_restore(experiment):
-        log.info("resuming the LITE sweep in %s", experiment)
-        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
-    else:
-        space = [{"params": p, "cfg": trial_config(cfg, p, out_dir).model_dump(mode="json")} for p in grid]
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"trial": tune.grid_search(space), "deep_from": cfg.deep_from},
-            tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
-            run_config=tune.RunConfig(name="tune", storage_path=str(out_dir), verbose=1),
-        )
-    log.info("%d LITE trials of %d steps, up to %d at a time", len(grid), cfg.base.max_steps, concurrent)
-    results = tuner.fit()
-    if results.errors:
-        raise RuntimeError(f"{len(results.errors)} LITE sweep trials failed; first error: {results.errors[0]}")
-    rows = []
-    for result in results:
-        params = result.config["trial"]["params"]
-        rows.append({**params, **{k: v for k, v in result.metrics.items() if k == SCORE or k == FINAL or k in (
-            "final_acc", "base_final_acc", "final_agree_base", "steps", "model_dir") or k.startswith("agree_base_l")}})
-    rows.sort(key=lambda r: trial_key({k: r[k] for k in cfg.grid}))  # one order, fresh or restored
-    front = pareto_front(_col(rows, FINAL), -_col(rows, SCORE))
-    for row, on in zip(rows, front):
-        row["pareto"] = bool(on)
-    import pandas as pd
+    out_dir = Path(cfg.storage_path).resolve() / cfg.name
+    base_model = model_digest(cfg.base.model)
+    grid = trials(cfg, out_dir, base_model)  # a bad grid key or value fails here, naming it
 
-    frame = pd.DataFrame(rows)
-    write_atomic(out_dir / "results.csv", frame.to_csv(index=False))
-    write_atomic(out_dir / "pareto.csv", frame[frame["pareto"]].sort_values(FINAL).to_csv(index=False))
-    best = pick_best(rows, cfg.min_final_ratio)
-    params = {k: best[k] for k in cfg.grid}
-    write_atomic(cfg.output_path, "# written by greencode lite-sweep: the best trial's settings\n"
-                 + yaml.safe_dump({"finetune": nested(params)}, sort_keys=False))
-    untuned = score(reference["reference"], reference["targets"], reference["reference"], reference["layers"],
-                    cfg.deep_from)  # the starting point every trial is compared with
-    summary = {"best": params, "scores": {k: v for k, v in best.items() if k not in params}, "untuned": untuned,
-               "best_yaml": str(Path(cfg.output_path).resolve()), "results_csv": str(out_dir / "results.csv"),
-               "pareto_csv": str(out_dir / "pareto.csv"), "tensorboard": f"tensorboard --logdir {out_dir / 'trials'}",
-               "trials": len(rows)}
-    write_json(summary_path, summary)
-    log.info("best of %d LITE trials: %s -> %s %.3f, %s %.3f", len(rows), params, FINAL, best[FINAL], SCORE,
-             best[SCORE])
-    return summary
+    @functools.cache
+    def scored_on() -> tuple[BlockSet, dict[str, Any]]:
+        """The validation blocks and the base model's predictions on them (only when something is scored)."""
+        _, val = prepare_data(cfg.base)
+        if len(val) == 0:
+            raise ConfigError("base.data: no validation blocks to score the trials on (raise data.val_fraction)")
+        return val, reference_predictions(cfg.base, val)
 
+    def plan(pending: list[Trial]) -> TunePlan:
+        val, reference = scored_on()
+        trainable = tune.with_resources(tune.with_parameters(trial, val_blocks=val, reference=reference),
+                                       {"CPU": DRIVER_CPU})
+        per_trial = cfg.base.num_workers * cfg.base.cpus_per_worker
+        log.info("LITE trials of %d steps", cfg.base.max_steps)
+        return TunePlan(trainable, cfg.max_concurrent or max(1, math.floor(ray.cluster_resources().get("CPU", 1)
+                                                                          / (per_trial + DRIVER_CPU))))
 
-def _col(rows: list[dict[str, Any]], key: str):
-    import numpy as np
+    def export(best: dict[str, Any]) -> dict[str, Any]:
+        params = {k: best[k] for k in cfg.grid}
+        write_atomic(cfg.output_path, "# written by greencode lite-sweep: the best trial's settings\n"
+                     + yaml.safe_dump({"finetune": nested(params)}, sort_keys=False))
+        _, reference = scored_on()
+        untuned = score(reference["reference"], reference["targets"], reference["reference"], reference["layers"],
+                        cfg.deep_from)  # the starting point every trial is compared with
+        scores = {k: v for k, v in best.items() if k in SCORES or k.startswith("agree_base_l")}
+        return {"best": params, "scores": scores, "untuned": untuned, "best_yaml": str(Path(cfg.output_path).resolve())}
 
-    return np.array([r[key] for r in rows], dtype=float)
+    return tune_driver.run(tune_driver.Sweep(
+        "LITE sweep", out_dir, run_identity(cfg, base_model), grid, Path(cfg.output_path), plan, keep,
+        ((FINAL, "max"), (SCORE, "max")), lambda rows: pick_best(rows, cfg.min_final_ratio), export))
 
 
 COMMAND = ConfigCommand(LiteSweepConfig, "Ray Tune sweep over the LITE loss (one Ray Train run per trial).",
                         prog="greencode lite-sweep")
 
 
-@cli_errors
-def main(argv: list[str] | None = None) -> None:
-    cfg, _ = COMMAND.parse(argv)
-    print(json.dumps(run(cfg), indent=2))
-
+main = summary_main(COMMAND, run)
 
 if __name__ == "__main__":
     main()

@@ -118,6 +118,9 @@ class Stage:
     # which identity they belong to and refuses another's (StaleWorkError); evaluation parts need no
     # entry here, they are keyed by the contents they were computed from.
     work: list[Path]
+    # The workflow's own run identity, where it keeps one (the sweep: its best.json and Tune experiment
+    # record it); the manifest then records the stage with that same identity.
+    identity: Callable[[Any], StageIdentity] | None = None
 
 
 def _stages(cfg: PipelineConfig, plans: dict[str, Any]) -> list[Stage]:
@@ -141,7 +144,8 @@ def _stages(cfg: PipelineConfig, plans: dict[str, Any]) -> list[Stage]:
               [heldout_shards]),
         Stage("train_policy", pol, train_policy.run, [policy, policy.with_suffix(".json")], shards,
               [Path(pol.storage_path)]),
-        Stage("sweep", plans["sweep"], sweep.run, [policy], shards, [Path(plans["sweep"].storage_path)]),
+        Stage("sweep", plans["sweep"], sweep.run, [policy], shards, [Path(plans["sweep"].storage_path)],
+              sweep.run_identity),
         Stage("evaluate", ev, evaluate.run, [Path(ev.output_dir) / "results.json"],
               {**decoded, "base_model": ev.base_model, "policy": Path(ev.policy_path) if ev.policy_path else None},
               []),
@@ -152,7 +156,9 @@ def _stages(cfg: PipelineConfig, plans: dict[str, Any]) -> list[Stage]:
 
 def _identity(stage: Stage, root: Path, digests: dict[str, str | None]) -> StageIdentity:
     """The stage's resolved config (run-dir relative, operational fields left out) and its inputs'
-    digests (cached in ``digests``)."""
+    digests (cached in ``digests``); or the workflow's own identity where it keeps one."""
+    if stage.identity is not None:
+        return stage.identity(stage.config)
     inputs: dict[str, str | None] = {}
     for role, source in stage.inputs.items():
         if source is None:

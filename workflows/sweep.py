@@ -5,8 +5,9 @@ iteration on the held-out shards of ``base.eval_shards_dir``: exit accuracy, mea
 layer, and ``advantage_vs_fixed`` = exit accuracy minus that of fixed exits of the same
 mean depth (the quality-vs-layers score the best trial is picked by). Combinations with
 alpha > beta are skipped (exiting late must never cost more than exiting early). Results
-go to TensorBoard (Tune's trial dirs) and ``results.csv`` (with a Pareto flag over
-accuracy vs layers); the best policy is exported to ``base.output_path``.
+go to TensorBoard (Tune's trial dirs), ``results.csv`` (with a Pareto flag over accuracy vs
+layers) and ``pareto.csv``; the best policy is exported to ``base.output_path``. Reuse of finished
+trials, restore of a killed sweep and the outputs are the shared Tune driver's (workflows.tune).
 
     python -m workflows.sweep --set base.shards_dir=runs/shards/train --set base.eval_shards_dir=runs/shards/eval
 """
@@ -15,27 +16,30 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import logging
 import math
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from greencode.atomic import write_atomic, write_json
-from greencode.config import ConfigError, PolicyTrainConfig, SweepConfig, result_config, validate
+from greencode.atomic import write_atomic
+from greencode.config import ConfigError, PolicyTrainConfig, RewardConfig, SweepConfig, result_config, validate
 from greencode.digests import tree_digest
-from greencode.manifest import StageIdentity, claim_work_dir
+from greencode.manifest import StageIdentity
 from greencode.policy import ExitPolicy
-from greencode.scoring import pareto_front, policy_logits, score_exits
+from greencode.scoring import policy_logits, score_exits
 from greencode.shards import check_shards, list_shards, load_shards
-from workflows.common import ConfigCommand, cli_errors, init_ray, stage_presets
-from workflows.train_policy import SaveCheckpoint, algo_config, plan_resources, train
+from workflows import tune as tune_driver
+from workflows.common import ConfigCommand, stage_presets, summary_main
+from workflows.train_policy import EPISODE_METRICS, SaveCheckpoint, algo_config, plan_resources, train
+from workflows.tune import Trial, TunePlan, key_of
 
 log = logging.getLogger("greencode.sweep")
 
 POLICY_FILE = "exit_policy.pt"
 SCORE = "eval_advantage_vs_fixed"
+TRAIN_METRICS = frozenset({"episode_return_mean", "env_steps", *EPISODE_METRICS})  # kept beside the eval_ scores
+SHARD_PATHS = ("shards_dir", "eval_shards_dir")
 
 
 def reward_grid(cfg: SweepConfig) -> list[dict[str, float]]:
@@ -51,6 +55,33 @@ def reward_grid(cfg: SweepConfig) -> list[dict[str, float]]:
     if not combos:
         raise ConfigError("sweep: no (alpha, beta, gamma) combination has alpha <= beta")
     return combos
+
+
+def _settings(base: PolicyTrainConfig) -> dict[str, Any]:
+    """The base settings a result depends on; the shard dirs enter by content (``inputs``), not by path."""
+    return {k: v for k, v in result_config(base).items() if k not in SHARD_PATHS}
+
+
+def _inputs(cfg: SweepConfig) -> dict[str, str | None]:
+    return {"shards": tree_digest(cfg.base.shards_dir), "eval_shards": tree_digest(cfg.base.eval_shards_dir)}
+
+
+def run_identity(cfg: SweepConfig) -> StageIdentity:
+    """What the sweep's trials and its best policy depend on: the grid, the base settings, the shards' contents
+    (the pipeline's manifest records the sweep stage with this identity)."""
+    return StageIdentity({**result_config(cfg), "base": _settings(cfg.base)}, _inputs(cfg))
+
+
+def trials(cfg: SweepConfig) -> list[Trial]:
+    """One trial per grid point and sample, keyed by its own settings and the shards' contents."""
+    inputs = _inputs(cfg)
+    out = []
+    for reward in reward_grid(cfg):
+        base = cfg.base.model_copy(update={"reward": RewardConfig(**reward)})
+        for sample in range(cfg.num_samples):
+            key = key_of(StageIdentity({"base": _settings(base), "sample": sample}, inputs))
+            out.append(Trial(key, {**reward, "sample": sample}, _absolute(base)))
+    return out
 
 
 def _absolute(base: PolicyTrainConfig) -> dict[str, Any]:
@@ -70,7 +101,7 @@ def trial(config: dict[str, Any]) -> None:
     """
     from ray import tune
 
-    cfg = validate(PolicyTrainConfig, {**config["base"], "reward": config["reward"]}, source="sweep trial")
+    cfg = validate(PolicyTrainConfig, config["trial"]["config"], source="sweep trial")
     held_out = load_shards(list_shards(cfg.eval_shards_dir))
 
     def report(metrics: dict[str, float], policy: ExitPolicy, save: SaveCheckpoint | None) -> None:
@@ -90,18 +121,22 @@ def trial(config: dict[str, Any]) -> None:
         train(cfg, on_iteration=report, resume_from=Path(resume) if resume else None, progress=False)
 
 
-def run_identity(cfg: SweepConfig) -> StageIdentity:
-    """What the sweep's trials and its best policy depend on: the grid, the base settings, the shards."""
-    return StageIdentity(result_config(cfg), {"shards": tree_digest(cfg.base.shards_dir),
-                                              "eval_shards": tree_digest(cfg.base.eval_shards_dir)})
+def keep(trial: Trial, result: Any, trial_dir: Path) -> tuple[dict[str, Any], Path]:
+    """A finished trial's scores, and its policy copied out of Tune's last checkpoint."""
+    if result.checkpoint is None or SCORE not in result.metrics:
+        raise RuntimeError(f"sweep trial {trial.params} finished without a scored checkpoint")
+    with result.checkpoint.as_directory() as ckpt:
+        policy = ExitPolicy.load(Path(ckpt) / POLICY_FILE)
+    scores = {k: float(v) for k, v in result.metrics.items() if k in TRAIN_METRICS or k.startswith("eval_")}
+    return scores, policy.save(trial_dir / POLICY_FILE)
 
 
 def run(cfg: SweepConfig) -> dict[str, Any]:
     """Run the sweep, resume a killed one, or reuse a finished one; returns the best trial's rewards and scores.
 
-    A sweep killed midway is restored with ``Tuner.restore``: finished trials are kept, unfinished
-    and failed ones continue from their last checkpoint. Failed trials (after ``max_failures``
-    restarts) are reported and left out; the best finished trial's policy is exported.
+    Trials finished by an earlier sweep with the same settings and shards are reused (workflows.tune).
+    Failed trials (after ``max_failures`` restarts) are reported and left out; the best finished
+    trial's policy is exported to ``base.output_path``.
     """
     import ray
     from ray import tune
@@ -110,84 +145,34 @@ def run(cfg: SweepConfig) -> dict[str, Any]:
         raise ConfigError("sweep: base.eval_shards_dir must name held-out shards (trials are scored on them)")
     for shards in (cfg.base.shards_dir, cfg.base.eval_shards_dir):
         check_shards(shards)  # missing or bad shards: one clear error before Ray starts
-    identity = run_identity(cfg)
-    out_dir = Path(cfg.storage_path).resolve() / cfg.name
-    summary_path = out_dir / "best.json"
-    if summary_path.is_file() and Path(cfg.base.output_path).is_file():
-        summary = json.loads(summary_path.read_text())
-        if summary.get("run_identity") == identity.digest:
-            log.info("sweep %s already finished; delete %s to rerun", cfg.name, out_dir)
-            return summary
-    grid = reward_grid(cfg)
-    claim_work_dir(out_dir, identity, "sweep trials")
-    init_ray()
-    cluster_cpus = ray.cluster_resources().get("CPU", 1)
-    plan = plan_resources(cfg.base.ppo, cluster_cpus)
-    shard_paths = [str(p) for p in list_shards(cfg.base.shards_dir)]
-    ppo_config = algo_config(cfg.base, shard_paths, plan)
-    trainable = tune.with_resources(trial, ppo_config.algo_class.default_resource_request(ppo_config))
-    if tune.Tuner.can_restore(out_dir):
-        log.info("resuming the sweep in %s: finished trials are kept, the others continue from their last "
-                 "checkpoint", out_dir)
-        tuner = tune.Tuner.restore(str(out_dir), trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        concurrent = cfg.max_concurrent or max(1, math.floor(cluster_cpus / plan.total))
-        log.info("%d trials x %d samples, up to %d at a time (%.3g CPU each)", len(grid), cfg.num_samples,
-                 concurrent, plan.total)
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"base": _absolute(cfg.base), "reward": tune.grid_search(grid)},
-            tune_config=tune.TuneConfig(num_samples=cfg.num_samples, max_concurrent_trials=concurrent),
-            run_config=tune.RunConfig(name=cfg.name, storage_path=str(out_dir.parent), verbose=1,
-                                      failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
-        )
-    results = tuner.fit()
-    summary = export_best(cfg, results, out_dir)
-    summary["run_identity"] = identity.digest
-    write_json(summary_path, summary)
-    return summary
 
+    def plan(pending: list[Trial]) -> TunePlan:
+        cluster_cpus = ray.cluster_resources().get("CPU", 1)
+        resources = plan_resources(cfg.base.ppo, cluster_cpus)
+        shard_paths = [str(p) for p in list_shards(cfg.base.shards_dir)]
+        ppo_config = algo_config(cfg.base, shard_paths, resources)
+        trainable = tune.with_resources(trial, ppo_config.algo_class.default_resource_request(ppo_config))
+        return TunePlan(trainable, cfg.max_concurrent or max(1, math.floor(cluster_cpus / resources.total)),
+                        {"failure_config": tune.FailureConfig(max_failures=cfg.max_failures),
+                         "checkpoint_config": tune.CheckpointConfig(num_to_keep=1)})
 
-def export_best(cfg: SweepConfig, results: Any, out_dir: Path) -> dict[str, Any]:
-    """results.csv over the finished trials, and the best one's policy at ``base.output_path``."""
-    finished = [r for r in results if r.error is None and r.checkpoint is not None and SCORE in r.metrics]
-    failed = [r for r in results if r.error is not None]
-    if not finished:
-        raise RuntimeError(f"every sweep trial failed; the first error: {failed[0].error if failed else 'none'}")
-    if failed:
-        log.warning("%d of %d sweep trials failed; the best of the %d finished ones is exported. First error: %s",
-                    len(failed), len(results), len(finished), failed[0].error)
-    frame = results.get_dataframe()
-    frame = frame[frame["trial_id"].isin({r.metrics["trial_id"] for r in finished})].copy()
-    frame["pareto"] = pareto_front(frame["eval_exit_accuracy"].to_numpy(), frame["eval_mean_exit_layer"].to_numpy())
-    write_atomic(out_dir / "results.csv", frame.to_csv(index=False))
-    best = max(finished, key=lambda r: r.metrics[SCORE])
-    with best.checkpoint.as_directory() as ckpt:
-        policy = ExitPolicy.load(Path(ckpt) / POLICY_FILE)
-    policy.save(cfg.base.output_path)
-    summary = {
-        "best_reward": best.config["reward"],
-        "best_eval": {k[5:]: v for k, v in best.metrics.items() if k.startswith("eval_")},
-        "policy_path": cfg.base.output_path,
-        "results_csv": str(out_dir / "results.csv"),
-        "tensorboard": f"tensorboard --logdir {out_dir}",
-        "trials": len(finished),
-        "failed_trials": [{"reward": r.config["reward"], "error": str(r.error)} for r in failed],
-    }
-    log.info("best of %d trials: %s -> %s", len(finished), summary["best_reward"], summary["best_eval"])
-    return summary
+    def export(best: dict[str, Any]) -> dict[str, Any]:
+        write_atomic(cfg.base.output_path, Path(best["artifact"]).read_bytes())
+        return {"best_reward": {k: best[k] for k in ("alpha", "beta", "gamma", "epsilon")},
+                "best_eval": {k[5:]: v for k, v in best.items() if k.startswith("eval_")},
+                "policy_path": cfg.base.output_path}
+
+    return tune_driver.run(tune_driver.Sweep(
+        "sweep", Path(cfg.storage_path).resolve() / cfg.name, run_identity(cfg), trials(cfg),
+        Path(cfg.base.output_path), plan, keep, (("eval_exit_accuracy", "max"), ("eval_mean_exit_layer", "min")),
+        lambda rows: max(rows, key=lambda r: r[SCORE]), export))
 
 
 COMMAND = ConfigCommand(SweepConfig, "Ray Tune sweep over the exit-policy reward coefficients.", prog="greencode sweep",
                         presets=stage_presets("sweep"))
 
 
-@cli_errors
-def main(argv: list[str] | None = None) -> None:
-    cfg, _ = COMMAND.parse(argv)
-    print(json.dumps(run(cfg), indent=2))
-
+main = summary_main(COMMAND, run)
 
 if __name__ == "__main__":
     main()
