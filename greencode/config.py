@@ -347,6 +347,11 @@ class ExtractConfig(_Strict):
     max_context_fraction: float = Field(0.6, gt=0, lt=1, description="highest context cut (share of a file)")
     tokens_per_sample: int = Field(15, ge=1, description="T tokens generated greedily per sample")
     hidden_dtype: Literal["float16", "float32"] = Field("float16", description="storage dtype of the hidden states")
+    features: list[Literal["top1", "margin", "entropy"]] = Field(
+        default_factory=list, description="what the policy observes besides the hidden state: the translated exit's "
+        "own confidence (top-1 probability, margin over the runner-up, normalized entropy; docs/policy.md)")
+    feature_shortlist: int = Field(8192, ge=2, description="token ids the features' softmax runs over (the first "
+                                   "ones: the cost of a feature call is this share of the LM head)")
     samples_per_shard: int = Field(50, ge=1, description="samples per Parquet shard")
     output_dir: str = Field("runs/shards", description="shard directory (resumable)")
     num_workers: int = Field(1, ge=1, description="model actors of the Ray Data pool")

@@ -4,7 +4,9 @@ The LLM is not in the loop: hidden states and per-exit predictions were extracte
 (greencode.shards), so many environments run in parallel on CPUs.
 
 - observation: the hidden state (float32, shape ``[hidden_size]``) of the current token at the
-  current exit point; nothing else (optionally standardised per dimension with fixed statistics).
+  current exit point, followed by the exit's own confidence features when the shards recorded
+  them (``ShardMeta.features``, greencode/confidence.py); optionally standardised per dimension
+  with fixed statistics.
 - actions: ``0 = continue`` (go to the next exit point of the same token), ``1 = exit`` (the
   token is done; the next observation is the next token at the first exit point). Continuing
   past the last exit point finishes the token at the final layer.
@@ -84,7 +86,7 @@ def observation_stats(data: ShardData) -> tuple[np.ndarray, np.ndarray]:
     Raw residual streams have a few huge dimensions that saturate a tanh MLP; standardising
     is a per-dimension affine map, so it folds exactly into the policy's first linear layer.
     """
-    flat = data.hidden.reshape(-1, data.meta.hidden_size).astype(np.float32)
+    flat = data.observations().reshape(-1, data.meta.observation_size)
     return flat.mean(axis=0), np.maximum(flat.std(axis=0), 1e-6)
 
 
@@ -127,10 +129,11 @@ class ExitEnv(gym.Env):
             raise ValueError(f"shards {self.shard_paths} hold no tokens")
         self.num_exits = self.data.meta.num_exits
         self.layers = self.data.exit_layers()
-        hidden = self.data.meta.hidden_size
+        size = self.data.meta.observation_size
         bound = float(np.finfo(np.float32).max)
-        self.observation_space = gym.spaces.Box(-bound, bound, shape=(hidden,), dtype=np.float32)
-        self.obs_mean, self.obs_scale = _normalizer(config, hidden)
+        self.observation_space = gym.spaces.Box(-bound, bound, shape=(size,), dtype=np.float32)
+        self.obs_mean, self.obs_scale = _normalizer(config, size)
+        self.observations = self.data.observations()  # [N, n_exits, size]: hidden state (+ exit features)
         self.action_space = gym.spaces.Discrete(2)
         self._seed = config.get("seed")
         self._row = self._stop = self._exit = 0
@@ -139,8 +142,8 @@ class ExitEnv(gym.Env):
                   len(self.episodes))
 
     def _obs(self, row: int | None = None, exit_index: int | None = None) -> np.ndarray:
-        hidden = self.data.hidden[self._row if row is None else row, self._exit if exit_index is None else exit_index]
-        return (hidden.astype(np.float32) - self.obs_mean) * self.obs_scale
+        obs = self.observations[self._row if row is None else row, self._exit if exit_index is None else exit_index]
+        return (obs - self.obs_mean) * self.obs_scale
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         if seed is None and self._seed is not None:

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import torch
 
 from greencode.atomic import write_json
+from greencode.confidence import check_features, confidence_features
 from greencode.config import ExtractConfig, GenerationConfig, dump_yaml
 from greencode.data import CompletionSample, load_corpus, random_cut_samples
 from greencode.gates import FullGate
@@ -64,13 +65,16 @@ def optimal_exit(predictions: Sequence[int], final_token: int) -> int:
     return len(predictions)
 
 
-def meta_for(lm: EarlyExitModel, hidden_dtype: str = "float16") -> ShardMeta:
-    """The shard metadata of rows extracted from ``lm``."""
-    return ShardMeta(list(lm.exit_points), lm.hidden_size, lm.num_layers, lm.fingerprint, hidden_dtype)
+def meta_for(lm: EarlyExitModel, hidden_dtype: str = "float16", features: Sequence[str] = (),
+             feature_shortlist: int = 0) -> ShardMeta:
+    """The shard metadata of rows extracted from ``lm`` (with the exit features the policy will observe)."""
+    return ShardMeta(list(lm.exit_points), lm.hidden_size, lm.num_layers, lm.fingerprint, hidden_dtype,
+                     features=tuple(check_features(features)), feature_shortlist=feature_shortlist if features else 0)
 
 
 @torch.no_grad()
-def extract_rows(lm: EarlyExitModel, samples: Sequence[Sample], tokens_per_sample: int) -> list[dict[str, Any]]:
+def extract_rows(lm: EarlyExitModel, samples: Sequence[Sample], tokens_per_sample: int,
+                 meta: ShardMeta | None = None) -> list[dict[str, Any]]:
     """Generate T tokens greedily with the full model, keeping each token's view at every exit point.
 
     The observation for generated token t is the hidden state, after each exit point, at the
@@ -87,6 +91,10 @@ def extract_rows(lm: EarlyExitModel, samples: Sequence[Sample], tokens_per_sampl
         predictions = torch.stack([lm.decode_exit(hidden[:, i], k).argmax(dim=-1)
                                    for i, k in enumerate(lm.exit_points)], dim=1).cpu().tolist()  # [T, n]
         hidden_np = hidden.float().cpu().numpy()
+        features = None
+        if meta is not None and meta.features:  # [T, n, F]: what the policy gate computes at inference
+            features = torch.stack([confidence_features(lm, hidden[:, i], k, meta.features, meta.feature_shortlist)
+                                    for i, k in enumerate(lm.exit_points)], dim=1).cpu().numpy()
         for t, token in enumerate(new):
             rows.append(
                 {
@@ -97,6 +105,7 @@ def extract_rows(lm: EarlyExitModel, samples: Sequence[Sample], tokens_per_sampl
                     "final_token": token,
                     "dataset_token": sample.target_ids[t] if t < len(sample.target_ids) else -1,
                     "optimal_exit": optimal_exit(predictions[t], token),
+                    **({"exit_features": features[t]} if features is not None else {}),
                 }
             )
     return rows
@@ -105,7 +114,7 @@ def extract_rows(lm: EarlyExitModel, samples: Sequence[Sample], tokens_per_sampl
 def write_shard_for(lm: EarlyExitModel, meta: ShardMeta, samples: Sequence[Sample], tokens_per_sample: int,
                     path: str | Path) -> int:
     """Extract ``samples`` and write them as one shard at ``path`` (atomically); returns its rows."""
-    rows = extract_rows(lm, samples, tokens_per_sample)
+    rows = extract_rows(lm, samples, tokens_per_sample, meta)
     write_shard(build_table(meta, rows), path)
     return len(rows)
 

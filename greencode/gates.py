@@ -8,14 +8,17 @@ at the gate's ``decision_layers`` so ``fixed(k)`` costs nothing elsewhere.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
+from greencode.confidence import confidence_features
 from greencode.config import GateConfig
 from greencode.policy import ExitPolicy
 
-Decode = Callable[[torch.Tensor, int], torch.Tensor]  # (hidden [B, H], exit layer) -> logits: lm.decode_exit
+if TYPE_CHECKING:
+    from greencode.modeling import EarlyExitModel
 
 
 class Gate:
@@ -27,8 +30,10 @@ class Gate:
     def decision_layers(self, exit_points: Sequence[int], num_layers: int) -> list[int]:
         return [k for k in exit_points if k < num_layers]
 
-    def exit_mask(self, hidden: torch.Tensor, layer: int, decode: Decode) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(exit? [B] bool, logits [B, V] if the gate had to compute them, else None)."""
+    def exit_mask(self, hidden: torch.Tensor, layer: int,
+                  lm: EarlyExitModel) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(exit? [B] bool, logits [B, V] if the gate had to compute them, else None); ``lm`` decodes the exit
+        (``lm.decode_exit``) for the gates that need its logits or features."""
         return torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device), None
 
     def describe(self) -> str:
@@ -55,7 +60,7 @@ class FixedGate(Gate):
             raise ValueError(f"fixed exit_layer {self.exit_layer} exceeds the model's {num_layers} layers")
         return [self.exit_layer] if self.exit_layer < num_layers else []
 
-    def exit_mask(self, hidden, layer, decode):
+    def exit_mask(self, hidden, layer, lm):
         return torch.full((hidden.shape[0],), layer == self.exit_layer, dtype=torch.bool, device=hidden.device), None
 
     def describe(self) -> str:
@@ -73,8 +78,8 @@ class ConfidenceGate(Gate):
             raise ValueError(f"confidence must be in (0, 1], got {confidence}")
         self.confidence = confidence
 
-    def exit_mask(self, hidden, layer, decode):
-        logits = decode(hidden, layer)
+    def exit_mask(self, hidden, layer, lm):
+        logits = lm.decode_exit(hidden, layer)
         top = torch.softmax(logits.float(), dim=-1).amax(dim=-1)
         return top >= self.confidence, logits
 
@@ -105,8 +110,12 @@ class PolicyGate(Gate):
         else:
             self.margin = temperature * math.log(threshold / (1 - threshold))
 
-    def exit_mask(self, hidden, layer, decode):
-        z = self.policy(hidden)
+    def exit_mask(self, hidden, layer, lm):
+        observation = hidden
+        if self.policy.features:  # the translated exit's confidence, as the policy saw it in training
+            features = confidence_features(lm, hidden, layer, self.policy.features, self.policy.feature_shortlist)
+            observation = torch.cat([hidden, features.to(hidden.dtype)], dim=-1)
+        z = self.policy(observation)
         return (z[:, 1] - z[:, 0]) > self.margin, None
 
     def describe(self) -> str:

@@ -216,7 +216,7 @@ class GatedGenerator:
                 t0 = time.perf_counter()
                 rows = all_rows if n_active == bsz else active.nonzero().squeeze(1)
                 exiting = h[:, -1] if rows is all_rows else h[rows, -1]
-                leave, gate_logits = gate.exit_mask(exiting, layer, lm.decode_exit)
+                leave, gate_logits = gate.exit_mask(exiting, layer, lm)
                 if bool(leave.any()):
                     left = rows[leave]
                     exit_layers[left] = layer

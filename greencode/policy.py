@@ -40,7 +40,8 @@ def mlp(in_size: int, hidden_sizes: Sequence[int], out_size: int, activation: st
 
 
 class ExitPolicy(nn.Module):
-    """Actor MLP ``hidden_size -> 64 -> 64 -> 2`` (tanh) over raw hidden states at exit points."""
+    """Actor MLP ``hidden_size (+ features) -> 64 -> 64 -> 2`` (tanh) over raw hidden states at exit points,
+    followed by the exit features it was trained on (``features``, computed over ``feature_shortlist``)."""
 
     def __init__(
         self,
@@ -50,19 +51,23 @@ class ExitPolicy(nn.Module):
         exit_points: Sequence[int] = (),
         model_fingerprint: str | None = None,
         metadata: dict[str, Any] | None = None,
+        features: Sequence[str] = (),
+        feature_shortlist: int = 0,
     ) -> None:
         super().__init__()
         self.hidden_size = int(hidden_size)
+        self.features = list(features)  # observed after the hidden state (greencode/confidence.py)
+        self.feature_shortlist = int(feature_shortlist)
         self.hidden_sizes = [int(s) for s in hidden_sizes]
         self.activation = activation
         self.exit_points = [int(p) for p in exit_points]
         self.model_fingerprint = model_fingerprint
         self.metadata = dict(metadata or {})
-        self.net = mlp(self.hidden_size, self.hidden_sizes, 2, activation)
+        self.net = mlp(self.hidden_size + len(self.features), self.hidden_sizes, 2, activation)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Action logits [..., 2] for hidden states [..., hidden_size]."""
-        return self.net(hidden.to(self.net[0].weight.dtype))
+    def forward(self, observation: torch.Tensor) -> torch.Tensor:
+        """Action logits [..., 2] for observations [..., hidden_size (+ features)]."""
+        return self.net(observation.to(self.net[0].weight.dtype))
 
     @torch.no_grad()
     def exit_probability(self, hidden: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -83,6 +88,8 @@ class ExitPolicy(nn.Module):
             "exit_points": self.exit_points,
             "model_fingerprint": self.model_fingerprint,
             "metadata": self.metadata,
+            "features": self.features,
+            "feature_shortlist": self.feature_shortlist,
             "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
         }
         with atomic_path(path) as tmp:
@@ -115,6 +122,8 @@ class ExitPolicy(nn.Module):
             payload["exit_points"],
             payload["model_fingerprint"],
             payload.get("metadata"),
+            payload.get("features", ()),
+            payload.get("feature_shortlist", 0),
         )
         policy.load_state_dict(payload["state_dict"])
         policy.check_compatible(hidden_size=hidden_size, exit_points=exit_points, model_fingerprint=model_fingerprint,
@@ -138,7 +147,13 @@ class ExitPolicy(nn.Module):
         exit_points: Sequence[int] | None = None,
         model_fingerprint: str | None = None,
         source: str = "policy",
+        features: tuple[list[str], int] | None = None,
     ) -> None:
+        if features is not None and (list(features[0]), features[1] if features[0] else 0) != (
+                self.features, self.feature_shortlist if self.features else 0):
+            raise PolicyMismatchError(f"{source} observes exit features {self.features} (shortlist "
+                                      f"{self.feature_shortlist}), the shards hold {list(features[0])} (shortlist "
+                                      f"{features[1]}): train the policy on these shards")
         if hidden_size is not None and hidden_size != self.hidden_size:
             raise PolicyMismatchError(f"{source} expects hidden size {self.hidden_size}, the model has {hidden_size}")
         if exit_points is not None and self.exit_points and list(exit_points) != self.exit_points:

@@ -26,7 +26,7 @@ def export_policy(module: torch.nn.Module, meta: ShardMeta, ppo: PolicyPPOConfig
     actor = [m for m in module.encoder.actor_encoder.modules() if isinstance(m, torch.nn.Linear)]
     actor += [m for m in module.pi.modules() if isinstance(m, torch.nn.Linear)]
     policy = ExitPolicy(meta.hidden_size, ppo.hidden_sizes, ppo.activation, meta.exit_points, meta.model_fingerprint,
-                        metadata)
+                        metadata, meta.features, meta.feature_shortlist)
     targets = [m for m in policy.net if isinstance(m, torch.nn.Linear)]
     if [tuple(m.weight.shape) for m in actor] != [tuple(m.weight.shape) for m in targets]:
         raise RuntimeError(f"RLModule actor layers {[m.weight.shape for m in actor]} do not match "

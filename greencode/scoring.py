@@ -48,12 +48,13 @@ def fixed_exit_accuracy(data: ShardData) -> np.ndarray:
 
 
 def score_exits(data: ShardData, exit_logits: Callable[[np.ndarray], np.ndarray], threshold: float = 0.5) -> ExitScore:
-    """Replay every held-out token through a gate: ``exit_logits([N, H]) -> [N, 2]`` action logits.
+    """Replay every held-out token through a gate: ``exit_logits([N, observation size]) -> [N, 2]`` action logits
+    (an observation is the hidden state, then the exit features the shards recorded).
 
     A token exits at the first exit point where softmax(logits)[exit] > threshold, else at the final layer.
     """
-    n, hidden = data.meta.num_exits, data.meta.hidden_size
-    logits = exit_logits(data.hidden.reshape(-1, hidden).astype(np.float32)).reshape(len(data), n, 2)
+    n, size = data.meta.num_exits, data.meta.observation_size
+    logits = exit_logits(data.observations().reshape(-1, size)).reshape(len(data), n, 2)
     logits = logits - logits.max(axis=-1, keepdims=True)
     p_exit = np.exp(logits[..., EXIT]) / np.exp(logits).sum(axis=-1)
     leave = p_exit > threshold
@@ -78,9 +79,9 @@ def score_exits(data: ShardData, exit_logits: Callable[[np.ndarray], np.ndarray]
 def policy_logits(policy: ExitPolicy) -> Callable[[np.ndarray], np.ndarray]:
     """An ExitPolicy as the ``exit_logits`` function :func:`score_exits` takes."""
 
-    def logits(hidden: np.ndarray) -> np.ndarray:
+    def logits(observations: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return policy(torch.from_numpy(hidden)).numpy()
+            return policy(torch.from_numpy(observations)).numpy()
 
     return logits
 
@@ -91,7 +92,8 @@ def score_policy(policy: ExitPolicy, shards_dir: str, thresholds: list[float]) -
         log.warning("%s has no manifest.json: its extraction may be unfinished, scoring the shards present", shards_dir)
     data = load_shards(list_shards(shards_dir))
     policy.check_compatible(hidden_size=data.meta.hidden_size, exit_points=data.meta.exit_points,
-                            model_fingerprint=data.meta.model_fingerprint, source="policy")
+                            model_fingerprint=data.meta.model_fingerprint, source="policy",
+                            features=(list(data.meta.features), data.meta.feature_shortlist))
     return {t: score_exits(data, policy_logits(policy), threshold=t) for t in thresholds}
 
 

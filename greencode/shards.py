@@ -15,6 +15,8 @@ exit_predictions     fixed_size_list<int32>[n]              argmax of decode(hid
 final_token          int32                                  y: the token the full model generated
 dataset_token        int32                                  the corpus token at that position (-1 past the end)
 optimal_exit         int32                                  first exit index whose prediction == y; n = final layer
+exit_features        fixed_size_list<float32>[n * F]        only with ``features``: the translated exit's own
+                                                            confidence at each exit point (greencode/confidence.py)
 ===================  =====================================  ==========================================
 
 The Parquet key-value metadata ``greencode.shard`` (JSON) carries the schema
@@ -58,21 +60,33 @@ class ShardMeta:
     model_fingerprint: str
     hidden_dtype: str = "float16"
     schema_version: int = SCHEMA_VERSION
+    features: tuple[str, ...] = ()  # what the policy observes besides the hidden state (greencode/confidence.py)
+    feature_shortlist: int = 0  # token ids the features' softmax runs over
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "features", tuple(self.features))  # JSON gives a list
 
     @property
     def num_exits(self) -> int:
         return len(self.exit_points)
+
+    @property
+    def observation_size(self) -> int:
+        """What the policy reads per exit: the hidden state, then the features."""
+        return self.hidden_size + len(self.features)
 
     def to_json(self) -> bytes:
         return json.dumps(self.__dict__, sort_keys=True).encode()
 
     def compatible_key(self) -> tuple:
         """What two shards must share to be replayed together (dtype may differ)."""
-        return (tuple(self.exit_points), self.hidden_size, self.num_layers, self.model_fingerprint)
+        return (tuple(self.exit_points), self.hidden_size, self.num_layers, self.model_fingerprint, self.features,
+                self.feature_shortlist)
 
 
 def shard_schema(meta: ShardMeta) -> pa.Schema:
     n, h = meta.num_exits, meta.hidden_size
+    features = [("exit_features", pa.list_(pa.float32(), n * len(meta.features)))] if meta.features else []
     return pa.schema(
         [
             ("sample_id", pa.string()),
@@ -82,6 +96,7 @@ def shard_schema(meta: ShardMeta) -> pa.Schema:
             ("final_token", pa.int32()),
             ("dataset_token", pa.int32()),
             ("optimal_exit", pa.int32()),
+            *features,
         ],
         metadata={METADATA_KEY: meta.to_json()},
     )
@@ -99,6 +114,12 @@ class ShardData:
     final_token: np.ndarray  # [N] int32
     dataset_token: np.ndarray  # [N] int32
     optimal_exit: np.ndarray  # [N] int32, n_exits = final layer
+    exit_features: np.ndarray | None = None  # [N, n_exits, F] float32 when meta.features
+
+    def observations(self) -> np.ndarray:
+        """[N, n_exits, observation_size] float32: what the policy reads at each exit of each token."""
+        hidden = self.hidden.astype(np.float32)
+        return hidden if self.exit_features is None else np.concatenate([hidden, self.exit_features], axis=-1)
 
     def __len__(self) -> int:
         return len(self.token_index)
@@ -141,6 +162,12 @@ def build_table(meta: ShardMeta, rows: Sequence[dict[str, Any]]) -> pa.Table:
         "dataset_token": pa.array([r["dataset_token"] for r in rows], pa.int32()),
         "optimal_exit": pa.array([r["optimal_exit"] for r in rows], pa.int32()),
     }
+    if meta.features:
+        f = len(meta.features)
+        feats = np.stack([np.asarray(r["exit_features"], np.float32) for r in rows]) if rows else np.zeros((0, n, f))
+        if feats.shape[1:] != (n, f):
+            raise ShardError(f"exit_features rows have shape {feats.shape[1:]}, expected ({n}, {f})")
+        columns["exit_features"] = pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1), pa.float32()), n * f)
     return pa.Table.from_arrays(list(columns.values()), schema=schema)
 
 
@@ -192,9 +219,9 @@ def _first_bad_row(table: pa.Table, name: str) -> tuple[int, str] | None:
         width = column.type.list_size
         values = column.flatten() if column.null_count == 0 else column.fill_null([0] * width).flatten()
         inner = np.asarray(pc.is_null(values), dtype=bool).reshape(-1, width).any(axis=1)
-        if name == "hidden" and not bad.any() and not inner.any():
+        if name in ("hidden", "exit_features") and not bad.any() and not inner.any():
             finite = np.isfinite(values.to_numpy(zero_copy_only=False)).reshape(-1, width).all(axis=1)
-            bad, problem = ~finite, "NaN or inf in the hidden states"
+            bad, problem = ~finite, f"NaN or inf in the {'hidden states' if name == 'hidden' else name}"
         else:
             bad |= inner
     rows = np.flatnonzero(bad)
@@ -234,6 +261,7 @@ def read_shard(path: str | Path) -> ShardData:
         final_token=table.column("final_token").to_numpy(),
         dataset_token=table.column("dataset_token").to_numpy(),
         optimal_exit=table.column("optimal_exit").to_numpy(),
+        exit_features=flat("exit_features").reshape(rows, n, len(meta.features)) if meta.features else None,
     )
     if rows and (data.optimal_exit.min() < 0 or data.optimal_exit.max() > n):
         raise ShardError(f"{path}: optimal_exit outside 0..{n}")
@@ -275,14 +303,9 @@ def load_shards(paths: Iterable[str | Path]) -> ShardData:
     for path, part in zip(paths, parts):
         if part.meta.compatible_key() != first.compatible_key():
             raise ShardError(f"{path} comes from another model or exit points ({part.meta}) than {paths[0]} ({first})")
-    return ShardData(
-        meta=first,
-        **{
-            name: np.concatenate([getattr(p, name) for p in parts])
-            for name in ("sample_id", "token_index", "hidden", "exit_predictions", "final_token", "dataset_token",
-                         "optimal_exit")
-        },
-    )
+    names = ["sample_id", "token_index", "hidden", "exit_predictions", "final_token", "dataset_token", "optimal_exit"]
+    return ShardData(meta=first, **{name: np.concatenate([getattr(p, name) for p in parts])
+                                    for name in names + (["exit_features"] if first.features else [])})
 
 
 def check_shards(directory: str | Path) -> ShardMeta:

@@ -322,7 +322,7 @@ class LosslessGenerator(GatedGenerator):
                 exact_state = h
             if layer in decisions:
                 t0 = time.perf_counter()
-                leave, logits = gate.exit_mask(h[:, -1], layer, lm.decode_exit)
+                leave, logits = gate.exit_mask(h[:, -1], layer, lm)
                 gate_time += time.perf_counter() - t0
                 if bool(leave[0]):
                     exact = min(layer, prefix_exact)

@@ -35,7 +35,7 @@ def test_the_policy_follows_the_model_to_another_device(tmp_path):
     lm.model.to("meta")
     policy = ExitPolicy.load_for(path, lm)
     assert {p.device.type for p in policy.parameters()} == {"meta"}
-    leave, _ = PolicyGate(policy, 0.5).exit_mask(torch.zeros(3, lm.hidden_size, device="meta"), 4, lm.decode_exit)
+    leave, _ = PolicyGate(policy, 0.5).exit_mask(torch.zeros(3, lm.hidden_size, device="meta"), 4, lm)
     assert leave.device.type == "meta" and leave.shape == (3,)
 
 

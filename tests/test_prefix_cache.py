@@ -179,7 +179,7 @@ class ExitAtStep(Gate):
     def decision_layers(self, exit_points, num_layers):
         return [self.layer]
 
-    def exit_mask(self, hidden, layer, decode):
+    def exit_mask(self, hidden, layer, lm):
         self.calls += 1  # one decision layer: one call per step
         return torch.full((hidden.shape[0],), self.calls == self.k, dtype=torch.bool), None
 

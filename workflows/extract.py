@@ -40,14 +40,14 @@ class ShardWriter:
     """Ray Data actor: loads the model once, turns each chunk of samples into one shard file."""
 
     def __init__(self, model: dict[str, Any], exits: dict[str, Any], tokens_per_sample: int, hidden_dtype: str,
-                 threads: int) -> None:
+                 features: list[str], feature_shortlist: int, threads: int) -> None:
         import torch
 
         from greencode.modeling import load_model
 
         torch.set_num_threads(threads)
         self.lm = load_model(ModelConfig(**model), ExitConfig(**exits))
-        self.meta = meta_for(self.lm, hidden_dtype)
+        self.meta = meta_for(self.lm, hidden_dtype, features, feature_shortlist)
         self.tokens_per_sample = tokens_per_sample
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -96,6 +96,7 @@ def run(cfg: ExtractConfig) -> dict[str, Any]:
             fn_constructor_kwargs={
                 "model": cfg.model.model_dump(), "exits": cfg.exits.model_dump(),
                 "tokens_per_sample": cfg.tokens_per_sample, "hidden_dtype": cfg.hidden_dtype,
+                "features": list(cfg.features), "feature_shortlist": cfg.feature_shortlist,
                 "threads": max(1, int(resources["num_cpus"])),
             },
             batch_size=1,
