@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny
 
+from conftest import make_tiny
 from greencode.confidence import confidence_features
 from greencode.config import GenerationConfig
 from greencode.env import ExitEnv
