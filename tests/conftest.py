@@ -100,10 +100,14 @@ def make_tiny_qwen_fim(cfg=None):
 
 @pytest.fixture(scope="session")
 def embedded():
-    """The real embedded model (SmolLM2-135M), loaded once per session."""
+    """The real embedded model (SmolLM2-135M), loaded once per session.
+
+    In float32 on every machine: its tests compare decoding paths token for token, which must not hang on
+    the dtype ``auto`` picks for this CPU (that choice is tested in test_precision)."""
+    from greencode.config import ModelConfig
     from greencode.modeling import load_model
 
-    return load_model()
+    return load_model(ModelConfig(dtype="float32"))
 
 
 @pytest.fixture(params=["llama", "opt"])
