@@ -578,6 +578,20 @@ PIPELINE_OWNED: dict[str, dict[str, str]] = {
 }
 
 
+class SizingConfig(_Strict):
+    """Fit the model-bound stages to the machine's measured speed (greencode.sizing): where the probe is slower
+    than on the machine the preset was sized on and the projection passes ``budget_min``, fine-tuning steps,
+    extraction and evaluation samples shrink by one factor, each down to its floor."""
+
+    budget_min: float = Field(gt=0, description="minutes the fine-tuning, extraction and evaluation stages may take")
+    reference_probe_s: float = Field(gt=0, description="the probe (one forward+backward, 1 x finetune.seq_len, "
+                                                       "finetune.precision) on the machine the preset was sized on")
+    reference_minutes: dict[Literal["finetune", "extract", "evaluate"], float] = Field(
+        description="minutes each stage took there at the preset's sizes (extract: both extractions)")
+    min_finetune_steps: int = Field(10, ge=1, description="floor of finetune.max_steps")
+    min_eval_samples: int = Field(200, ge=1, description="floor of evaluate.num_samples (its intervals need them)")
+
+
 class PipelineConfig(_Strict):
     """Every stage end to end. ``model``/``data``/``exits`` and every artifact path are shared: the
     pipeline writes them into the stage sections, so setting them there is an error (PIPELINE_OWNED)."""
@@ -598,6 +612,8 @@ class PipelineConfig(_Strict):
     policy: PolicyTrainConfig = Field(default_factory=PolicyTrainConfig, description="the policy stage")
     sweep: SweepConfig = Field(default_factory=SweepConfig, description="the sweep stage (instead of train_policy)")
     evaluate: EvalConfig = Field(default_factory=EvalConfig, description="the evaluation stage")
+    sizing: SizingConfig | None = Field(None, description="fit the work to this machine's measured speed "
+                                        "(the probe is kept in run_dir/sizing.json); None = run the sizes as written")
 
     @model_validator(mode="after")
     def _order(self) -> PipelineConfig:
