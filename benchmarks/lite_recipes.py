@@ -48,6 +48,7 @@ from greencode.checkpoints import exit_plan, save_model_dir
 from greencode.config import DataConfig, ExitConfig, FinetuneConfig, ModelConfig, load_config, parse_overrides
 from greencode.data import SourceFile, load_corpus
 from greencode.modeling import EarlyExitModel, load_model
+from greencode.precision import training_weights
 from greencode.training import (
     LiteStepper,
     build_objective,
@@ -272,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     recipes = [make_recipe(n, RECIPES[n], args) for n in names]
     recipes += [make_recipe(*parse_recipe(text), args) for text in args.recipe]
 
-    base = load_model(ModelConfig(name=args.model, device="cpu", dtype="float32"), ExitConfig())  # master weights
+    base = load_model(ModelConfig(name=args.model, device="cpu", dtype=training_weights("auto")), ExitConfig())
     base.model.requires_grad_(False)
     data = Data(args, base.tokenizer)
     layers = list(base.exit_points)

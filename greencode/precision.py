@@ -82,6 +82,11 @@ def weights_dtype(requested: str, device: torch.device, setting: str = "model.dt
                    f"set {setting}: auto (or float32) for the fast choice")
 
 
+def training_weights(requested: str) -> str:
+    """The weights dtype fine-tuning loads: ``auto`` keeps float32 master weights (the autocast picks the compute)."""
+    return "float32" if requested == "auto" else requested
+
+
 def train_precision(requested: str, device: torch.device, setting: str = "finetune.precision") -> str:
     """The autocast precision (fp32, bf16, fp16) to train in on ``device`` (``requested``: auto or one of them)."""
     amp = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -32,7 +32,7 @@ from greencode.data import CorpusError, load_corpus
 from greencode.distributed import full_params, load_optimizer_state, optimizer_state
 from greencode.manifest import StageIdentity, claim_work_dir
 from greencode.modeling import load_model, load_tokenizer, model_digest
-from greencode.precision import train_precision
+from greencode.precision import train_precision, training_weights
 from greencode.training import (
     LiteStepper,
     MetricWindow,
@@ -255,7 +255,7 @@ class LiteRecipe:
         checkpoint = ray.train.get_checkpoint()
         # Loaded on the CPU (Ray Train moves the model to the worker's device); auto trains float32 master
         # weights under finetune.precision's autocast.
-        weights = {"device": "cpu", "dtype": "float32" if cfg.model.dtype == "auto" else cfg.model.dtype}
+        weights = {"device": "cpu", "dtype": training_weights(cfg.model.dtype)}
         with checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None) as ckpt_dir:
             source = ckpt_dir or cfg.model.name
             self.lm = load_model(cfg.model.model_copy(update={"name": str(source), **weights}), cfg.exits,

@@ -244,7 +244,7 @@ def _sized(cfg: PipelineConfig, root: Path) -> PipelineConfig:
     import torch
 
     from greencode.modeling import load_model
-    from greencode.precision import train_precision
+    from greencode.precision import train_precision, training_weights
     from greencode.sizing import probe_seconds, size
 
     path = root / SIZING
@@ -253,8 +253,8 @@ def _sized(cfg: PipelineConfig, root: Path) -> PipelineConfig:
     except (OSError, ValueError, KeyError, TypeError):
         cpu = torch.device("cpu")
         precision = train_precision(cfg.finetune.precision, cpu)
-        weights = "float32" if cfg.model.dtype == "auto" else cfg.model.dtype
-        lm = load_model(cfg.model.model_copy(update={"device": "cpu", "dtype": weights}), cfg.exits)
+        weights = {"device": "cpu", "dtype": training_weights(cfg.model.dtype)}
+        lm = load_model(cfg.model.model_copy(update=weights), cfg.exits)
         probe_s = probe_seconds(lm, precision, cfg.finetune.seq_len)
         write_json(path, {"probe_s": probe_s, "precision": precision,
                           "cpu_capability": torch.backends.cpu.get_cpu_capability()})
