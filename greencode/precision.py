@@ -89,10 +89,10 @@ def training_weights(requested: str) -> str:
 
 def train_precision(requested: str, device: torch.device, setting: str = "finetune.precision") -> str:
     """The autocast precision (fp32, bf16, fp16) to train in on ``device`` (``requested``: auto or one of them)."""
-    amp = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     fix = f"set {setting}: auto (or fp32) for the fast choice"
     if requested == "fp16" and device.type != "cuda":
         raise ValueError(f"{setting} fp16 needs a CUDA GPU (use_gpu: true) but training runs on {device.type}; {fix}")
     if requested == "bf16" and device.type == "cuda" and not native_bf16(device)[0]:
         raise ValueError(f"{setting} bf16 is not supported by this GPU; use auto, fp16 or fp32")
-    return _AMP_NAMES[_choose(None if requested == "auto" else amp[requested], device, setting, fix)]
+    amp = None if requested == "auto" else next(t for t, name in _AMP_NAMES.items() if name == requested)
+    return _AMP_NAMES[_choose(amp, device, setting, fix)]
