@@ -70,7 +70,7 @@ def _choose(requested: torch.dtype | None, device: torch.device, setting: str, f
         _once(logging.INFO, ("auto", setting, str(device), native), "%s auto -> %s on %s: %s", setting,
               str(chosen).removeprefix("torch."), device, reason)
         return chosen
-    if not native and device.type == "cpu":
+    if not native:
         _once(logging.WARNING, ("slow-bf16", setting), "%s is bfloat16 but %s: torch emulates it, many times "
               "slower than float32 (a matmul 100x and more); %s", setting, reason, fix)
     return requested
@@ -92,7 +92,7 @@ def train_precision(requested: str, device: torch.device, setting: str = "finetu
     fix = f"set {setting}: auto (or fp32) for the fast choice"
     if requested == "fp16" and device.type != "cuda":
         raise ValueError(f"{setting} fp16 needs a CUDA GPU (use_gpu: true) but training runs on {device.type}; {fix}")
-    if requested == "bf16" and device.type == "cuda" and not native_bf16(device)[0]:
+    if requested == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():  # not even emulated
         raise ValueError(f"{setting} bf16 is not supported by this GPU; use auto, fp16 or fp32")
     amp = None if requested == "auto" else next(t for t, name in _AMP_NAMES.items() if name == requested)
     return _AMP_NAMES[_choose(amp, device, setting, fix)]
