@@ -584,8 +584,9 @@ class SizingConfig(_Strict):
     extraction and evaluation samples shrink by one factor, each down to its floor."""
 
     budget_min: float = Field(gt=0, description="minutes the fine-tuning, extraction and evaluation stages may take")
-    reference_probe_s: float = Field(gt=0, description="the probe (one forward+backward, 1 x finetune.seq_len, "
-                                                       "finetune.precision) on the machine the preset was sized on")
+    reference_probe_s: float = Field(gt=0, description="the probe (one forward+backward of finetune.batch_size x "
+                                     "finetune.seq_len tokens, one thread, finetune.precision) on the machine the "
+                                     "preset was sized on")
     reference_minutes: dict[Literal["finetune", "extract", "evaluate"], float] = Field(
         description="minutes each stage took there at the preset's sizes (extract: both extractions)")
     min_finetune_steps: int = Field(10, ge=1, description="floor of finetune.max_steps")

@@ -50,7 +50,7 @@ def test_the_floors_hold_however_slow_the_machine():
 
 def test_the_probe_times_a_training_step():
     lm = make_tiny("llama")
-    seconds = probe_seconds(lm, "fp32", seq_len=16, rounds=2)
+    seconds = probe_seconds(lm, "fp32", batch_size=2, seq_len=16, rounds=2)
     assert 0 < seconds < 10 and math.isfinite(seconds)
     assert all(p.grad is None for p in lm.model.parameters())  # leaves the model as it found it
 

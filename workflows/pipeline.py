@@ -255,7 +255,7 @@ def _sized(cfg: PipelineConfig, root: Path) -> PipelineConfig:
         precision = train_precision(cfg.finetune.precision, cpu)
         weights = {"device": "cpu", "dtype": training_weights(cfg.model.dtype)}
         lm = load_model(cfg.model.model_copy(update=weights), cfg.exits)
-        probe_s = probe_seconds(lm, precision, cfg.finetune.seq_len)
+        probe_s = probe_seconds(lm, precision, cfg.finetune.batch_size, cfg.finetune.seq_len)
         write_json(path, {"probe_s": probe_s, "precision": precision,
                           "cpu_capability": torch.backends.cpu.get_cpu_capability()})
     sized, line = size(cfg, probe_s)
