@@ -102,7 +102,7 @@ def make_tiny_qwen_fim(cfg=None):
 def embedded():
     """The real embedded model (SmolLM2-135M), loaded once per session.
 
-    In float32 on every machine: its tests compare decoding paths token for token, which must not hang on
+    In float32 on every machine: its tests compare decoding paths token for token, which must not depend on
     the dtype ``auto`` picks for this CPU (that choice is tested in test_precision)."""
     from greencode.config import ModelConfig
     from greencode.modeling import load_model
