@@ -47,7 +47,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--use-gpu", action="store_true")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
 

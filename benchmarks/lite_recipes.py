@@ -54,6 +54,7 @@ from greencode.checkpoints import exit_plan, save_model_dir
 from greencode.config import DataConfig, ExitConfig, FinetuneConfig, ModelConfig, load_config, parse_overrides
 from greencode.data import SourceFile, load_corpus
 from greencode.modeling import EarlyExitModel, load_model
+from greencode.precision import training_weights
 from greencode.training import (
     LiteStepper,
     build_objective,
@@ -68,7 +69,7 @@ CPU = torch.device("cpu")
 
 # Shared by every recipe unless it overrides them: the demo's shape (4 x 128-token blocks, one
 # micro-batch per step) on the 2-core CPU.
-BASE = {"seq_len": 128, "batch_size": 4, "grad_accum": 1, "precision": "bf16", "optim": {"lr": 3e-5}}
+BASE = {"seq_len": 128, "batch_size": 4, "grad_accum": 1, "precision": "auto", "optim": {"lr": 3e-5}}
 DEEP = {"first_half_budget": 0.0}  # only the second-half exits (18, 22, 26 on 30 layers) and the final layer
 RECIPES: dict[str, dict[str, Any]] = {
     "old-demo": {"precision": "fp32", "optim": {"lr": 2e-4}},  # the demo before issue 10: decaying, final 0.1
@@ -307,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     recipes = [make_recipe(n, RECIPES[n], args) for n in names]
     recipes += [make_recipe(*parse_recipe(text), args) for text in args.recipe]
 
-    base = load_model(ModelConfig(name=args.model, device="cpu"), ExitConfig())
+    base = load_model(ModelConfig(name=args.model, device="cpu", dtype=training_weights("auto")), ExitConfig())
     base.model.requires_grad_(False)
     data = Data(args, base.tokenizer)
     layers = list(base.exit_points)

@@ -50,7 +50,10 @@ class ModelConfig(_Strict):
 
     name: str = Field("embedded", description="'embedded', a Hugging Face id, a local HF dir, or a .gguf file")
     gguf_file: str | None = Field(None, description="GGUF file name inside a hub repo / dir")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights dtype")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights dtype; auto: bfloat16 where the device runs it natively (a CUDA GPU with bf16, "
+        "a CPU with AVX-512 BF16 or AMX), else float32 (greencode.precision); fine-tuning loads auto as float32 "
+        "(finetune.precision sets autocast); float16 needs a GPU")
     device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1' ...")
     translators: str | None = Field(
         None, description="exit translators to decode exits through (a dir written by `greencode fit-exits`); "
@@ -256,7 +259,9 @@ class FinetuneConfig(_Strict):
     batch_size: int = Field(4, ge=1, description="blocks per micro-batch and worker")
     grad_accum: int = Field(32, ge=1, description="micro-batches per optimizer step")
     max_steps: int = Field(2000, ge=1, description="optimizer steps")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp16 needs GPU workers")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="autocast; auto: bf16 where the worker's device runs it natively, else fp32 "
+        "(greencode.precision); fp16 needs GPU workers")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks)")
     use_gpu: bool = Field(False, description="one GPU per worker")
     cpus_per_worker: float = Field(0.5, gt=0, description="CPUs reserved per worker")
@@ -654,15 +659,31 @@ PIPELINE_OWNED: dict[str, dict[str, str]] = {
 }
 
 
+class SizingConfig(_Strict):
+    """Fit the model-bound stages to the machine's measured speed (greencode.sizing): where the probe is slower
+    than on the machine the preset was sized on and the projection passes ``budget_min``, fine-tuning steps,
+    extraction and evaluation samples shrink by one factor, each down to its floor."""
+
+    budget_min: float = Field(gt=0, description="minutes the fine-tuning, extraction and evaluation stages may take")
+    reference_probe_s: float = Field(gt=0, description="the probe (one forward+backward of finetune.batch_size x "
+                                     "finetune.seq_len tokens, one thread, finetune.precision) on the machine the "
+                                     "preset was sized on")
+    reference_minutes: dict[Literal["finetune", "fit_exits", "extract", "evaluate"], float] = Field(
+        description="minutes each stage took there at the preset's sizes (extract: both extractions)")
+    min_finetune_steps: int = Field(10, ge=1, description="floor of finetune.max_steps")
+    min_eval_samples: int = Field(200, ge=1, description="floor of evaluate.num_samples (its intervals need them)")
+
+
 class PipelineConfig(_Strict):
     """Every stage end to end. ``model``/``data``/``exits`` and every artifact path are shared: the
     pipeline writes them into the stage sections, so setting them there is an error (PIPELINE_OWNED)."""
 
     run_dir: str = Field("runs/pipeline", description="every artifact and the manifest go under it")
     model: ModelConfig = Field(default_factory=ModelConfig, description="the base model")
-    inference_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
-        None, description="weights dtype of the stages that only run the models (extract, evaluate: the fine-tuned "
-        "and the base model); None = model.dtype. Fine-tuning keeps model.dtype (finetune.precision sets autocast)")
+    inference_dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(
+        "auto", description="weights dtype of the stages that only run the models (extract, evaluate: the fine-tuned "
+        "and the base model); auto: bfloat16 where the device runs it natively, else float32; None = model.dtype. "
+        "Fine-tuning keeps model.dtype (finetune.precision sets autocast)")
     data: DataConfig = Field(default_factory=DataConfig, description="the corpus of every stage")
     exits: ExitConfig = Field(default_factory=ExitConfig, description="exit points of every stage")
     stages: list[PipelineStage] = Field(default_factory=lambda: ["finetune", "extract", "train_policy", "evaluate"],
@@ -675,6 +696,8 @@ class PipelineConfig(_Strict):
     policy: PolicyTrainConfig = Field(default_factory=PolicyTrainConfig, description="the policy stage")
     sweep: SweepConfig = Field(default_factory=SweepConfig, description="the sweep stage (instead of train_policy)")
     evaluate: EvalConfig = Field(default_factory=EvalConfig, description="the evaluation stage")
+    sizing: SizingConfig | None = Field(None, description="fit the work to this machine's measured speed "
+                                        "(the probe is kept in run_dir/sizing.json); None = run the sizes as written")
 
     @model_validator(mode="after")
     def _order(self) -> PipelineConfig:

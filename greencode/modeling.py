@@ -24,6 +24,7 @@ from greencode.config import ExitConfig, ModelConfig
 from greencode.digests import file_digest, tree_digest
 from greencode.exits import resolve_exit_points
 from greencode.locks import FileLock
+from greencode.precision import weights_dtype
 from greencode.translators import META_FILE as TRANSLATORS_META
 from greencode.translators import ExitTranslators
 
@@ -401,9 +402,6 @@ def _weights_digest(model: ModelConfig) -> str | None:
     return None
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def _offline_hint() -> str:
     return " (hub access is off: set HF_HUB_OFFLINE=0 to download)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
 
@@ -420,20 +418,27 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
         raise FileNotFoundError(f"cannot load the tokenizer of model {cfg.name!r}{_offline_hint()}: {err}") from None
 
 
-def load_model(cfg: ModelConfig | None = None, exits: ExitConfig | None = None) -> EarlyExitModel:
-    """Load 'embedded', a local HF dir, a .gguf file or a hub id (offline unless HF_HUB_OFFLINE=0)."""
+def load_model(cfg: ModelConfig | None = None, exits: ExitConfig | None = None,
+               runs_on: torch.device | None = None) -> EarlyExitModel:
+    """Load 'embedded', a local HF dir, a .gguf file or a hub id (offline unless HF_HUB_OFFLINE=0).
+
+    ``runs_on``: the device the model will run on when that is not ``cfg.device`` (Ray Train loads on the
+    CPU and moves it): what ``cfg.dtype`` is decided and checked for.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg = cfg or ModelConfig()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path, gguf_file = resolve_model_path(cfg)
     extra = {"gguf_file": gguf_file} if gguf_file else {}
+    device = resolve_device(cfg.device)
+    dtype = weights_dtype(cfg.dtype, runs_on or device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **extra)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[cfg.dtype], **extra)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
     except OSError as err:
         raise FileNotFoundError(f"cannot load model {cfg.name!r}{_offline_hint()}: {err}") from None
-    model.to(resolve_device(cfg.device)).eval()
+    model.to(device).eval()
     lm = wrap_model(model, tokenizer, exits)
     source = translators_path(cfg)
     if source is not None:

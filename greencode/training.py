@@ -38,6 +38,7 @@ from greencode.lite import (
     token_cross_entropy,
 )
 from greencode.modeling import EarlyExitModel
+from greencode.precision import train_precision
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -215,16 +216,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
 # --------------------------------------------------------------------------- precision
 
 
-def check_precision(precision: str, device: torch.device) -> None:
-    """Fail early, naming the fix, when the hardware cannot train in ``precision``."""
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError(f"precision fp16 needs a CUDA GPU (use_gpu: true) but training runs on {device.type}; "
-                         "use precision bf16 or fp32 on CPU")
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("precision bf16 is not supported by this GPU; use fp16 or fp32")
-
-
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Mixed precision on ``device``; ``auto`` is decided by greencode.precision (bf16 only where native)."""
+    precision = train_precision(precision, device)
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=_AMP_DTYPES[precision])
@@ -255,7 +249,8 @@ class LiteStepper:
         self.scheduler = scheduler
         self.cfg = cfg
         self.device = device
-        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
+        self.precision = train_precision(cfg.precision, device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
 
     @property
     def step(self) -> int:
@@ -272,7 +267,7 @@ class LiteStepper:
             defer_sync = not last and hasattr(self.objective, "no_sync")  # DDP: all-reduce on the last micro-batch
             sync = self.objective.no_sync() if defer_sync else contextlib.nullcontext()
             with sync:
-                with autocast(self.cfg.precision, self.device):
+                with autocast(self.precision, self.device):
                     loss, losses = self.objective(input_ids, attention_mask, step=step, micro=i)
                 self.scaler.scale(loss / len(micro_batches)).backward()
             total += loss.item() / len(micro_batches)

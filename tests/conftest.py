@@ -100,10 +100,14 @@ def make_tiny_qwen_fim(cfg=None):
 
 @pytest.fixture(scope="session")
 def embedded():
-    """The real embedded model (SmolLM2-135M), loaded once per session."""
+    """The real embedded model (SmolLM2-135M), loaded once per session.
+
+    In float32 on every machine: its tests compare decoding paths token for token, which must not depend on
+    the dtype ``auto`` picks for this CPU (that choice is tested in test_precision)."""
+    from greencode.config import ModelConfig
     from greencode.modeling import load_model
 
-    return load_model()
+    return load_model(ModelConfig(dtype="float32"))
 
 
 @pytest.fixture(params=["llama", "opt"])
@@ -126,9 +130,22 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     return path
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """The modules that use ``ray_local`` run back to back (from where the first one was), so one Ray serves them
+    all; the Serve modules start their own Ray after it is down."""
+    ray_modules = {item.module for item in items if "ray_local" in item.fixturenames}
+    first = next((i for i, item in enumerate(items) if item.module in ray_modules), len(items))
+    rest = [item for item in items[first:] if item.module not in ray_modules]
+    items[first:] = [item for item in items[first:] if item.module in ray_modules] + rest
+
+
+_ray_local: dict[str, str | None] = {}  # the shared Ray's RAY_TMPDIR and the one it replaced, while it is up
+
+
 @pytest.fixture(scope="module")
-def ray_local():
-    """A local 2-CPU Ray for one test module, shut down after it.
+def ray_local(request):
+    """A local 2-CPU Ray, started by the first module that asks for it and shut down after the last one of the
+    run (pytest_collection_modifyitems runs those modules back to back): one Ray start for all of them.
 
     Ray Train's placement-group cleaner asks Ray's state API every second whether the Train
     controller is alive and tears the training workers down when told no. So the dashboard (which
@@ -141,16 +158,27 @@ def ray_local():
 
     import ray
 
-    previous = os.environ.get("RAY_TMPDIR")
-    tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's unix sockets live below it
-    os.environ["RAY_TMPDIR"] = tmp
-    ray.init(num_cpus=2, include_dashboard=True, ignore_reinit_error=True)
-    with open(os.path.join(tmp, "ray", "ray_current_cluster"), "w") as fh:
-        fh.write(ray.get_runtime_context().gcs_address)
+    if not _ray_local:
+        _ray_local["previous"] = os.environ.get("RAY_TMPDIR")
+        tmp = _ray_local["tmp"] = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's unix sockets live below
+        os.environ["RAY_TMPDIR"] = tmp
+        ray.init(num_cpus=2, include_dashboard=True)
+        with open(os.path.join(tmp, "ray", "ray_current_cluster"), "w") as fh:
+            fh.write(ray.get_runtime_context().gcs_address)
     yield
+    if _later_module_uses_ray(request):
+        assert ray.is_initialized(), f"{request.module.__name__} shut the shared Ray down"
+        return
     ray.shutdown()
+    previous, tmp = _ray_local.pop("previous"), _ray_local.pop("tmp")
     if previous is None:
         os.environ.pop("RAY_TMPDIR", None)
     else:
         os.environ["RAY_TMPDIR"] = previous
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _later_module_uses_ray(request) -> bool:
+    items = request.session.items
+    last = max(i for i, item in enumerate(items) if item.module is request.module)
+    return any("ray_local" in item.fixturenames for item in items[last + 1:])

@@ -23,7 +23,6 @@ from greencode.training import (
     LiteStepper,
     build_optimizer,
     build_scheduler,
-    check_precision,
     loss_weights,
 )
 from greencode.validation import validation_counts, validation_metrics
@@ -130,7 +129,8 @@ def test_grad_accumulation_equals_one_big_batch(tokenizer):
     for accum, batches in ((1, [blocks.batch(slice(0, 4), CPU)]),
                            (2, [blocks.batch(slice(0, 2), CPU), blocks.batch(slice(2, 4), CPU)])):
         lm = make_tiny("llama", tokenizer=tokenizer, seed=1)
-        stats = stepper_for(lm, FinetuneConfig(grad_accum=accum, optim={"lr": 1e-3})).train_step(batches)
+        cfg = FinetuneConfig(grad_accum=accum, optim={"lr": 1e-3}, precision="fp32")  # exact sums need fp32
+        stats = stepper_for(lm, cfg).train_step(batches)
         results.append((stats, copy.deepcopy(lm.model.state_dict())))
     (one, w_one), (two, w_two) = results
     assert one.loss == pytest.approx(two.loss, rel=1e-5)
@@ -160,13 +160,6 @@ def test_linear_schedule_decays_to_zero(tokenizer):
         stepper.train_step([random_blocks(1, 8).batch(slice(0, 1), CPU)])
     assert lrs == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
     assert stepper.scheduler.get_last_lr()[0] == 0.0
-
-
-def test_precision_checked_against_hardware():
-    with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
-        check_precision("fp16", CPU)
-    check_precision("bf16", CPU)
-    check_precision("fp32", CPU)
 
 
 # --------------------------------------------------------------------------- validation

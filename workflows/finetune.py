@@ -32,6 +32,7 @@ from greencode.data import CorpusError, load_corpus
 from greencode.distributed import full_params, load_optimizer_state, optimizer_state
 from greencode.manifest import StageIdentity, claim_work_dir
 from greencode.modeling import load_model, load_tokenizer, model_digest
+from greencode.precision import train_precision, training_weights
 from greencode.training import (
     LiteStepper,
     MetricWindow,
@@ -39,7 +40,6 @@ from greencode.training import (
     build_objective,
     build_optimizer,
     build_scheduler,
-    check_precision,
 )
 from greencode.validation import validation_metrics
 from workflows.common import ConfigCommand, cli_errors, init_ray, setup_logging, stage_presets, verbose
@@ -95,7 +95,7 @@ def finished_model(cfg: FinetuneConfig, identity: StageIdentity) -> Path | None:
 def check_config(cfg: FinetuneConfig) -> None:
     """Checks that need no Ray: what the requested hardware cannot run."""
     if cfg.precision == "fp16" and not cfg.use_gpu:
-        raise ConfigError("precision fp16 needs GPU workers (use_gpu: true); on CPU use precision bf16 or fp32")
+        raise ConfigError("precision fp16 needs GPU workers (use_gpu: true); on CPU use precision auto or fp32")
     if cfg.strategy == "fsdp" and cfg.num_workers > 1 and not cfg.use_gpu:
         raise ConfigError("strategy fsdp needs GPU workers (use_gpu: true; Ray Train shards only on GPUs); "
                           "on CPU use strategy ddp")
@@ -238,7 +238,7 @@ class LiteRecipe:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
-        check_precision(cfg.precision, self.device)
+        self.precision = train_precision(cfg.precision, self.device)  # fails early on what the device cannot run
         self.tensorboard_dir = tensorboard_dir if self.rank == 0 else None
         self.run_identity = run_identity
         self.start_step = 0
@@ -253,12 +253,16 @@ class LiteRecipe:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         checkpoint = ray.train.get_checkpoint()
+        # Loaded on the CPU (Ray Train moves the model to the worker's device); auto trains float32 master
+        # weights under finetune.precision's autocast.
+        weights = {"device": "cpu", "dtype": training_weights(cfg.model.dtype)}
         with checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None) as ckpt_dir:
             source = ckpt_dir or cfg.model.name
-            self.lm = load_model(cfg.model.model_copy(update={"name": str(source), "device": "cpu"}), cfg.exits)
+            self.lm = load_model(cfg.model.model_copy(update={"name": str(source), **weights}), cfg.exits,
+                                 runs_on=self.device)
             state = TrainerState.load(ckpt_dir) if ckpt_dir else None
         # A resumed run distils from the model fine-tuning started from, not from its checkpoint.
-        base = load_model(cfg.model.model_copy(update={"device": "cpu"}), cfg.exits) \
+        base = load_model(cfg.model.model_copy(update=weights), cfg.exits, runs_on=self.device) \
             if ckpt_dir and cfg.loss.needs_teacher else None
         objective = build_objective(self.lm, cfg, base)
         strategy = cfg.strategy if self.world > 1 else None
@@ -290,7 +294,7 @@ class LiteRecipe:
         """Per-exit validation metrics over the validation blocks, split across ranks (collective)."""
         with full_params(self.objective):
             return validation_metrics(self.lm, self.val_blocks, self.cfg.batch_size, rank=self.rank,
-                                      world_size=self.world, precision=self.cfg.precision)
+                                      world_size=self.world, precision=self.precision)
 
     def save_checkpoint(self, step: int, metrics: dict[str, float]) -> None:
         """Report ``metrics`` with a checkpoint: the HF model dir + exit plan + trainer state (collective)."""

@@ -25,7 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from greencode.atomic import recover, remove_path
+from greencode.atomic import recover, remove_path, write_json
 from greencode.config import ModelConfig, PipelineConfig, load_config, result_config, validate
 from greencode.digests import tree_digest
 from greencode.locks import RunDirBusy, RunDirLock
@@ -36,6 +36,7 @@ from workflows.common import PRESETS, ConfigCommand, cli_errors, init_ray
 log = logging.getLogger("greencode.pipeline")
 
 MANIFEST = "manifest.json"
+SIZING = "sizing.json"  # the probe this run dir was sized with: a rerun keeps the sizes (and stage identities)
 
 
 def preset_path(name: str) -> Path:
@@ -221,9 +222,11 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     Holds the run-dir lock throughout: a second pipeline on the same run dir fails at once.
     """
     root = Path(cfg.run_dir).resolve()
-    plans = stage_configs(cfg)
+    stage_configs(cfg)  # a bad config fails before the run dir is touched
     root.mkdir(parents=True, exist_ok=True)
     with RunDirLock(root):
+        cfg = _sized(cfg, root)
+        plans = stage_configs(cfg)
         manifest = Manifest(root / MANIFEST)
         init_ray()
         stages = _stages(cfg, plans)
@@ -250,6 +253,32 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
             manifest.finish(stage.name, identity, started, produced, _summary(result))
             log.info("[%d/%d] %s finished in %.0f s", i, len(stages), stage.name, time.time() - started)
     return {"run_dir": str(root), "manifest": str(manifest.path), "plans": plans}
+
+
+def _sized(cfg: PipelineConfig, root: Path) -> PipelineConfig:
+    """``cfg`` fitted to this machine (greencode.sizing) when it asks for it; the probe is measured once per run dir."""
+    if cfg.sizing is None:
+        return cfg
+    import torch
+
+    from greencode.modeling import load_model
+    from greencode.precision import train_precision, training_weights
+    from greencode.sizing import probe_seconds, size
+
+    path = root / SIZING
+    try:
+        probe_s = float(json.loads(path.read_text())["probe_s"])
+    except (OSError, ValueError, KeyError, TypeError):
+        cpu = torch.device("cpu")
+        precision = train_precision(cfg.finetune.precision, cpu)
+        weights = {"device": "cpu", "dtype": training_weights(cfg.model.dtype)}
+        lm = load_model(cfg.model.model_copy(update=weights), cfg.exits)
+        probe_s = probe_seconds(lm, precision, cfg.finetune.batch_size, cfg.finetune.seq_len)
+        write_json(path, {"probe_s": probe_s, "precision": precision,
+                          "cpu_capability": torch.backends.cpu.get_cpu_capability()})
+    sized, line = size(cfg, probe_s)
+    log.info("%s (probe kept in %s)", line, path)
+    return sized
 
 
 def final_message(cfg: PipelineConfig, outcome: dict[str, Any]) -> str:
