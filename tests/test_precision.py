@@ -142,9 +142,10 @@ def test_every_preset_validates_with_auto(preset):
     assert cfg.finetune.precision == "auto" and cfg.inference_dtype == "auto" and cfg.model.dtype == "auto"
     stages = stage_configs(cfg)
     assert stages["finetune"].precision == "auto" and stages["finetune"].model.dtype == "auto"
-    for stage in ("extract", "extract_heldout", "evaluate"):
+    for stage in ("fit_exits", "extract", "extract_heldout", "evaluate"):
         assert stages[stage].model.dtype == "auto", stage
-    assert stages["evaluate"].base_model.dtype == "auto"
+    if "finetune" in cfg.stages:  # the base row; without fine-tuning the evaluated model is the base model
+        assert stages["evaluate"].base_model.dtype == "auto"
 
 
 def test_defaults_and_the_serve_config_are_auto():

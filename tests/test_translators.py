@@ -209,7 +209,7 @@ def test_saved_translators_load_with_the_model_and_enter_its_digest(tmp_path, to
     translators = random_translators(lm)
     translators.meta["ridge"] = {"4": 0.01}
     translators.save(tmp_path / "translators")
-    spec = ModelConfig(name=str(model_dir), translators=str(tmp_path / "translators"))
+    spec = ModelConfig(name=str(model_dir), translators=str(tmp_path / "translators"), dtype="float32")
     loaded = load_model(spec)
     assert loaded.translators is not None and loaded.translators.meta["ridge"] == {"4": 0.01}
     h = torch.randn(3, lm.hidden_size)
