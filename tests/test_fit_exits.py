@@ -27,10 +27,8 @@ def fit_config(model_dir, out, **extra) -> FitExitsConfig:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("tiny")
-    save_tiny(path, tokenizer)
-    return path
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 def test_two_ray_data_workers_sum_to_the_one_pass_statistics(model_dir, tmp_path, ray_local):

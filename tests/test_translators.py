@@ -23,18 +23,11 @@ from greencode.translators import (
     fit_translators,
 )
 from test_speculative import GREEDY as LOSSLESS
+from test_speculative import one_thread  # noqa: F401  (autouse: tiny models run fastest on one thread)
 from test_speculative import tiny as sharp_tiny
 
 PROMPTS = [[5, 17, 42, 9, 33, 2, 71], [88, 3, 3, 19], [7, 140, 52, 11, 64, 9, 23, 5, 41]]
 GREEDY = GenerationConfig(max_new_tokens=10)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def random_translators(lm, seed: int = 0) -> ExitTranslators:
