@@ -43,7 +43,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from greencode.config import DataConfig, GateConfig, GenerationConfig, ModelConfig
+from greencode.config import DataConfig, ExitConfig, GateConfig, GenerationConfig, ModelConfig
 from greencode.data import line_completion_samples, load_corpus
 from greencode.energy import EnergyMeter
 from greencode.gates import ConfidenceGate, FixedGate, FullGate, Gate, PolicyGate
@@ -221,7 +221,9 @@ def main(argv: list[str] | None = None) -> None:
     transformers.logging.set_verbosity_error()  # HF's assisted path warns about its own logits processors
     torch.set_num_threads(args.threads)
 
-    lm = load_model(ModelConfig(name=args.model, translators=args.translators))
+    # the exit points the policy was trained for (the demo's are 14/18/22/26), else the rule's
+    exits = ExitConfig(exit_points=ExitPolicy.load(args.policy).exit_points or None) if args.policy else None
+    lm = load_model(ModelConfig(name=args.model, translators=args.translators), exits)
     meter = EnergyMeter(lm.device)
     plain, lossless = GatedGenerator(lm, meter), LosslessGenerator(lm, meter)
     plain.eos_ids = lossless.eos_ids = set()  # every row makes exactly max_new_tokens tokens
