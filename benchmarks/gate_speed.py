@@ -167,6 +167,8 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=0.5, help="policy threshold T")
     ap.add_argument("--confidence", type=float, default=0.8)
     ap.add_argument("--repeats", type=int, default=2, help="rounds over all settings; the best of each is kept")
+    ap.add_argument("--only", nargs="+", metavar="PREFIX",
+                    help="run only the settings whose name starts with one of these (e.g. full fixed split)")
     ap.add_argument("--no-hf", action="store_true", help="skip Hugging Face generate")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
@@ -191,6 +193,10 @@ def main() -> None:
               f"confidence({args.confidence})": ConfidenceGate(args.confidence)}
     if not args.no_hf:
         gates["HF generate"] = None
+    if args.only:
+        gates = {name: gate for name, gate in gates.items() if name.startswith(tuple(args.only))}
+        if "full" not in gates:
+            raise SystemExit("--only must keep 'full': every speed-up is measured against it")
     gen.generate(prompts[:2], FullGate(), GenerationConfig(max_new_tokens=3))  # warm-up
 
     print(f"model={args.model} layers={L} exit_points={lm.exit_points} prompt_tokens={args.prompt_tokens} "

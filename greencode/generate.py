@@ -9,9 +9,10 @@ each layer's own input norm and K/V projections (+ rotary), so later tokens that
 go deeper attend to a complete cache. ``kv_mode='none'`` re-runs the whole
 sequence each step (what the published numbers used).
 
-In a batch every row exits on its own: rows that already left keep their hidden
-state frozen while the others continue, and the layer they no longer need only
-writes their propagated K/V. Rows also fail on their own: a row whose logits are not
+In a batch every row exits on its own, and only the rows still running enter a layer
+(row compaction, issue 21): a row that left keeps its exit state and each later layer
+only writes its propagated K/V beside the running rows' own (:class:`_RowsCache`), so a
+layer costs what its running rows cost. Rows also fail on their own: a row whose logits are not
 finite (a fault of the model, e.g. NaN weights it reached) ends with ``finish_reason
 'error'`` while the rest of its batch goes on (greencode/sampling.py picks the tokens and
 cannot itself produce NaN). A row's text is released by greencode/detokenize.py: the
@@ -284,14 +285,17 @@ class GatedGenerator:
             h = running if split is None else h.index_copy(0, split.rows, running)
 
         need = ~have_logits
-        if bool(need.any()):  # one LM-head call per exit layer the rows without logits left at
-            needing = exit_layers[need]
-            for layer in needing.unique().tolist():
-                picked = need.nonzero().squeeze(1)[needing == layer]
-                fresh = lm.decode_exit(h[picked, -1], layer)
-                if logits is None:
-                    logits = fresh.new_empty(bsz, fresh.shape[-1])
-                logits[picked] = fresh
+        if bool(need.any()):  # one LM-head call for every row without logits, whatever layer it left at
+            picked = need.nonzero().squeeze(1)
+            needing = exit_layers[picked]
+            normed = h.new_empty((picked.numel(), h.shape[-1]))
+            for layer in needing.unique().tolist():  # the final norm + each exit's translator, per exit layer
+                at = (needing == layer).nonzero().squeeze(1)
+                normed[at] = lm.exit_normed(h[picked[at], -1], layer)
+            fresh = adapter.lm_head(normed)
+            if logits is None:
+                logits = fresh.new_empty(bsz, fresh.shape[-1])
+            logits[picked] = fresh
         exit_states = torch.stack(states, dim=1) if len(states) == len(collect) and collect else None
         return StepOutput(logits.float(), exit_layers, gate_time, exit_states)
 
