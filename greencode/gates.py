@@ -15,7 +15,7 @@ import torch
 
 from greencode.confidence import confidence_features
 from greencode.config import GateConfig
-from greencode.policy import ExitPolicy
+from greencode.policy import CONTINUE, EXIT, ExitPolicy
 
 if TYPE_CHECKING:
     from greencode.modeling import EarlyExitModel
@@ -91,8 +91,11 @@ class PolicyGate(Gate):
     """Exit when softmax(policy(h) / τ)[exit] > T.
 
     With two actions that is sigmoid((z_exit - z_continue) / τ) > T, i.e. a logit margin
-    above τ·log(T / (1 - T)), precomputed once: the per-token gate is one MLP call and one
-    comparison (it runs at every exit point of every token, so it must stay cheap).
+    above τ·log(T / (1 - T)), precomputed once. The policy's last layer is folded the same way
+    into one weight row (exit minus continue), so the per-layer gate is, for all running rows
+    at once, one fused matmul + activation per hidden layer, one matrix-vector product and one
+    comparison, with no host synchronisation (it runs at every exit point of every token, so it
+    must stay cheap). The policy's weights are read when the gate is built.
     """
 
     name = "policy"
@@ -109,14 +112,26 @@ class PolicyGate(Gate):
             self.margin = -math.inf
         else:
             self.margin = temperature * math.log(threshold / (1 - threshold))
+        linears = [m for m in policy.net if isinstance(m, torch.nn.Linear)]
+        self._hidden = [(m.weight.detach().T.contiguous(), m.bias.detach()) for m in linears[:-1]]
+        last = linears[-1]
+        self._exit_row = (last.weight[EXIT] - last.weight[CONTINUE]).detach()
+        self._exit_bias = (last.bias[EXIT] - last.bias[CONTINUE]).detach()
+        self._activation = torch.tanh if policy.activation == "tanh" else torch.relu
+
+    def exit_margins(self, hidden: torch.Tensor) -> torch.Tensor:
+        """z_exit - z_continue of the policy for ``hidden`` [B, H]: [B]."""
+        x = hidden.to(self._exit_row.dtype)
+        for weight, bias in self._hidden:
+            x = self._activation(torch.addmm(bias, x, weight))
+        return torch.addmv(self._exit_bias, x, self._exit_row)
 
     def exit_mask(self, hidden, layer, lm):
         observation = hidden
         if self.policy.features:  # the translated exit's confidence, as the policy saw it in training
             features = confidence_features(lm, hidden, layer, self.policy.features, self.policy.feature_shortlist)
             observation = torch.cat([hidden, features.to(hidden.dtype)], dim=-1)
-        z = self.policy(observation)
-        return (z[:, 1] - z[:, 0]) > self.margin, None
+        return self.exit_margins(observation) > self.margin, None
 
     def describe(self) -> str:
         return f"policy(T={self.threshold}, tau={self.temperature})"

@@ -9,9 +9,10 @@ each layer's own input norm and K/V projections (+ rotary), so later tokens that
 go deeper attend to a complete cache. ``kv_mode='none'`` re-runs the whole
 sequence each step (what the published numbers used).
 
-In a batch every row exits on its own: rows that already left keep their hidden
-state frozen while the others continue, and the layer they no longer need only
-writes their propagated K/V. Rows also fail on their own: a row whose logits are not
+In a batch every row exits on its own, and only the rows still running enter a layer
+(row compaction, issue 21): a row that left keeps its exit state and each later layer
+only writes its propagated K/V beside the running rows' own (:class:`_RowsCache`), so a
+layer costs what its running rows cost. Rows also fail on their own: a row whose logits are not
 finite (a fault of the model, e.g. NaN weights it reached) ends with ``finish_reason
 'error'`` while the rest of its batch goes on (greencode/sampling.py picks the tokens and
 cannot itself produce NaN). A row's text is released by greencode/detokenize.py: the
@@ -43,7 +44,7 @@ from greencode.detokenize import Detokenizer
 from greencode.energy import EnergyMeter
 from greencode.fim import detect_fim
 from greencode.gates import FullGate, Gate
-from greencode.modeling import EarlyExitModel
+from greencode.modeling import DecoderAdapter, EarlyExitModel
 from greencode.prefix_cache import PrefixCache, ScopedPrefixCache, full_depth_tokens
 from greencode.sampling import pick_tokens
 from greencode.tokens import encode
@@ -131,6 +132,52 @@ class Finished:
     results: list[GenerationResult]
 
 
+class _RowsCache:
+    """One layer's view of a shared DynamicCache for the rows still running (row compaction).
+
+    The layer runs on ``rows`` only; when its attention hands over their new keys/values, the
+    rows that left (``others``) get theirs from :meth:`_Split.project_left`, the whole batch's
+    entry goes into the shared cache in its usual layout, and the attention reads back its own
+    rows' keys/values: the same cache, the same numbers, as if every row had run the layer.
+    """
+
+    def __init__(self, cache: Any, rows: torch.Tensor, others: torch.Tensor, bsz: int) -> None:
+        self.cache, self.rows, self.others, self.bsz = cache, rows, others, bsz
+        self.left: tuple[torch.Tensor, torch.Tensor] | None = None  # the leavers' K/V at the layer about to run
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int,
+               cache_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        left_k, left_v = self.left
+        whole_k = keys.new_empty((self.bsz, *keys.shape[1:])).index_copy_(0, self.rows, keys)
+        whole_v = values.new_empty((self.bsz, *values.shape[1:])).index_copy_(0, self.rows, values)
+        whole_k.index_copy_(0, self.others, left_k)
+        whole_v.index_copy_(0, self.others, left_v)
+        k, v = self.cache.update(whole_k, whole_v, layer_idx, cache_kwargs)
+        return k.index_select(0, self.rows), v.index_select(0, self.rows)
+
+
+class _Split:
+    """A step's batch once some rows have left: the running rows' layer arguments, the leavers' states."""
+
+    def __init__(self, rows: torch.Tensor, h: torch.Tensor, adapter: DecoderAdapter, kwargs: dict[str, Any],
+                 cache: Any) -> None:
+        bsz = h.shape[0]
+        keep = torch.ones(bsz, dtype=torch.bool, device=h.device)
+        keep[rows] = False
+        others = keep.nonzero().squeeze(1)
+        self.rows = rows
+        self.view = _RowsCache(cache, rows, others, bsz) if cache is not None else None
+        self.running_kwargs = adapter.kwargs_for_rows(kwargs, rows, self.view)
+        self.left_kwargs = adapter.kwargs_for_rows(kwargs, others, None)
+        self.left_states = h.index_select(0, others)
+
+    def project_left(self, adapter: DecoderAdapter, index: int) -> None:
+        """The leavers' K/V at layer ``index``, projected from their exit states, ready for the running rows'
+        attention to write with its own."""
+        if self.view is not None:
+            self.view.left = adapter.kv_projection(index, self.left_states, self.left_kwargs)
+
+
 class GatedGenerator:
     """Runs gated generation on an :class:`EarlyExitModel`, optionally over a shared prefix cache.
 
@@ -179,6 +226,11 @@ class GatedGenerator:
         need a token (others exit at once and only feed the cache). ``collect_exit_states``
         keeps the last position's hidden state at every exit point (meaningful for rows
         that have not exited there yet, i.e. all rows under the full gate).
+
+        Row compaction (issue 21): only the rows still running enter a layer's attention and
+        MLP; the rows that left get just their K/V there, projected from their exit state
+        (:class:`_RowsCache` joins both into the shared cache), so a layer costs what its
+        running rows cost.
         """
         lm, adapter = self.lm, self.lm.adapter
         num_layers = lm.num_layers
@@ -189,8 +241,6 @@ class GatedGenerator:
         mask = lm.causal_mask(h, attention_mask if padded else None, cache, pos)
         kwargs = adapter.layer_kwargs(h, pos, mask, cache)
 
-        active = torch.ones(bsz, dtype=torch.bool, device=h.device) if active is None else active.clone()
-        n_active = int(active.sum())  # kept in step with `active`: no tensor reduction per layer
         exit_layers = torch.full((bsz,), num_layers, dtype=torch.long, device=h.device)
         logits: torch.Tensor | None = None
         have_logits = torch.zeros(bsz, dtype=torch.bool, device=h.device)
@@ -198,46 +248,61 @@ class GatedGenerator:
         collect = set(lm.exit_points) if collect_exit_states else set()
         states: list[torch.Tensor] = []
         gate_time = 0.0
-        all_rows = torch.arange(bsz, device=h.device)
+        # h keeps every row's state (a row that left: its exit state); `running` holds the rows still
+        # going, in the order of `rows` (None: all rows, then running is h itself)
+        rows = None if active is None or bool(active.all()) else active.nonzero().squeeze(1)
+        running = h if rows is None else h[rows]
+        split = None if rows is None else _Split(rows, h, adapter, kwargs, cache)
 
         for i in range(num_layers):
-            if n_active == 0:
+            if running.shape[0] == 0:
                 if cache is not None:  # propagate K/V of the skipped layers from the exited states
                     for j in range(i, num_layers):
                         k, v = adapter.kv_projection(j, h, kwargs)
                         cache.update(k, v, j)
                 break
-            out = adapter.run_layer(i, h, kwargs)
-            h = out if n_active == bsz else torch.where(active[:, None, None], out, h)
+            if split is None:
+                running = adapter.run_layer(i, running, kwargs)
+            else:
+                split.project_left(adapter, i)
+                running = adapter.run_layer(i, running, split.running_kwargs)
             layer = i + 1
             if layer in collect:
-                states.append(h[:, -1])
+                states.append((running if split is None else h.index_copy(0, split.rows, running))[:, -1])
             if layer in decisions:
                 t0 = time.perf_counter()
-                rows = all_rows if n_active == bsz else active.nonzero().squeeze(1)
-                exiting = h[:, -1] if rows is all_rows else h[rows, -1]
-                leave, gate_logits = gate.exit_mask(exiting, layer, lm)
-                if bool(leave.any()):
-                    left = rows[leave]
+                leave, gate_logits = gate.exit_mask(running[:, -1], layer, lm)
+                stay_count = int((~leave).sum())  # the one host sync of a decision: the next layer's batch size
+                if stay_count < running.shape[0]:
+                    order = torch.argsort(leave.to(torch.uint8), stable=True)  # staying rows first, in row order
+                    stay, gone = order[:stay_count], order[stay_count:]
+                    ids = torch.arange(bsz, device=h.device) if split is None else split.rows
+                    left = ids[gone]
                     exit_layers[left] = layer
-                    active[left] = False
-                    n_active -= left.numel()
+                    h = h.index_copy(0, left, running[gone])
                     if gate_logits is not None:
                         if logits is None:
                             logits = gate_logits.new_empty(bsz, gate_logits.shape[-1])
-                        logits[left] = gate_logits[leave]
+                        logits[left] = gate_logits[gone]
                         have_logits[left] = True
+                    running = running[stay]
+                    split = _Split(ids[stay], h, adapter, kwargs, cache) if stay_count else None
                 gate_time += time.perf_counter() - t0
+        else:  # the rows that ran every layer
+            h = running if split is None else h.index_copy(0, split.rows, running)
 
         need = ~have_logits
-        if bool(need.any()):  # one LM-head call per exit layer the rows without logits left at
-            needing = exit_layers[need]
-            for layer in needing.unique().tolist():
-                rows = need.nonzero().squeeze(1)[needing == layer]
-                fresh = lm.decode_exit(h[rows, -1], layer)
-                if logits is None:
-                    logits = fresh.new_empty(bsz, fresh.shape[-1])
-                logits[rows] = fresh
+        if bool(need.any()):  # one LM-head call for every row without logits, whatever layer it left at
+            picked = need.nonzero().squeeze(1)
+            needing = exit_layers[picked]
+            normed = h.new_empty((picked.numel(), h.shape[-1]))
+            for layer in needing.unique().tolist():  # the final norm + each exit's translator, per exit layer
+                at = (needing == layer).nonzero().squeeze(1)
+                normed[at] = lm.exit_normed(h[picked[at], -1], layer)
+            fresh = adapter.lm_head(normed)
+            if logits is None:
+                logits = fresh.new_empty(bsz, fresh.shape[-1])
+            logits[picked] = fresh
         exit_states = torch.stack(states, dim=1) if len(states) == len(collect) and collect else None
         return StepOutput(logits.float(), exit_layers, gate_time, exit_states)
 

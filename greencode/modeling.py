@@ -75,6 +75,23 @@ class DecoderAdapter:
         return {"attention_mask": mask, "position_ids": position_ids, "past_key_values": cache,
                 "use_cache": cache is not None}
 
+    def kwargs_for_rows(self, kwargs: dict[str, Any], rows: torch.Tensor, cache: Any) -> dict[str, Any]:
+        """``kwargs`` of a step cut to the batch rows ``rows`` (mask, positions, rotary tables), reading and
+        writing keys/values through ``cache`` (None: none): a layer then runs on those rows alone."""
+        def cut(value: Any) -> Any:
+            if isinstance(value, tuple):
+                return tuple(cut(v) for v in value)
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] > 1:
+                return value.index_select(0, rows)
+            if value is None or isinstance(value, (bool, torch.Tensor)):
+                return value  # a batch-1 tensor broadcasts to any rows
+            raise TypeError(f"cannot run a layer on a subset of rows with a {type(value).__name__} argument")
+
+        out = {key: cut(value) for key, value in kwargs.items() if key != "past_key_values"}
+        out["past_key_values"] = cache
+        out["use_cache"] = cache is not None
+        return out
+
     def run_layer(self, index: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         out = self.layers[index](hidden, **kwargs)
         return out[0] if isinstance(out, tuple) else out

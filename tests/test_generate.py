@@ -261,3 +261,64 @@ def test_prompts_get_no_bos_even_from_a_tokenizer_that_adds_one(tokenizer):
     assert GatedGenerator(make_tiny("llama", tokenizer=tok)).encode([text]) == [ids]
     [sample] = line_completion_samples([SourceFile("a.py", text, "python")], tok, 1)
     assert sample.context_ids == ids[: len(sample.context_ids)]
+
+
+class _KeepsPrefill(GatedGenerator):
+    """Keeps its last prompt pass, whose cache the decoding steps then fill: the test reads every layer's K/V."""
+
+    def prefill(self, *args, **kwargs):
+        self.kept = super().prefill(*args, **kwargs)
+        return self.kept
+
+
+MIXED_PROMPTS = PROMPTS + [[3, 14, 15, 92, 65], [2718, 28], [11, 22, 33, 44, 55, 66, 77]]
+
+
+def test_rows_exiting_at_different_layers_every_step_keep_the_one_row_cache(lm):
+    """Row compaction: a batch whose rows leave at different layers on every step decodes the tokens and
+    exit layers of one-row runs and ends with, at every layer, each row's K/V of its one-row run (left
+    padding stripped), both for layers the row ran and layers it skipped (projected K/V)."""
+    gate = PolicyGate(coin_policy(lm), 0.5)
+    cfg = GenerationConfig(max_new_tokens=10)
+    gen = _KeepsPrefill(lm)
+    batched = gen.generate(MIXED_PROMPTS, gate, cfg)
+    batch_cache, width = gen.kept.cache, gen.kept.input_ids.shape[1]
+    per_step = [{r.layers_per_token[t] for r in batched} for t in range(1, cfg.max_new_tokens)]
+    assert all(len(layers) > 1 for layers in per_step), f"every step needs mixed exits, got {per_step}"
+    for r, prompt in enumerate(MIXED_PROMPTS):
+        single = gen.generate([prompt], gate, cfg)[0]
+        assert (batched[r].token_ids, batched[r].layers_per_token) == (single.token_ids, single.layers_per_token)
+        n = len(prompt) + cfg.max_new_tokens - 1  # the last token is never fed back
+        for j, (got, ref) in enumerate(zip(batch_cache.layers, gen.kept.cache.layers, strict=True)):
+            assert got.keys.shape[-2] == width + cfg.max_new_tokens - 1
+            torch.testing.assert_close(got.keys[r : r + 1, :, width - len(prompt) :], ref.keys, rtol=1e-4, atol=1e-5,
+                                       msg=lambda m, j=j, r=r: f"row {r} layer {j + 1} keys: {m}")
+            torch.testing.assert_close(got.values[r : r + 1, :, width - len(prompt) :], ref.values, rtol=1e-4,
+                                       atol=1e-5, msg=lambda m, j=j, r=r: f"row {r} layer {j + 1} values: {m}")
+            assert ref.keys.shape[-2] == n
+
+
+class _HalfLeaves(FixedGate):
+    """Sends every other running row out at ``exit_layer``; the rest run every layer."""
+
+    def exit_mask(self, hidden, layer, decode):
+        leave = torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+        leave[::2] = layer == self.exit_layer
+        return leave, None
+
+
+def test_only_running_rows_enter_a_layer(lm):
+    """After half the batch leaves at layer 4, layers 5-12 run on the other half only (the rows that left get
+    just their projected K/V); before, every layer ran on the whole batch and threw the leavers' output away."""
+    seen = {i: [] for i in range(lm.num_layers)}
+    hooks = [layer.register_forward_pre_hook(lambda mod, args, i=i: seen[i].append(args[0].shape[0]))
+             for i, layer in enumerate(lm.adapter.layers)]
+    try:
+        gen = GatedGenerator(lm)
+        results = gen.generate(MIXED_PROMPTS[:4], _HalfLeaves(4), GenerationConfig(max_new_tokens=3))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert [r.layers_per_token for r in results] == [[12, 4, 4], [12, 12, 12]] * 2
+    assert all(seen[i] == [4, 4, 4] for i in range(4))  # prefill + 2 decoding steps, whole batch
+    assert all(seen[i] == [4, 2, 2] for i in range(4, lm.num_layers))

@@ -78,3 +78,13 @@ def test_policy_gate_margin_equals_softmax_rule(threshold, tau):
     h = torch.randn(256, 16) * 3
     expected = p.exit_probability(h, tau) > threshold
     assert torch.equal(PolicyGate(p, threshold, tau).exit_mask(h, 4, None)[0], expected)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_policy_gate_folded_margins_equal_the_policy(activation):
+    """The gate's folded per-layer call (fused hidden layers, one exit-minus-continue row) is the policy's margin."""
+    torch.manual_seed(2)
+    p = ExitPolicy(32, activation=activation)
+    h = torch.randn(20, 32) * 4
+    z = p(h)
+    torch.testing.assert_close(PolicyGate(p, 0.5).exit_margins(h), z[:, 1] - z[:, 0], rtol=1e-5, atol=1e-5)
