@@ -135,8 +135,11 @@ def test_grad_accumulation_equals_one_big_batch(tokenizer):
     (one, w_one), (two, w_two) = results
     assert one.loss == pytest.approx(two.loss, rel=1e-5)
     assert one.grad_norm == pytest.approx(two.grad_norm, rel=1e-4)
+    # AdamW's first step moves a weight by ~lr * g / |g|: where g is ~0, float32 summation order (one batch vs two)
+    # moves it by up to a few 1e-6 (seen: 2.3e-6 of lr 1e-3 on one of 8192 weights); 1% of lr still catches any
+    # step in another direction (the scale of the gradient is checked by grad_norm above)
     for key in w_one:
-        torch.testing.assert_close(w_one[key], w_two[key], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(w_one[key], w_two[key], rtol=1e-5, atol=1e-5)
 
 
 def test_grad_clip_bounds_the_update(tokenizer):
