@@ -162,7 +162,7 @@ class Data:
         self.tokenizer, self.limit = tokenizer, args.max_train_blocks
         self._train: dict[int, BlockSet] = {}
         val = build_blocks(shuffled(corpus.split("validation")), tokenizer, args.val_seq_len, limit=args.val_blocks)
-        self.val_batches = [val.batch(slice(i, i + 8), CPU) for i in range(0, len(val), 8)]
+        self.val_batches = list(val.batches(8, CPU))
         log.info("%d train files, %d held-out blocks of %d tokens", len(self.train_files), len(val), args.val_seq_len)
 
     def train(self, seq_len: int) -> BlockSet:

@@ -37,6 +37,8 @@ def token_blocks(files: Iterable[SourceFile], tokenizer: Any, seq_len: int, *,
             yield buffer[:seq_len]
             buffer = buffer[seq_len:]
 
+BLOCKS_PER_PASS = 4  # blocks per inference forward pass (statistics, agreement): bounds activation memory
+
 
 @dataclass
 class BlockSet:
@@ -59,6 +61,11 @@ class BlockSet:
         if bool((lengths == ids.shape[1]).all()):
             return ids, None
         return ids, (torch.arange(ids.shape[1], device=device) < lengths[:, None]).long()
+
+    def batches(self, size: int, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Every block once, ``size`` rows per batch (the last one may be shorter), in order."""
+        for start in range(0, len(self), size):
+            yield self.batch(slice(start, start + size), device)
 
 
 def build_blocks(files: Sequence[SourceFile], tokenizer: Any, seq_len: int, *, pack: bool = True,

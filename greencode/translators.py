@@ -244,7 +244,7 @@ def fit_translators(lm: Any, stats: TranslatorStats, validation: Iterable[tuple[
     chosen: dict[str, float] = {}
     for i, layer in enumerate(stats.exit_points):
         x = torch.cat(xs[i])
-        best: tuple[float, float] | None = None
+        best: tuple[float, float, tuple[Any, Any]] | None = None  # (agreement, ridge, its solution)
         scores[str(layer)] = {}
         for ridge in sorted(ridge_grid, reverse=True):
             w, b = stats.solve(i, ridge)
@@ -252,10 +252,10 @@ def fit_translators(lm: Any, stats: TranslatorStats, validation: Iterable[tuple[
             agree = float((head(y.to(dtype)).argmax(-1) == target).float().mean())
             scores[str(layer)][repr(ridge)] = agree
             if best is None or agree > best[0]:
-                best = (agree, ridge)
+                best = (agree, ridge, (w, b))
         assert best is not None
-        chosen[str(layer)] = best[1]
-        translators.set_map(layer, *stats.solve(i, best[1]))
-        log.debug("exit %d: ridge %g, validation agreement %.3f", layer, best[1], best[0])
+        agree, chosen[str(layer)], solution = best
+        translators.set_map(layer, *solution)
+        log.debug("exit %d: ridge %g, validation agreement %.3f", layer, chosen[str(layer)], agree)
     report = {"validation_tokens": int(target.numel()), "validation_agreement": scores, "ridge": chosen}
     return translators, report

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from greencode.blocks import BLOCKS_PER_PASS
 from greencode.config import ExitConfig, FitExitsConfig, ModelConfig, result_config
 from greencode.translators import META_FILE, ExitTranslators, TranslatorStats
 from workflows.common import ConfigCommand, Flag, cli_errors, init_ray, stage_presets
@@ -52,8 +53,7 @@ class StatsWorker:
         out: dict[str, list] = {}
         for ids, lengths in zip(batch["ids"], batch["lengths"]):
             blocks = BlockSet(np.array(ids), np.array(lengths))  # writable copies: torch refuses read-only arrays
-            stats = collect_stats(self.lm, (blocks.batch(slice(s, s + 4), self.lm.device)
-                                            for s in range(0, len(blocks), 4)))
+            stats = collect_stats(self.lm, blocks.batches(BLOCKS_PER_PASS, self.lm.device))
             for key, value in stats.to_dict().items():
                 out.setdefault(key, []).append(value)
         return out
@@ -106,8 +106,7 @@ def heldout_agreement(lm: Any, translators: ExitTranslators, test: Any) -> dict[
     from greencode.training import exit_predictions
 
     def agreement() -> list[float]:
-        batches = (test.batch(slice(s, s + 4), lm.device) for s in range(0, len(test), 4))
-        preds = exit_predictions(lm, batches)[0]
+        preds = exit_predictions(lm, test.batches(BLOCKS_PER_PASS, lm.device))[0]
         return [round(float((row == preds[-1]).float().mean()), 4) for row in preds[:-1]]
 
     lm.attach_translators(None)
@@ -148,10 +147,8 @@ def run(cfg: FitExitsConfig) -> dict[str, Any]:
         stats = summed_stats(cfg, blocks["train"], lm.exit_points, lm.hidden_size)
         from greencode.translators import fit_translators
 
-        validation = blocks["validation"]
-        translators, report = fit_translators(
-            lm, stats, (validation.batch(slice(s, s + 4), lm.device) for s in range(0, len(validation), 4)),
-            cfg.ridge_grid)
+        translators, report = fit_translators(lm, stats, blocks["validation"].batches(BLOCKS_PER_PASS, lm.device),
+                                              cfg.ridge_grid)
         meta.update(report, train_tokens=stats.count)
         translators.meta = meta
         if blocks["test"] is not None and len(blocks["test"]):

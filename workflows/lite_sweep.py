@@ -127,18 +127,13 @@ def score(preds: torch.Tensor, targets: torch.Tensor, reference: torch.Tensor, l
     return out
 
 
-def _batches(blocks: BlockSet, batch_size: int):
-    for i in range(0, len(blocks), batch_size):
-        yield blocks.batch(slice(i, i + batch_size), torch.device("cpu"))
-
-
 def reference_predictions(cfg: FinetuneConfig, val: BlockSet) -> dict[str, Any]:
     """The base model's predictions on the validation blocks, computed once for every trial."""
     from greencode.modeling import load_model
     from greencode.training import exit_predictions
 
     lm = load_model(cfg.model.model_copy(update={"device": "cpu"}), cfg.exits)
-    preds, targets = exit_predictions(lm, _batches(val, cfg.batch_size), cfg.precision)
+    preds, targets = exit_predictions(lm, val.batches(cfg.batch_size, torch.device("cpu")), cfg.precision)
     return {"reference": preds, "targets": targets, "layers": list(lm.exit_points) + [lm.num_layers]}
 
 
@@ -154,7 +149,7 @@ def trial(config: dict[str, Any], val_blocks: BlockSet, reference: dict[str, Any
     cfg = FinetuneConfig.model_validate(config["trial"]["config"]["cfg"])
     model_dir = finetune.run(cfg)  # resumes the trial's run from its last checkpoint after a restart
     lm = load_model(cfg.model.model_copy(update={"name": str(model_dir), "device": "cpu"}), cfg.exits)
-    preds, targets = exit_predictions(lm, _batches(val_blocks, cfg.batch_size), cfg.precision)
+    preds, targets = exit_predictions(lm, val_blocks.batches(cfg.batch_size, torch.device("cpu")), cfg.precision)
     if not torch.equal(targets, reference["targets"]):
         raise RuntimeError("validation blocks differ from the ones the base model was scored on")
     metrics = score(preds, targets, reference["reference"], reference["layers"], config["trial"]["config"]["deep_from"])

@@ -13,14 +13,13 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from greencode.atomic import write_atomic
-from greencode.blocks import BlockSet, build_blocks
+from greencode.blocks import BLOCKS_PER_PASS, BlockSet, build_blocks
 from greencode.config import EvalConfig
 from greencode.data import load_corpus
 from greencode.modeling import EarlyExitModel, load_model
@@ -29,18 +28,11 @@ from greencode.training import exit_predictions
 log = logging.getLogger(__name__)
 
 AGREEMENT_FILE = "agreement.json"
-BLOCKS_PER_PASS = 4
-
-
-@torch.no_grad()
-def _batches(blocks: BlockSet, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    for start in range(0, len(blocks), BLOCKS_PER_PASS):
-        yield blocks.batch(slice(start, start + BLOCKS_PER_PASS), device)
 
 
 def exit_argmax(lm: EarlyExitModel, blocks: BlockSet) -> torch.Tensor:
     """Argmax of every exit and the final layer at every predicting position: [exits + 1, N]."""
-    return exit_predictions(lm, _batches(blocks, lm.device))[0]
+    return exit_predictions(lm, blocks.batches(BLOCKS_PER_PASS, lm.device))[0]
 
 
 def agreement_table(tuned: torch.Tensor, base: torch.Tensor | None, layers: list[int],
