@@ -96,7 +96,11 @@ def size(cfg: PipelineConfig, probe_s: float) -> tuple[PipelineConfig, str]:
         "heldout_samples": n["heldout"],
         "evaluate": cfg.evaluate.model_copy(update={"num_samples": n["eval"]})})
     fits = "fits" if minutes(low) <= sizing.budget_min else "still over it: the floors hold"
-    return sized, (f"{head}, over the {sizing.budget_min:g} min budget: finetune.max_steps "
-                   f"{cfg.finetune.max_steps} -> {n['max_steps']}, extract.num_samples {cfg.extract.num_samples} -> "
-                   f"{n['num_samples']}, heldout_samples {cfg.heldout_samples} -> {n['heldout']}, evaluate.num_samples "
-                   f"{cfg.evaluate.num_samples} -> {n['eval']} (projected {minutes(low):.1f} min, {fits})")
+    changes = [f"{name} {before} -> {after}" for name, before, after in (
+        ("finetune.max_steps", cfg.finetune.max_steps, n["max_steps"]),
+        ("extract.num_samples", cfg.extract.num_samples, n["num_samples"]),
+        ("heldout_samples", cfg.heldout_samples, n["heldout"]),
+        ("evaluate.num_samples", cfg.evaluate.num_samples, n["eval"]),
+    ) if before != after and (name != "finetune.max_steps" or "finetune" in cfg.stages)]
+    return sized, (f"{head}, over the {sizing.budget_min:g} min budget: {', '.join(changes) or 'nothing can shrink'} "
+                   f"(projected {minutes(low):.1f} min, {fits})")

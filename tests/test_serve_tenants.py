@@ -262,10 +262,13 @@ def test_a_failing_batch_group_fails_alone(http):
 def test_unknown_keys_are_echoed_capped_and_once(http):
     """A 2 MiB body of unknown keys with n=8: the reply stays under 64 KiB (it was 24 MiB)."""
     body = OPENAI.body(max_new_tokens=1, n=8)
-    filler, i = {}, 0
-    while len(json.dumps(filler)) < 2 * 1024 * 1024 - 4096:
-        filler[f"unknown_key_{i:07d}_" + "k" * 100] = 1
-        i += 1
+    def key(i: int) -> str:
+        return f"unknown_key_{i:07d}_" + "k" * 100
+
+    entry = len(json.dumps({key(0): 1})) - 2 + len(", ")  # every key has the same length: size is linear in the count
+    i = (2 * 1024 * 1024 - 4096) // entry
+    filler = {key(k): 1 for k in range(i)}
+    assert 2 * 1024 * 1024 - 4096 - entry < len(json.dumps(filler)) < 2 * 1024 * 1024 - 4096
     response = OPENAI.post(http, {**body, **filler}, headers=ALICE)
     assert response.status_code == 200, response.text[:300]
     assert len(response.content) < 64 * 1024, len(response.content)

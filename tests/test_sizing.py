@@ -41,6 +41,13 @@ def test_a_slower_machine_shrinks_the_work_to_the_budget_and_says_so():
     assert sized.finetune.seq_len == cfg.finetune.seq_len and sized.evaluate.gates == cfg.evaluate.gates
 
 
+def test_the_line_names_only_what_changed_in_the_stages_that_run():
+    cfg = pipeline(stages=["extract", "train_policy", "evaluate"])
+    _, line = size(cfg, probe_s=1.6)
+    assert "finetune" not in line.split("budget:")[1] and "extract.num_samples 120 ->" in line
+    assert "heldout_samples" not in line  # at its floor already: unchanged
+
+
 def test_the_floors_hold_however_slow_the_machine():
     sized, line = size(pipeline(), probe_s=50.0)
     assert (sized.finetune.max_steps, sized.extract.num_samples, sized.heldout_samples,
