@@ -222,16 +222,18 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
 
     # the exit points the policy was trained for (the demo's are 14/18/22/26), else the rule's
-    exits = ExitConfig(exit_points=ExitPolicy.load(args.policy).exit_points or None) if args.policy else None
+    policy = ExitPolicy.load(args.policy) if args.policy else None
+    exits = ExitConfig(exit_points=policy.exit_points or None) if policy else None
     lm = load_model(ModelConfig(name=args.model, translators=args.translators), exits)
     meter = EnergyMeter(lm.device)
     plain, lossless = GatedGenerator(lm, meter), LosslessGenerator(lm, meter)
     plain.eos_ids = lossless.eos_ids = set()  # every row makes exactly max_new_tokens tokens
     prompts = held_out_prompts(lm, args.prompts, args.context_cap)
     layers = [int(k) for k in args.fixed_layers.split(",")] if args.fixed_layers else lm.exit_points
-    policy = None
-    if args.policy:
-        policy = ExitPolicy.load_for(args.policy, lm)
+    if policy is not None:  # refused if trained for another model, then placed where the gate's states are
+        policy.check_compatible(hidden_size=lm.hidden_size, exit_points=lm.exit_points,
+                                model_fingerprint=lm.fingerprint, source=args.policy)
+        policy = policy.to(lm.device)
 
     print(f"model={args.model} layers={lm.num_layers} exit_points={lm.exit_points} prompts={len(prompts)} "
           f"(mean {sum(map(len, prompts)) / len(prompts):.0f} tokens) max_new_tokens={args.max_new_tokens} "
