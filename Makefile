@@ -3,6 +3,7 @@
 #   make test   set everything up, lint, then run the test suite (fuzzing is `make fuzz`)
 PYTHON ?= python3
 VENV   ?= .venv
+TEST_WORKERS ?= 2
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.greencode-installed
 export HF_HUB_OFFLINE ?= 1
@@ -35,8 +36,10 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check .
 
+# Two workers (pytest-xdist), each running whole modules: a module's fixtures (a Ray, a Serve app, a model) are
+# built once. TEST_WORKERS=0 runs everything in one process.
 test: lint
-	$(BIN)/python -m pytest -q -rs -m "not fuzz"
+	$(BIN)/python -m pytest -q -rs -m "not fuzz" -n $(TEST_WORKERS) --dist loadscope
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not integration and not fuzz"

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# two xdist workers share the 2 cores of the reference machine: one thread each, else up to two
+XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(1 if XDIST_WORKERS > 1 else min(2, torch.get_num_threads()))
 
 pytest_plugins = ["serve_helpers"]  # the abuse app's server/http/plan fixtures, shared by its test modules
 
@@ -132,11 +135,32 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
 
 def pytest_collection_modifyitems(session, config, items):
     """The modules that use ``ray_local`` run back to back (from where the first one was), so one Ray serves them
-    all; the Serve modules start their own Ray after it is down."""
+    all; the Serve modules start their own Ray after it is down. (Under pytest-xdist, ``make test``, each worker
+    runs whole modules in this order.)"""
     ray_modules = {item.module for item in items if "ray_local" in item.fixturenames}
     first = next((i for i, item in enumerate(items) if item.module in ray_modules), len(items))
     rest = [item for item in items[first:] if item.module not in ray_modules]
     items[first:] = [item for item in items[first:] if item.module in ray_modules] + rest
+
+
+_next_item: dict[str, Any] = {}  # the test this process runs after the one being torn down
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """Module fixtures are finalized in here: they keep Ray up only if the module this process runs next uses it
+    (pytest-xdist gives each worker its own share of the modules, so the run's order alone cannot say)."""
+    _next_item["item"] = nextitem
+    yield
+    _next_item.clear()
+
+
+def next_module_uses(request, fixture: str) -> bool:
+    """Whether the next module this process runs has a test that uses ``fixture`` (asked while ``request``'s
+    module fixtures are finalized)."""
+    upcoming = _next_item.get("item")
+    return upcoming is not None and upcoming.module is not request.module and any(
+        fixture in item.fixturenames for item in request.session.items if item.module is upcoming.module)
 
 
 _ray_local: dict[str, str | None] = {}  # the shared Ray's RAY_TMPDIR and the one it replaced, while it is up
@@ -144,8 +168,9 @@ _ray_local: dict[str, str | None] = {}  # the shared Ray's RAY_TMPDIR and the on
 
 @pytest.fixture(scope="module")
 def ray_local(request):
-    """A local 2-CPU Ray, started by the first module that asks for it and shut down after the last one of the
-    run (pytest_collection_modifyitems runs those modules back to back): one Ray start for all of them.
+    """A local 2-CPU Ray, started by the first module that asks for it and kept up while the next module this
+    process runs asks for it too (pytest_collection_modifyitems runs those modules back to back): one Ray start
+    for all of them (per xdist worker).
 
     Ray Train's placement-group cleaner asks Ray's state API every second whether the Train
     controller is alive and tears the training workers down when told no. So the dashboard (which
@@ -162,11 +187,11 @@ def ray_local(request):
         _ray_local["previous"] = os.environ.get("RAY_TMPDIR")
         tmp = _ray_local["tmp"] = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's unix sockets live below
         os.environ["RAY_TMPDIR"] = tmp
-        ray.init(num_cpus=2, include_dashboard=True)
+        ray.init(address="local", num_cpus=2, include_dashboard=True)
         with open(os.path.join(tmp, "ray", "ray_current_cluster"), "w") as fh:
             fh.write(ray.get_runtime_context().gcs_address)
     yield
-    if _later_module_uses_ray(request):
+    if next_module_uses(request, "ray_local"):
         assert ray.is_initialized(), f"{request.module.__name__} shut the shared Ray down"
         return
     ray.shutdown()
@@ -177,8 +202,3 @@ def ray_local(request):
         os.environ["RAY_TMPDIR"] = previous
     shutil.rmtree(tmp, ignore_errors=True)
 
-
-def _later_module_uses_ray(request) -> bool:
-    items = request.session.items
-    last = max(i for i, item in enumerate(items) if item.module is request.module)
-    return any("ray_local" in item.fixturenames for item in items[last + 1:])

@@ -258,7 +258,7 @@ def serve_instance() -> Iterator[str]:
     from ray import serve
 
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # never another process's Ray
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         yield f"http://127.0.0.1:{port}"
@@ -312,13 +312,9 @@ def shared_app(request, name: str, cfg: Callable[[], dict[str, Any]], loader: Ca
 
 
 def _next_module_serves(request) -> bool:
-    items = request.session.items
-    mine = [i for i, item in enumerate(items) if item.module is request.module]
-    later = items[mine[-1] + 1 :] if mine else []
-    if not later:
-        return False
-    following = [item for item in later if item.module is later[0].module]
-    return hasattr(later[0].module, "SERVE_APP") and any("server" in i.fixturenames for i in following)
+    upcoming = conftest._next_item.get("item")
+    return (upcoming is not None and hasattr(upcoming.module, "SERVE_APP")
+            and conftest.next_module_uses(request, "server"))
 
 
 # --------------------------------------------------------------------------- protocols

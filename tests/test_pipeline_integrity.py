@@ -179,10 +179,11 @@ def sweep_trials(run: Path) -> dict[float, Path]:
 def sweep_restorable_mid_trial(run: Path) -> bool:
     """The second trial has a checkpoint and Tune's experiment state was saved after it (what a
     restore reads); the first trial finished before the second started (one trial at a time)."""
-    second = sweep_trials(run).get(SWEEP_ALPHAS[1])
+    trials = sweep_trials(run)
+    second = trials.get(SWEEP_ALPHAS[1])
     checkpoints = list(second.glob("checkpoint_*")) if second else []
     states = list((run / "sweep" / "reward_sweep" / "tune").glob("experiment_state-*.json"))
-    return bool(checkpoints and states) and (max(s.stat().st_mtime for s in states)
+    return SWEEP_ALPHAS[0] in trials and bool(checkpoints and states) and (max(s.stat().st_mtime for s in states)
                                              > max(c.stat().st_mtime for c in checkpoints))
 
 

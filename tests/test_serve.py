@@ -85,7 +85,7 @@ def server(tmp_path_factory, tokenizer):
                       max_context_tokens=256, max_batch_size=8, batch_wait_timeout_s=0.05, api_key=API_KEY,
                       num_cpus=1)
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # never another process's Ray
     try:
         run(cfg, port=port, model_loader=tiny_loader)
         yield f"http://127.0.0.1:{port}"
