@@ -55,7 +55,7 @@ from serve_app.limits import (
 
 ANY_HOST = "*"
 BODY_METHODS = ("POST", "PUT", "PATCH")
-OPEN_PATHS = ("/health", "/docs", "/openapi.json")  # no key needed: liveness, and the API's own description
+OPEN_PATHS = ("/ready", "/docs", "/openapi.json")  # no key needed: readiness, the API's own description
 MAX_JSON_DEPTH = 64  # objects/arrays nested in a body; no client request comes near
 TENANT = "greencode.tenant"  # ASGI scope key of the request's tenant
 ARRIVAL = "greencode.arrival"  # ASGI scope key: time.monotonic() when the replica first saw the request
