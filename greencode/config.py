@@ -520,8 +520,10 @@ class RequestLimits(_Strict):
 class AdmissionLimits(_Strict):
     """Backpressure of one lane (streams, or non-streaming batches) of one replica."""
 
-    max_active: int = Field(16, ge=1, description="requests of the lane doing model work at once")
-    max_queued: int = Field(32, ge=0, description="requests waiting for a slot, in arrival order; one more is a 429")
+    # Sized from a CPU replica's measured step time (docs/serving.md, "Sizing admission"): both lanes full of
+    # default-length requests (60 new tokens) finish within the default request timeout, the queued ones included
+    max_active: int = Field(4, ge=1, description="requests of the lane doing model work at once")
+    max_queued: int = Field(4, ge=0, description="requests waiting for a slot, in arrival order; one more is a 429")
     request_timeout_s: float = Field(60.0, gt=0, description="arrival to last byte; then a 503 or a stream error event")
     max_retry_after_s: int = Field(60, ge=1, description="cap of the Retry-After estimate (seconds)")
 

@@ -38,7 +38,8 @@ KEYS = {"alice": "key-of-alice", "bob": "key-of-bob"}
 ALICE = {"Authorization": f"Bearer {KEYS['alice']}"}
 BOB = {"Authorization": f"Bearer {KEYS['bob']}"}
 CONFIG = {"api_keys": KEYS, "default_gate": "full", "max_batch_size": 8, "batch_wait_timeout_s": 0.05,
-          "prefix_cache_mb": 64, "generation": {"max_new_tokens": 4}}
+          "prefix_cache_mb": 64, "generation": {"max_new_tokens": 4},
+          "admission": {"max_active": 16, "max_queued": 32}}  # 17 streams at once: fairness, not admission, is tested
 POST_ROUTES = ["/generate", "/generate_stream", "/", "/api/generate", "/api/generate/", "/api/show",
                "/v1/completions"]
 
