@@ -25,6 +25,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -128,17 +129,31 @@ async def overload_burst(url: str, prompts: list[str], total: int, max_new: int,
             return Answer(protocol, stream, r.status_code, time.perf_counter() - t0,
                           int(retry) if retry is not None else None, failed)
 
-        burst = asyncio.ensure_future(asyncio.gather(*(one(i) for i in range(total))))
+        done = threading.Event()
         health: list[tuple[int, float]] = []
-        while not burst.done():
+        # a probe of its own, like a kubelet's: not queued behind this loop's 300 requests
+        poller = threading.Thread(target=poll_health, args=(url, done, health))
+        poller.start()
+        try:
+            answers = await asyncio.gather(*(one(i) for i in range(total)))
+        finally:
+            done.set()
+            await asyncio.to_thread(poller.join)
+        return answers, health
+
+
+def poll_health(url: str, done: threading.Event, health: list[tuple[int, float]]) -> None:
+    """GET /health every HEALTH_POLL_S, a new connection each time (as a kubelet does), until ``done``:
+    (status, or 0 when it failed or took 10 s, seconds)."""
+    with httpx.Client(base_url=url, timeout=10, limits=httpx.Limits(max_keepalive_connections=0)) as client:
+        while not done.is_set():
             t0 = time.perf_counter()
             try:
-                status = (await client.get("/health", timeout=10)).status_code
-            except httpx.TimeoutException:
+                status = client.get("/health").status_code
+            except httpx.TransportError:
                 status = 0
             health.append((status, time.perf_counter() - t0))
-            await asyncio.sleep(HEALTH_POLL_S)
-        return await burst, health
+            done.wait(HEALTH_POLL_S)
 
 
 def report_overload(answers: list[Answer], health: list[tuple[int, float]], timeout_s: float, header: str) -> None:
