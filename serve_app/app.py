@@ -6,14 +6,16 @@
 Routes (see docs/serving.md): TGI ``/generate``,
 ``/generate_stream`` (SSE) and ``/`` (text_generation client); Ollama / llm-vscode
 ``/api/generate`` (+ trailing slash, NDJSON when streaming), ``/api/show``,
-``/api/tags``; OpenAI ``/v1/completions`` (+ SSE); ``/health``; ``/metrics``.
+``/api/tags``; OpenAI ``/v1/completions`` (+ SSE); ``/ready``; ``/metrics``. ``/health`` is an
+application of its own beside this one (probe.py), so it answers however busy this replica is.
 
 A request passes, in order: the Guard (guard.py: Host, Origin, route and method, API key (which
 names the tenant) before the body, JSON content type, body size and rate, strict UTF-8 JSON),
 the request schema (schemas.py),
 the request limits (limits.py), admission to its lane (admission.py: streams and
 non-streaming batches are admitted separately; 429 with Retry-After when the lane's queue is
-full, 503 when no slot frees before the request timeout), tokenization (on its own thread;
+full, 503 when no slot frees before the request timeout, counted from the Guard's first sight of the
+request), tokenization (on its own thread;
 fill-in-the-middle requests get the served model's own FIM layout, prompts.py), then
 generation. Non-streaming requests go through Serve batching: requests that arrive
 together and share gate + sampling settings and cache partition run as one batch, each row

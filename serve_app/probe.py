@@ -1,11 +1,13 @@
 """``GET /health``: liveness from a lightweight deployment of its own, never queued behind the model's work.
 
-Measured on the 2-core CPU box (issue 22): during a 300-request burst, ``/health`` served by the
-model replica took up to 1.2-1.6 s (and past 10 s when Serve's router held it behind requests
-waiting for the replica's ``max_ongoing_requests``), while Serve's proxy answered its own
-``/-/healthz`` within 0.5 s throughout: the time goes to the model replica's event loop, which
-reads, checks and refuses every request of the burst, and to the router's queue in front of it.
-No route of the model replica can be answered faster than that loop gets to it.
+Measured on the 2-core CPU box (issue 22; docs/serving.md): during a 300-request burst,
+``/health`` served by the model replica answered up to 0.8 s late with Serve's cap of 104 ongoing
+requests per replica and 1.2-1.6 s late with 4000 (a tiny model slowed to a CPU replica's step
+time), 2.1 s and past 10 s in the issue's runs on the real model, while Serve's proxy answered
+its own ``/-/healthz`` within 0.5 s throughout: the time goes to the model replica's event loop,
+which reads, checks and refuses every request of the burst, and, with the cap reached, to Serve's
+router, which holds the probe behind the queued requests. No route of the model replica can be
+answered sooner than that loop gets to it.
 
 So ``/health`` is its own Serve application (``route_prefix: /health``): one replica with no
 model, no lanes, no CPU reserved, with its own router, behind the same Guard (Host, Origin,
