@@ -517,6 +517,10 @@ class RequestLimits(_Strict):
         32, ge=1, description="request bodies read at once per replica; one more is a 503 with Retry-After at once")
 
 
+PROXY_TIMEOUT_MARGIN_S = 1.5  # Serve's proxy gives up this long after the request timeout: a backstop that never
+                              # fires before the replica's own 503 / stream error event
+
+
 class AdmissionLimits(_Strict):
     """Backpressure of one lane (streams, or non-streaming batches) of one replica."""
 
@@ -524,7 +528,10 @@ class AdmissionLimits(_Strict):
     # default-length requests (60 new tokens) finish within the default request timeout, the queued ones included
     max_active: int = Field(4, ge=1, description="requests of the lane doing model work at once")
     max_queued: int = Field(4, ge=0, description="requests waiting for a slot, in arrival order; one more is a 429")
-    request_timeout_s: float = Field(60.0, gt=0, description="arrival to last byte; then a 503 or a stream error event")
+    request_timeout_s: float = Field(
+        60.0, gt=0, description="from the replica's first sight of a request (before its body is read) to its last "
+                                "byte; then a 503 or a stream error event. Serve's proxy gives up "
+                                f"{PROXY_TIMEOUT_MARGIN_S:g} s later")
     max_retry_after_s: int = Field(60, ge=1, description="cap of the Retry-After estimate (seconds)")
 
     @property
@@ -540,8 +547,6 @@ OPS_HEADROOM = 8  # requests Serve lets through beyond the lanes' capacity: /rea
 # holding it, unanswered and outside the request's deadline (docs/serving.md: with a cap of 104, a 300-request burst
 # had answers 2.2 s past the 60 s timeout; with 4000, none past it)
 ROUTER_PASS_THROUGH = 1000
-PROXY_TIMEOUT_MARGIN_S = 1.5  # Serve's proxy gives up this long after the request timeout: a backstop that never
-                              # fires before the replica's own 503 / stream error event
 
 
 class ServeConfig(_Strict):
