@@ -13,16 +13,18 @@ So ``/health`` is its own Serve application (``route_prefix: /health``): one rep
 model, no lanes, no CPU reserved, with its own router, behind the same Guard (Host, Origin,
 route and method; no key needed). An answer says the HTTP path is alive: proxy, Serve routing and
 a replica process. What is loaded (model, layers, exit points, default gate, FIM family...) comes
-from the model deployment once (``describe``) and is cached; until the model answers, ``model`` is
-null. Whether the model replica can take a request now is ``GET /ready`` on the model app
-(readiness, answered by that replica: a replica too busy to answer it in time is, in effect,
-not ready); a wedged model replica is replaced by Serve itself (``check_health``).
+from the model deployment (``describe``) and is cached, asked again in the background every
+``DESCRIBE_AGAIN_S``; until the model first answers, ``model`` is null. Whether the model
+replica can take a request now is ``GET /ready`` on the model app (readiness, answered by that
+replica: a replica too busy to answer it in time is, in effect, not ready); a wedged model
+replica is replaced by Serve itself (``check_health``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from fastapi import FastAPI
@@ -37,7 +39,9 @@ log = logging.getLogger("greencode.serve")
 HEALTH_APP = "greencode-health"  # the probe's Serve application, at route_prefix HEALTH_PREFIX
 HEALTH_PREFIX = "/health"
 MODEL_APP = "greencode"  # the model's Serve application, whose ingress answers ``describe``
-DESCRIBE_WAIT_S = 0.5  # how long one /health waits for the model's description before answering without it
+DESCRIBE_WAIT_S = 0.5  # how long the first /health waits for the model's description before answering without it
+DESCRIBE_AGAIN_S = 10.0  # a description older than this is asked again (a redeployed model), answered from cache
+
 
 class AtRoot:
     """ASGI middleware: Serve hands the app ``/health`` with root_path ``/health``, which Starlette would route as
@@ -64,7 +68,9 @@ class HealthProbe:
         self.cfg = validate(ServeConfig, cfg, source="serve config")
         self.model_app = model_app
         self.description: dict[str, Any] | None = None
-        self._asking: asyncio.Future[Any] | None = None
+        self.described_at = 0.0
+        self._asking: asyncio.Future[Any] | None = None  # the model's answer, while awaited
+        self._refresh: asyncio.Future[None] | None = None  # a background re-ask of a description that has aged
 
     def __serve_build_asgi_app__(self) -> Any:
         """The probe's app behind the same Guard as the model's (its one route is open: no key)."""
@@ -82,13 +88,19 @@ class HealthProbe:
                 handle = serve.get_deployment_handle("GreenCodeServer", app_name=self.model_app)
                 self._asking = asyncio.ensure_future(handle.describe.remote())
             self.description = await asyncio.wait_for(asyncio.shield(self._asking), DESCRIBE_WAIT_S)
+            self.described_at = time.monotonic()
         except Exception as err:  # noqa: BLE001 (not deployed yet, busy, restarting: answered without it)
             log.info("health: the model's description is not available yet (%s: %s)", type(err).__name__, err)
+
+    def _aged(self) -> bool:
+        return time.monotonic() - self.described_at > DESCRIBE_AGAIN_S
 
     @probe_api.get("/", tags=["ops"], summary="liveness + what is loaded (no API key needed; no paths)")
     async def health(self) -> dict[str, Any]:
         if self.description is None:
             await self._describe()
+        elif self._aged() and (self._refresh is None or self._refresh.done()):
+            self._refresh = asyncio.ensure_future(self._describe())  # this answer comes from the cache meanwhile
         return {"status": "ok", **(self.description or {"model": None})}
 
 
