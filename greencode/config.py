@@ -517,12 +517,21 @@ class RequestLimits(_Strict):
         32, ge=1, description="request bodies read at once per replica; one more is a 503 with Retry-After at once")
 
 
+PROXY_TIMEOUT_MARGIN_S = 1.5  # Serve's proxy gives up this long after the request timeout: a backstop that never
+                              # fires before the replica's own 503 / stream error event
+
+
 class AdmissionLimits(_Strict):
     """Backpressure of one lane (streams, or non-streaming batches) of one replica."""
 
-    max_active: int = Field(16, ge=1, description="requests of the lane doing model work at once")
-    max_queued: int = Field(32, ge=0, description="requests waiting for a slot, in arrival order; one more is a 429")
-    request_timeout_s: float = Field(60.0, gt=0, description="arrival to last byte; then a 503 or a stream error event")
+    # Sized from a CPU replica's measured step time (docs/serving.md, "Sizing admission"): both lanes full of
+    # default-length requests (60 new tokens) finish within the default request timeout, the queued ones included
+    max_active: int = Field(4, ge=1, description="requests of the lane doing model work at once")
+    max_queued: int = Field(4, ge=0, description="requests waiting for a slot, in arrival order; one more is a 429")
+    request_timeout_s: float = Field(
+        60.0, gt=0, description="from the replica's first sight of a request (before its body is read) to its last "
+                                "byte; then a 503 or a stream error event. Serve's proxy gives up "
+                                f"{PROXY_TIMEOUT_MARGIN_S:g} s later")
     max_retry_after_s: int = Field(60, ge=1, description="cap of the Retry-After estimate (seconds)")
 
     @property
@@ -532,7 +541,12 @@ class AdmissionLimits(_Strict):
 
 
 SERVE_LANES = 2  # streams and non-streaming batches are admitted separately
-OPS_HEADROOM = 8  # requests Serve lets through beyond the lanes' capacity: /health, /metrics, refusals in flight
+OPS_HEADROOM = 8  # requests Serve lets through beyond the lanes' capacity: /ready, /metrics, refusals in flight
+# Serve's per-replica cap by default: far above what the lanes hold, so Serve's router hands a burst on at once and
+# the replica answers the excess itself (429/503 with Retry-After, counted from its arrival) instead of the router
+# holding it, unanswered and outside the request's deadline (docs/serving.md: with a cap of 104, a 300-request burst
+# had answers 2.2 s past the 60 s timeout; with 4000, none past it)
+ROUTER_PASS_THROUGH = 1000
 
 
 class ServeConfig(_Strict):
@@ -583,8 +597,9 @@ class ServeConfig(_Strict):
     )
     torch_threads: int | None = Field(None, ge=1, description="torch threads per replica; None = num_cpus")
     max_ongoing_requests: int | None = Field(
-        None, ge=1, description="Serve's cap per replica; None = both lanes' capacity + 8. A smaller cap would queue "
-                                "requests in Serve, where they get no 429",
+        None, ge=1, description=f"Serve's cap per replica; None = {ROUTER_PASS_THROUGH} (or both lanes' capacity "
+                                f"+ {OPS_HEADROOM} if more). Beyond it Serve's router holds requests, where they get "
+                                "no 429 and their deadline does not count",
     )
 
     @field_validator("api_key")
@@ -632,7 +647,12 @@ class ServeConfig(_Strict):
     @property
     def ongoing_requests(self) -> int:
         """Serve's ``max_ongoing_requests`` for a replica: above what the lanes hold, so our 429s reach clients."""
-        return self.max_ongoing_requests or self.admitted_requests + OPS_HEADROOM
+        return self.max_ongoing_requests or max(ROUTER_PASS_THROUGH, self.admitted_requests + OPS_HEADROOM)
+
+    @property
+    def proxy_timeout_s(self) -> float:
+        """Serve's ``http_options.request_timeout_s``: the admission deadline plus PROXY_TIMEOUT_MARGIN_S."""
+        return self.admission.request_timeout_s + PROXY_TIMEOUT_MARGIN_S
 
 
 # --------------------------------------------------------------------------- pipeline

@@ -70,6 +70,11 @@ class Admission:
     def queued(self) -> int:
         return len(self._waiters)
 
+    @property
+    def accepting(self) -> bool:
+        """Whether a request arriving now would get a slot or a place in the queue (not a 429)."""
+        return self.active < self.limits.max_active or self.queued < self.limits.max_queued
+
     def retry_after_s(self) -> int:
         """Seconds until a slot is likely free for a newcomer, from measured slot times."""
         per_slot = self._mean_hold_s if self._mean_hold_s is not None else 1.0
@@ -77,9 +82,12 @@ class Admission:
         return int(min(max(1, estimate), self.limits.max_retry_after_s))
 
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[Deadline]:
-        """Hold one slot while the body runs; raises Overloaded (queue full) or TimedOut (no slot in time)."""
-        deadline = Deadline(time.monotonic() + self.limits.request_timeout_s)
+    async def slot(self, arrived: float | None = None) -> AsyncIterator[Deadline]:
+        """Hold one slot while the body runs; raises Overloaded (queue full) or TimedOut (no slot in time).
+
+        The deadline is ``request_timeout_s`` after ``arrived`` (a ``time.monotonic()`` value: when the replica
+        first saw the request, before its body was read), or after now."""
+        deadline = Deadline((time.monotonic() if arrived is None else arrived) + self.limits.request_timeout_s)
         if self.active >= self.limits.max_active or self._waiters:
             await self._wait(deadline)
         else:

@@ -6,14 +6,16 @@
 Routes (see docs/serving.md): TGI ``/generate``,
 ``/generate_stream`` (SSE) and ``/`` (text_generation client); Ollama / llm-vscode
 ``/api/generate`` (+ trailing slash, NDJSON when streaming), ``/api/show``,
-``/api/tags``; OpenAI ``/v1/completions`` (+ SSE); ``/health``; ``/metrics``.
+``/api/tags``; OpenAI ``/v1/completions`` (+ SSE); ``/ready``; ``/metrics``. ``/health`` is an
+application of its own beside this one (probe.py), so it answers however busy this replica is.
 
 A request passes, in order: the Guard (guard.py: Host, Origin, route and method, API key (which
 names the tenant) before the body, JSON content type, body size and rate, strict UTF-8 JSON),
 the request schema (schemas.py),
 the request limits (limits.py), admission to its lane (admission.py: streams and
 non-streaming batches are admitted separately; 429 with Retry-After when the lane's queue is
-full, 503 when no slot frees before the request timeout), tokenization (on its own thread;
+full, 503 when no slot frees before the request timeout, counted from the Guard's first sight of the
+request), tokenization (on its own thread;
 fill-in-the-middle requests get the served model's own FIM layout, prompts.py), then
 generation. Non-streaming requests go through Serve batching: requests that arrive
 together and share gate + sampling settings and cache partition run as one batch, each row
@@ -44,7 +46,7 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
 from ray.serve.deployment import Application
 from ray.serve.exceptions import RayServeException
@@ -61,7 +63,7 @@ from serve_app.admission import Admission, Deadline, TimedOut
 from serve_app.errors import ERRORS, ApiError, GenerationFailed
 from serve_app.fair import FairWorker
 from serve_app.formats import OLLAMA, OPENAI, TGI, Completion
-from serve_app.guard import Guard, tenant_of
+from serve_app.guard import Guard, arrival_of, tenant_of
 from serve_app.limits import check_request
 from serve_app.metrics import ErrorCounter, ServeMetrics
 from serve_app.prompts import PromptBuilder
@@ -105,6 +107,7 @@ class Job:
     generation: GenerationConfig
     partition: Partition  # the prefix cache entries it may match and adds to: its tenant's, with its salt
     cache_prompt: bool = True  # read and write the replica's prefix cache
+    arrived: float | None = None  # time.monotonic() when the replica first saw its request: the deadline's start
     batch_key: str = ""  # jobs with equal keys can share one generation batch
     prompt_ids: list[int] = field(default_factory=list)  # filled on the tokenizer thread
     cancelled: bool = False
@@ -254,10 +257,13 @@ class GreenCodeServer:
         """Validated jobs of a request, nothing tokenized yet (a refusal here costs no model work)."""
         try:
             self._limits(asks)
-            return [self._job(a, tenant_of(request.scope)) for a in asks]
+            jobs = [self._job(a, tenant_of(request.scope)) for a in asks]
         except ApiError:
             self.stats.record_request(protocol, "rejected")
             raise
+        for job in jobs:
+            job.arrived = arrival_of(request.scope)
+        return jobs
 
     def _encode(self, jobs: list[Job]) -> None:
         """Runs on the tokenizer thread: each job's prompt ids, checked against the context limit."""
@@ -349,7 +355,7 @@ class GreenCodeServer:
     async def _complete(self, protocol: str, jobs: list[Job]) -> list[Completion]:
         """A non-streaming request: admitted to the batch lane, tokenized, generated within its deadline."""
         start = time.perf_counter()
-        async with self.batches.slot() as deadline:
+        async with self.batches.slot(jobs[0].arrived) as deadline:
             await self._tokenize(protocol, jobs)
             try:
                 completions = await asyncio.wait_for(asyncio.gather(*(self._generate_batch(j) for j in jobs)),
@@ -385,7 +391,7 @@ class GreenCodeServer:
         """Admit a stream to its lane (a refusal is still an HTTP 429/503), tokenize, and hand the slot to the
         response, which gives it back when the stream ends."""
         slot = AsyncExitStack()
-        deadline = await slot.enter_async_context(self.streams.slot())
+        deadline = await slot.enter_async_context(self.streams.slot(job.arrived))
         try:
             await self._tokenize(protocol, [job])
         except BaseException:
@@ -544,13 +550,30 @@ class GreenCodeServer:
 
     # ------------------------------------------------------------------ operations
 
-    @api.get("/health", tags=["ops"], summary="liveness + what is loaded (no API key needed; no paths)")
-    async def health(self) -> dict[str, Any]:
-        return {"status": "ok", "model": self.model_name, "num_layers": self.lm.num_layers,
+    def describe(self) -> dict[str, Any]:
+        """What this replica serves (no paths): the /health application asks for it once (serve_app/probe.py)."""
+        return {"model": self.model_name, "num_layers": self.lm.num_layers,
                 "exit_points": self.lm.exit_points, "default_gate": self.default_gate,
                 "policy_loaded": self.policy is not None, "energy_meter": self.generator.meter.source,
                 "context_limit": self.context_limit, "max_batch_size": self.cfg.max_batch_size,
                 "prefix_cache_mb": self.cfg.prefix_cache_mb, "fim": self.fim.family if self.fim else None}
+
+    def check_health(self) -> None:
+        """Serve's own replica health check: a replica whose generation thread is gone is replaced."""
+        if not self.worker.alive:
+            raise RuntimeError("the generation thread is not running")
+
+    @api.get("/ready", tags=["ops"], summary="readiness: the model is loaded and a request of either kind would be "
+                                             "admitted now (503 with Retry-After when a lane is full; no API key)")
+    async def ready(self) -> JSONResponse:
+        lanes = {"streams": self.streams, "batches": self.batches}
+        full = {name: lane for name, lane in lanes.items() if not lane.accepting}
+        body = {"status": "busy" if full else "ready", "model": self.model_name,
+                **{name: "full" if name in full else "accepting" for name in lanes}}
+        if not full:
+            return JSONResponse(body)
+        retry = min(lane.retry_after_s() for lane in full.values())
+        return JSONResponse(body, status_code=503, headers={"Retry-After": str(retry)})
 
     @api.get("/metrics", responses=ERRORS, tags=["ops"], summary="Prometheus metrics of the replica that answers",
              response_class=PlainTextResponse)

@@ -27,6 +27,10 @@ class FairWorker:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)  # ends with the replica process
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def submit(self, tenant: str, fn: Callable[..., Any], *args: Any) -> Future:
         """Run ``fn(*args)`` on the worker thread in ``tenant``'s turn; its result or exception comes in the Future."""
         future: Future = Future()

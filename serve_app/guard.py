@@ -15,8 +15,9 @@ the ASGI scope (:func:`tenant_of`). Bodies are read by at most ``max_body_reader
 once (503 with Retry-After beyond), counted as they arrive (413 past ``max_body_bytes``, at once
 when ``Content-Length`` says so) and must keep arriving at ``body_min_rate_bytes_s`` after
 ``body_grace_s``, within ``body_timeout_s`` in all (408 otherwise). The body is then decoded
-once, here, strictly: UTF-8 (no UTF-16/32, no BOM), valid JSON, nested at most ``MAX_JSON_DEPTH``
-levels, no lone surrogate in any key or value, or it is refused with a 4xx naming what is
+once, here, strictly: UTF-8 (no UTF-16/32, no BOM), nested at most ``MAX_JSON_DEPTH`` levels
+(counted before the parser recurses), valid JSON with numbers of at most ``MAX_NUMBER_CHARS``
+characters, no lone surrogate in any key or value, or it is refused with a 4xx naming what is
 wrong; the app's own JSON parser only ever sees bodies that passed. With ``require_json=False``
 (an explicit opt-out, for a trusted front end) any POST body is read as JSON whatever its
 content type, as Ollama does. Scopes other than HTTP (websockets) are refused; lifespan events
@@ -31,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import time
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -39,13 +41,24 @@ from starlette.routing import Match
 
 from greencode.config import LOOPBACK_HOSTS
 from serve_app import formats
-from serve_app.limits import RequestLimits, Violation, body_too_large, check_content_length, check_json
+from serve_app.limits import (
+    NumberTooLong,
+    RequestLimits,
+    Violation,
+    body_too_large,
+    check_content_length,
+    check_json,
+    json_depth,
+    parse_float,
+    parse_int,
+)
 
 ANY_HOST = "*"
 BODY_METHODS = ("POST", "PUT", "PATCH")
-OPEN_PATHS = ("/health", "/docs", "/openapi.json")  # no key needed: liveness, and the API's own description
+OPEN_PATHS = ("/ready", "/docs", "/openapi.json")  # no key needed: readiness, the API's own description
 MAX_JSON_DEPTH = 64  # objects/arrays nested in a body; no client request comes near
 TENANT = "greencode.tenant"  # ASGI scope key of the request's tenant
+ARRIVAL = "greencode.arrival"  # ASGI scope key: time.monotonic() when the replica first saw the request
 ANONYMOUS = "anonymous"  # the one tenant of a server without keys
 
 
@@ -55,6 +68,11 @@ def route_path(scope: dict[str, Any]) -> str:
     if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
         return path[len(root):] or "/"
     return path
+
+
+def arrival_of(scope: dict[str, Any]) -> float | None:
+    """When the Guard first saw the request (``time.monotonic()``); the request deadline counts from it."""
+    return scope.get(ARRIVAL)
 
 
 def tenant_of(scope: dict[str, Any]) -> str:
@@ -127,6 +145,7 @@ class Guard:
         if scope["type"] != "http":  # a websocket: closing before accepting answers the handshake with a 403
             await send({"type": "websocket.close", "code": 1008, "reason": "this server speaks HTTP only"})
             return
+        scope = {**scope, ARRIVAL: time.monotonic()}
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         refusal, tenant = self._check_headers(scope, headers)
         if tenant is not None:
@@ -261,12 +280,14 @@ def check_text(body: bytes) -> Violation | None:
     except UnicodeDecodeError as err:
         return Violation(f"request body is not valid UTF-8 (byte {err.start}: {body[err.start:err.start + 1]!r}): "
                          "send UTF-8 JSON", None)
-    try:
-        data = json.loads(text)  # a str: json never guesses another encoding here
+    if (depth := json_depth(text)) > MAX_JSON_DEPTH:  # before the parser, which recurses once per level
+        return Violation(f"request body nests JSON deeper than {MAX_JSON_DEPTH} levels ({depth})", None)
+    try:  # a str: json never guesses another encoding here
+        data = json.loads(text, parse_int=parse_int, parse_float=parse_float)
+    except NumberTooLong as err:
+        return Violation(f"request body holds {err}", None)
     except ValueError as err:
         return Violation(f"request body is not valid JSON ({str(err)[:200]}): send UTF-8 JSON", None)
-    except RecursionError:  # the parser's own bound, far past MAX_JSON_DEPTH
-        return Violation(f"request body nests JSON deeper than {MAX_JSON_DEPTH} levels", None)
     return check_json(data, MAX_JSON_DEPTH)
 
 

@@ -5,9 +5,11 @@ violation into a 4xx in the calling client's shape (``status=None``: the protoco
 request" status, 422 for TGI, 400 otherwise; 413 for an oversized body). Order of use:
 
 1. ``check_content_length`` on the headers, then the byte count while the body is read (413);
-2. ``check_json`` on the parsed JSON: nesting depth, and a lone surrogate (``"\\ud800"`` is valid JSON, and
-   the JSON decoder also lets UTF-8-encoded surrogates through) anywhere, key or value, would
-   fail later in the tokenizer or in the response encoder;
+2. ``json_depth`` on the body text before it is parsed (the parser recurses once per level, so the
+   bound comes first), ``parse_int`` / ``parse_float`` while it is parsed (numbers longer than
+   ``MAX_NUMBER_CHARS`` are refused, not converted), then ``check_json`` on the parsed JSON: a lone
+   surrogate (``"\\ud800"`` is valid JSON, and the JSON decoder also lets UTF-8-encoded surrogates
+   through) anywhere, key or value, would fail later in the tokenizer or in the response encoder;
 3. ``check_request`` on what the request asks for, before tokenizing (prompt characters bound
    the tokenizer's work; the token count is then checked against the context limit).
 
@@ -19,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from greencode.config import RequestLimits
 
@@ -48,6 +52,49 @@ def body_too_large(size: int, limits: RequestLimits) -> Violation | None:
         return None
     return Violation(f"request body is {size} bytes or more; this server accepts at most {limits.max_body_bytes}",
                      None, 413)
+
+
+MAX_NUMBER_CHARS = 64  # characters of one JSON number: no request field needs more than a float's 17 digits
+
+_BRACKET_STEP = np.zeros(256, np.int8)  # byte -> nesting change
+_BRACKET_STEP[list(b"[{")] = 1
+_BRACKET_STEP[list(b"]}")] = -1
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def json_depth(text: str) -> int:
+    """The deepest array/object nesting of JSON text, counted without recursing or parsing (linear, C-speed).
+
+    Escaped backslashes and quotes are dropped, so every remaining quote opens or closes a string; the
+    brackets outside strings are then counted. For text that is not valid JSON this bounds the nesting of
+    the valid prefix a parser reads before it fails, which is all it recurses over.
+    """
+    unescaped = text.replace("\\\\", "").replace('\\"', "")
+    outside = "".join(unescaped.split('"')[::2]).encode("utf-8", "surrogatepass").translate(None, _NOT_BRACKETS)
+    if not outside:
+        return 0
+    return int(np.cumsum(_BRACKET_STEP[np.frombuffer(outside, np.uint8)], dtype=np.int64).max())
+
+
+class NumberTooLong(ValueError):
+    """A JSON number longer than MAX_NUMBER_CHARS (raised from the parser's number hooks)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(f"a number of {len(text)} characters ({text[:20]}...): numbers are at most "
+                         f"{MAX_NUMBER_CHARS} characters")
+
+
+def parse_int(text: str) -> int:
+    """``json.loads(parse_int=...)``: a digit string longer than any field needs is refused, not converted."""
+    if len(text) > MAX_NUMBER_CHARS:
+        raise NumberTooLong(text)
+    return int(text)
+
+
+def parse_float(text: str) -> float:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise NumberTooLong(text)
+    return float(text)
 
 
 def _escaped(text: str) -> str:

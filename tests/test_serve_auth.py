@@ -85,7 +85,7 @@ def test_guard_checks_the_key_before_reading_a_byte():
     assert json.loads(sent[1]["body"])["error"]["type"] == "authentication_error"
     sent, reads = _call(guard, "/generate", {"authorization": f"bearer {API_KEY}", **json_type}, b'{"a": 1}')
     assert (sent[0]["status"], sent[1]["body"], reads) == (200, b'{"a": 1}', 1)
-    sent, _ = _call(guard, "/health", {})
+    sent, _ = _call(guard, "/ready", {})
     assert sent[0]["status"] != 401  # open path: no key needed (then the content type is what is wrong)
 
 

@@ -7,7 +7,8 @@ import json
 from fastapi import FastAPI
 
 from greencode.config import RequestLimits
-from serve_app.guard import Guard, tenant_of
+from serve_app.guard import Guard, check_text, tenant_of
+from serve_app.limits import json_depth
 
 LIMITS = RequestLimits(body_grace_s=0.2, body_min_rate_bytes_s=1000, max_body_readers=1)
 KEYS = {"alice": "key-a", "bob": "key-b"}
@@ -112,3 +113,21 @@ def test_websockets_are_closed_before_the_app():
 
     asyncio.run(Guard(app, limits=LIMITS)({"type": "websocket", "path": "/generate", "headers": []}, receive, send))
     assert sent == [{"type": "websocket.close", "code": 1008, "reason": "this server speaks HTTP only"}]
+
+
+def test_json_depth_is_counted_before_parsing_and_skips_strings():
+    assert json_depth("") == 0 and json_depth('{"a": [1, {"b": []}]}') == 4
+    assert json_depth('{"a": "[[[[ {{ \\" [[[ \\\\"}') == 1  # brackets and escaped quotes inside a string
+    assert json_depth('["\\\\", [["]]]"]]]') == 3  # an escaped backslash ends before the quote
+    assert json_depth("[" * 100_000) == 100_000 and json_depth("]" * 10 + "[[") <= 2
+
+
+def test_malformed_json_is_refused_before_the_parser_recurses_or_converts():
+    deep = check_text(b"[" * 10_000 + b"]" * 10_000)
+    assert deep.status is None and deep.message == "request body nests JSON deeper than 64 levels (10000)"
+    assert "a number of 1000 characters" in check_text(b'{"max_tokens": ' + b"9" * 1000 + b"}").message
+    assert "a number of 70 characters" in check_text(b'{"t": 0.' + b"1" * 68 + b"}").message
+    assert check_text(b'{"t": 0.' + b"1" * 60 + b', "n": -12345678901234567890}') is None
+    for body in (b"\\" * 2**20, b'{"inputs": "' + b"\\" * (2**20 + 1) + b'"}'):
+        assert "not valid JSON" in check_text(body).message
+    assert check_text(b'{"inputs": "' + b"\\" * 2**20 + b'"}') is None  # valid: 512 Ki escaped backslashes

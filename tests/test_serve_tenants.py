@@ -38,7 +38,8 @@ KEYS = {"alice": "key-of-alice", "bob": "key-of-bob"}
 ALICE = {"Authorization": f"Bearer {KEYS['alice']}"}
 BOB = {"Authorization": f"Bearer {KEYS['bob']}"}
 CONFIG = {"api_keys": KEYS, "default_gate": "full", "max_batch_size": 8, "batch_wait_timeout_s": 0.05,
-          "prefix_cache_mb": 64, "generation": {"max_new_tokens": 4}}
+          "prefix_cache_mb": 64, "generation": {"max_new_tokens": 4},
+          "admission": {"max_active": 16, "max_queued": 32}}  # 17 streams at once: fairness, not admission, is tested
 POST_ROUTES = ["/generate", "/generate_stream", "/", "/api/generate", "/api/generate/", "/api/show",
                "/v1/completions"]
 
@@ -137,11 +138,45 @@ def test_utf16_and_utf32_bodies_are_4xx_on_every_post_route_and_good_requests_be
         assert future.result().status_code == 200, future.result().text
 
 
+def malformed_bodies() -> dict[str, tuple[bytes, str]]:
+    """Malformed JSON of each shape (issue 22), and what the refusal must say."""
+    digits = "9" * 1000
+    return {
+        "nested 10,000 deep": (b'{"x": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", "deeper than 64 levels (10001)"),
+        "a 1,000-digit number": (f'{{"inputs": "x", "prompt": "x", "max_tokens": {digits}}}'.encode(),
+                                 "a number of 1000 characters"),
+        "a 1 MB string of backslashes": (b'{"inputs": "' + b"\\" * (2**20 + 1) + b'"}', "not valid JSON"),
+        "1 MB of backslashes": (b"\\" * 2**20, "not valid JSON"),
+    }
+
+
+def test_malformed_json_of_every_shape_is_a_4xx_on_every_post_route_and_the_server_keeps_serving(http):
+    """Depth, number size and escapes: the route's invalid-request status in its client's error shape, never a 500;
+    a request beside them and after them is served."""
+    good_prompt = unique_prompt("# after malformed")
+    jobs = [(path, name, body, says) for path in POST_ROUTES for name, (body, says) in malformed_bodies().items()]
+
+    def bad(job):
+        path, name, body, _ = job
+        return http.post(path, content=body, headers={**ALICE, "content-type": "application/json"})
+
+    with ThreadPoolExecutor(4) as pool:
+        beside = pool.submit(TGI.post, http, TGI.body(prompt=good_prompt, max_new_tokens=3), headers=BOB)
+        answers = list(pool.map(bad, jobs))
+    for (path, name, _, says), response in zip(jobs, answers):
+        protocol = OPENAI if path.startswith("/v1/") else OLLAMA if path.startswith("/api/") else TGI
+        message = assert_error(response, protocol.validation_status, protocol=protocol)
+        assert says in message, (path, name, message)
+    assert beside.result().status_code == 200, beside.result().text
+    after = TGI.post(http, TGI.body(prompt=good_prompt, max_new_tokens=3), headers=BOB)
+    assert after.status_code == 200, after.text
+
+
 @pytest.mark.parametrize("protocol", PROTOCOLS, ids=PROTOCOL_IDS)
-def test_json_nested_10000_deep_is_a_4xx(http, protocol):
-    body = b'{"x": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"
-    response = http.post(protocol.path, content=body, headers={**ALICE, "content-type": "application/json"})
-    assert "deeper than 64" in assert_error(response, protocol.validation_status)
+def test_a_1mb_prompt_of_backslashes_is_refused_naming_the_prompt(http, protocol):
+    """Valid JSON (each backslash escaped), 512 Ki characters: over max_prompt_chars, refused before tokenizing."""
+    response = protocol.post(http, protocol.body(prompt="\\" * 2**19), headers=ALICE)
+    assert "100000" in assert_error(response, protocol.validation_status, protocol.prompt_field, protocol)
 
 
 # --------------------------------------------------------------------------- no slot without a reason

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from greencode.config import LOOPBACK_HOSTS, ConfigError, ServeConfig, validate
 from serve_app.app import ModelLoader, build_app_with_loader
+from serve_app.probe import HEALTH_APP, HEALTH_PREFIX, MODEL_APP, build_probe
 from workflows.common import ConfigCommand, Flag, cli_errors, init_ray, setup_logging
 
 log = logging.getLogger("greencode.serve")
@@ -125,12 +126,16 @@ def parse(argv: list[str] | None) -> tuple[ServeConfig, argparse.Namespace]:
 
 def run(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, blocking: bool = False,
         model_loader: ModelLoader | None = None):
-    """Start (or update) the app on Ray Serve at http://host:port/; returns its DeploymentHandle."""
+    """Start (or update) the app on Ray Serve at http://host:port/, and /health beside it (serve_app/probe.py);
+    returns the model app's DeploymentHandle. Serve's proxy times a request out ``cfg.proxy_timeout_s`` after it
+    took it: just after the replica's own deadline, as a backstop."""
     from ray import serve
 
     init_ray()
-    serve.start(http_options={"host": host, "port": port})
-    return serve.run(build_app_with_loader(cfg, model_loader), name="greencode", route_prefix="/", blocking=blocking)
+    serve.start(http_options={"host": host, "port": port, "request_timeout_s": cfg.proxy_timeout_s})
+    handle = serve.run(build_app_with_loader(cfg, model_loader), name=MODEL_APP, route_prefix="/")
+    serve.run(build_probe(cfg), name=HEALTH_APP, route_prefix=HEALTH_PREFIX, blocking=blocking)
+    return handle
 
 
 @cli_errors
