@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-pytest_plugins = ["serve_helpers"]  # the abuse app's server/http/plan fixtures, shared by its test modules
+pytest_plugins = ["serve_helpers", "s3_helpers"]  # the abuse app's server/http/plan fixtures; a local S3 server
 
 
 def make_tiny(arch: str = "llama", num_layers: int = 12, vocab_size: int = 49152, hidden: int = 64,
