@@ -115,3 +115,8 @@ def test_a_local_store_works_the_same_way(tmp_path):
     store.publish(artifact(tmp_path), "model", "sha256:abc")
     assert store.pointer("model")["digest"] == "sha256:abc"
     assert scratch_dir("s3://b/run") != scratch_dir("s3://b/other")
+
+
+def test_wrong_credentials_are_one_error_naming_the_uri(bucket, s3_denies_access):
+    with pytest.raises(StorageError, match=rf"s3://{bucket}/run: cannot write to it \(.*(denied|Access|key)"):
+        Store(f"s3://{bucket}/run").check()
