@@ -120,3 +120,45 @@ def test_a_local_store_works_the_same_way(tmp_path):
 def test_wrong_credentials_are_one_error_naming_the_uri(bucket, s3_denies_access):
     with pytest.raises(StorageError, match=rf"s3://{bucket}/run: cannot write to it \(.*(denied|Access|key)"):
         Store(f"s3://{bucket}/run").check()
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fails the test if the pipeline gets as far as starting Ray."""
+    from workflows import pipeline
+
+    def refuse(**_: object) -> None:
+        raise AssertionError("the pipeline started Ray")
+
+    monkeypatch.setattr(pipeline, "init_ray", refuse)
+
+
+def refused_pipeline(run_dir: str) -> str:
+    """The pipeline CLI's one-line error (exit status 1) for the demo preset on ``run_dir``."""
+    from workflows import pipeline
+
+    with pytest.raises(SystemExit) as exit_:
+        pipeline.main(["--preset", "demo", "--set", f"run_dir={run_dir}"])
+    assert isinstance(exit_.value.code, str)  # SystemExit(str): printed, exit status 1
+    return exit_.value.code
+
+
+def test_a_pipeline_on_a_missing_bucket_stops_before_ray_writing_nothing(bucket, s3_server, tmp_path, no_ray):
+    message = refused_pipeline("s3://no-such-bucket-gc/run")
+    assert message.startswith("error: s3://no-such-bucket-gc/run: cannot write to it (")
+    assert not (tmp_path / "cache").exists() and not s3_server.keys(bucket)
+
+
+def test_a_pipeline_with_wrong_credentials_stops_before_ray_writing_nothing(bucket, s3_server, tmp_path, no_ray,
+                                                                             s3_denies_access):
+    message = refused_pipeline(f"s3://{bucket}/run")
+    assert message.startswith(f"error: s3://{bucket}/run: cannot write to it (")
+    assert "testing" not in message  # credentials never reach the output
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_pipeline_on_a_scheme_without_a_file_system_stops_before_ray(tmp_path, monkeypatch, no_ray):
+    monkeypatch.setenv("GREENCODE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    assert refused_pipeline("foo://bucket/run").startswith("error: foo://bucket/run: no file system for foo://")
+    assert not list(tmp_path.iterdir())

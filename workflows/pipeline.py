@@ -322,7 +322,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
     with ExitStack() as held:
         if store is not None:
             store.check()  # a missing bucket or denied access: one error naming the URI
-            held.enter_context(ObjectLock(store))
+            held.enter_context(ObjectLock(store, lease_s=cfg.lock_lease_s))
         root.mkdir(parents=True, exist_ok=True)
         held.enter_context(RunDirLock(root))
         remote = RemoteRun(remote_uri, root) if remote_uri else None
