@@ -119,6 +119,9 @@ def s3_run(cluster, s3_server, tmp_path_factory, tokenizer) -> S3Run:
     outcome, r.seen["rerun"] = logged(pipeline.run, cfg)
     r.seen["final"] = pipeline.final_message(cfg, outcome)
     r.seen["keys"] = s3_server.keys(bucket)
+    r.seen["uploads"] = {(name, attempt.split("/")[0], store.pointer(name)["attempt"])  # (pyarrow leaves empty
+                         for name, attempt in (k[len("run/"):].split(".attempts/") for k in r.seen["keys"]
+                                               if ".attempts/" in k and not k.endswith("/"))}  # "dir/" markers)
     _, r.seen["unchanged"] = logged(pipeline.run, cfg)
     changed = validate(PipelineConfig, s3_config(root, r.uri, evaluate={"thresholds": [0.6]}))
     _, r.seen["changed"] = logged(pipeline.run, changed)
@@ -162,11 +165,8 @@ def test_every_artifact_is_in_the_bucket_and_nothing_under_the_working_directory
         assert f"run/{pointer}" in keys
     assert any(k.startswith("run/finetune/lite/checkpoint_") for k in keys)  # Ray Train's checkpoints
     assert any(k.startswith("run/sweep/") and k.endswith("result.json") for k in keys)  # Tune's trials
-    store = Store(s3_run.uri)
-    for key in keys:  # one upload per artifact: the one its pointer names (a cut-off one was cleaned)
-        if ".attempts/" in key:
-            name, attempt = key[len("run/"):].split(".attempts/")
-            assert attempt.split("/")[0] == store.pointer(name)["attempt"], key
+    uploads = s3_run.seen["uploads"]  # one upload per artifact: the one its pointer names (a cut-off one was cleaned)
+    assert uploads and all(attempt == pointed for _, attempt, pointed in uploads), uploads
     assert not (REPO / "s3:").exists() and not Path("s3:").exists()
     assert f"greencode serve --model {s3_run.uri}/model" in s3_run.seen["final"]
     assert f"--policy {s3_run.uri}/policy/exit_policy.pt" in s3_run.seen["final"]
@@ -210,7 +210,7 @@ def test_serve_loads_the_model_and_policy_from_the_bucket(s3_run):
         serve.shutdown()
     assert reply.status_code == 200, reply.text
     assert isinstance(reply.json()["generated_text"], str)
-    fetched = sorted(p.name for p in (cache_root() / "artifacts").glob("*/*"))
+    fetched = sorted(p.name for p in (cache_root() / "artifacts").glob("*/[!.]*"))
     assert fetched == ["exit_policy.pt", "model"]  # one download each, on the replica's node
     assert ray.is_initialized()
 
