@@ -162,3 +162,13 @@ def test_a_pipeline_on_a_scheme_without_a_file_system_stops_before_ray(tmp_path,
     monkeypatch.chdir(tmp_path)
     assert refused_pipeline("foo://bucket/run").startswith("error: foo://bucket/run: no file system for foo://")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_shard_written_on_another_node_is_written_on_the_driver_from_its_bytes(tmp_path):
+    from workflows.extract import keep_on_driver
+
+    shard = tmp_path / "shards" / "shard-00000.parquet"
+    keep_on_driver(str(shard), b"")  # written on the driver's node (or shared storage): nothing to do
+    assert not shard.exists()
+    keep_on_driver(str(shard), b"PAR1 bytes an actor returned")
+    assert shard.read_bytes() == b"PAR1 bytes an actor returned"
