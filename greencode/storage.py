@@ -373,7 +373,11 @@ class ObjectLock:
 
     def _renew(self) -> None:
         while not self._stop.wait(self.lease_s / 3):
-            etag = self.store.replace_if_unchanged(self.rel, self._record(), self._etag or "")
+            try:
+                etag = self.store.replace_if_unchanged(self.rel, self._record(), self._etag or "")
+            except StorageError as err:  # the store is briefly unreachable: try again at the next renewal
+                log.warning("%s: could not renew the run-dir lock: %s", self.store.location, err)
+                continue
             if etag is None:
                 log.error("%s: lost the run-dir lock (another pipeline took it over)", self.store.location)
                 return

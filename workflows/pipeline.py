@@ -271,7 +271,8 @@ class RemoteRun:
         self.store.write_bytes(self.rel(path), path.read_bytes())
 
     def materialize(self, manifest: Manifest) -> None:
-        """Fetch into scratch the published artifacts of finished stages that scratch lacks (a fresh node)."""
+        """Fetch into scratch the published artifacts of finished stages that scratch lacks (a fresh node);
+        publish again a recorded artifact whose pointer went missing while scratch still holds it."""
         from greencode.digests import tree_digest
 
         for rec in manifest.stages.values():
@@ -279,10 +280,15 @@ class RemoteRun:
                 continue
             for rel, digest in rec.get("artifacts", {}).items():
                 local = manifest.artifact_path(rel)
-                if local.exists() and tree_digest(local) == digest:
-                    continue
                 pointer = self.store.pointer(self.rel(local))
-                if pointer is None or pointer.get("digest") != digest:
+                published = pointer is not None and pointer.get("digest") == digest
+                if local.exists() and tree_digest(local) == digest:
+                    if not published:
+                        log.info("publishing %s again (its pointer at %s is gone)", self.rel(local),
+                                 self.store.location)
+                        self.store.publish(local, self.rel(local), digest)
+                    continue
+                if not published:
                     continue  # manifest.decide finds it missing or changed, and the stage runs again
                 remove_path(local)
                 with atomic_path(local, directory=pointer.get("kind") == "dir") as tmp:
@@ -300,8 +306,8 @@ class RemoteRun:
             self.store.publish(path, self.rel(path), digest)
         for path in stage.outputs:
             self.store.publish(path, self.rel(path), tree_digest(path))
-        for path in stage.work:
-            if isinstance(path, Path) and path.exists():
+        for path in stage.work:  # checkpoints (shard dirs are artifacts, published above)
+            if isinstance(path, Path) and path.exists() and path not in stage.artifacts:
                 self.store.delete(self.rel(path))
                 self.store.upload(path, self.rel(path))
 
