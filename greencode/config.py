@@ -698,7 +698,10 @@ class PipelineConfig(_Strict):
     """Every stage end to end. ``model``/``data``/``exits`` and every artifact path are shared: the
     pipeline writes them into the stage sections, so setting them there is an error (PIPELINE_OWNED)."""
 
-    run_dir: str = Field("runs/pipeline", description="every artifact and the manifest go under it")
+    run_dir: str = Field("runs/pipeline", description="every artifact and the manifest go under it: a local path "
+                         "(on a cluster, shared storage every node mounts) or an s3:// / gs:// URI")
+    lock_lease_s: float = Field(60.0, gt=0, description="on object storage: how long the run-dir lock outlives a "
+                                "pipeline that died without releasing it (renewed every third of it while it runs)")
     model: ModelConfig = Field(default_factory=ModelConfig, description="the base model")
     inference_dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(
         "auto", description="weights dtype of the stages that only run the models (extract, evaluate: the fine-tuned "

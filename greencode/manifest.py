@@ -26,6 +26,7 @@ import os
 import platform
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -46,9 +47,9 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def relative_to_run(value: Any, run_dir: Path) -> Any:
-    """``value`` (JSON) with every path under ``run_dir`` written as ``${run_dir}/...``."""
-    root = str(run_dir)
+def relative_to_run(value: Any, run_dir: Path | str) -> Any:
+    """``value`` (JSON) with every path under ``run_dir`` (a local path or a URI) written as ``${run_dir}/...``."""
+    root = str(run_dir).rstrip("/") if isinstance(run_dir, str) else str(run_dir)
     if isinstance(value, str) and (value == root or value.startswith(root + os.sep)):
         return RUN_DIR + value[len(root):]
     if isinstance(value, dict):
@@ -157,8 +158,10 @@ class Decision:
 class Manifest:
     """``run_dir/manifest.json``: per stage, the identity it ran with, when, and what it produced."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, on_save: Callable[[Path], None] | None = None) -> None:
+        """``on_save``: called with the path after every save (a run dir on object storage uploads it)."""
         self.path = Path(path)
+        self.on_save = on_save
         self.run_dir = self.path.parent.resolve()
         self.set_aside: Path | None = None
         self.data: dict[str, Any] = {"format": FORMAT, "stages": {}}
@@ -208,7 +211,8 @@ class Manifest:
     def stages(self) -> dict[str, dict[str, Any]]:
         return self.data["stages"]
 
-    def _abs(self, rel: str) -> Path:
+    def artifact_path(self, rel: str) -> Path:
+        """The local path of a recorded artifact (``${run_dir}/...``)."""
         return Path(rel.replace(RUN_DIR, str(self.run_dir), 1))
 
     def _rel(self, path: Path) -> str:
@@ -230,7 +234,7 @@ class Manifest:
             return Decision(False, f"an attempt started {rec.get('started_at')} did not finish: resuming it", "resume")
         digests = {}
         for rel, recorded in rec.get("artifacts", {}).items():
-            path = self._abs(rel)
+            path = self.artifact_path(rel)
             if not path.exists():
                 return Decision(False, f"its artifact {path} is missing", "republish")
             digests[str(path)] = tree_digest(path)
@@ -263,3 +267,5 @@ class Manifest:
     def save(self) -> None:
         self.data["updated_at"] = _now()
         write_json(self.path, self.data)
+        if self.on_save is not None:
+            self.on_save(self.path)

@@ -25,6 +25,7 @@ from greencode.digests import file_digest, tree_digest
 from greencode.exits import resolve_exit_points
 from greencode.locks import FileLock
 from greencode.precision import weights_dtype
+from greencode.storage import is_uri, local_copy, published_digest
 from greencode.translators import META_FILE as TRANSLATORS_META
 from greencode.translators import ExitTranslators
 
@@ -378,7 +379,10 @@ def converted_gguf(gguf_path: Path) -> Path:
 
 
 def resolve_model_path(cfg: ModelConfig) -> tuple[str, str | None]:
-    """(path or hub id, gguf file name or None) for a model spec; converts a GGUF file once."""
+    """(path or hub id, gguf file name or None) for a model spec; converts a GGUF file once. A URI
+    (``s3://...``) is the published artifact there, fetched once per digest (greencode.storage)."""
+    if is_uri(cfg.name):
+        cfg = cfg.model_copy(update={"name": str(local_copy(cfg.name))})
     if cfg.name == "embedded":
         return str(converted_gguf(embedded_gguf_path())), None
     if cfg.name.endswith(".gguf"):
@@ -403,6 +407,8 @@ def model_digest(model: ModelConfig) -> str | None:
 def _weights_digest(model: ModelConfig) -> str | None:
     if model.name == "embedded":
         return tree_digest(embedded_gguf_path())
+    if is_uri(model.name):
+        return published_digest(model.name)
     path = Path(model.name)
     if path.exists():
         return tree_digest(path)
@@ -469,8 +475,8 @@ def translators_path(cfg: ModelConfig) -> Path | None:
     if cfg.translators == "none":
         return None
     if cfg.translators is not None:
-        return Path(cfg.translators)
-    own = Path(cfg.name)
+        return local_copy(cfg.translators)
+    own = local_copy(cfg.name) if is_uri(cfg.name) else Path(cfg.name)
     return own if (own / TRANSLATORS_META).is_file() else None
 
 

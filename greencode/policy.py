@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from greencode.atomic import atomic_path
+from greencode.storage import local_copy
 
 POLICY_FORMAT = "greencode.exit_policy/v1"
 CONTINUE, EXIT = 0, 1
@@ -105,8 +106,9 @@ class ExitPolicy(nn.Module):
         exit_points: Sequence[int] | None = None,
         model_fingerprint: str | None = None,
     ) -> ExitPolicy:
-        """Load a policy file, checking it against the model it will gate (when given)."""
-        path = Path(path)
+        """Load a policy file (a local path, or a URI: fetched once per digest), checking it against the
+        model it will gate (when given)."""
+        path = local_copy(path)
         if not path.is_file():
             raise FileNotFoundError(f"policy file not found: {path}")
         try:

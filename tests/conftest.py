@@ -14,7 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(1 if XDIST_WORKERS > 1 else min(2, torch.get_num_threads()))
 
-pytest_plugins = ["serve_helpers"]  # the abuse app's server/http/plan fixtures, shared by its test modules
+pytest_plugins = ["serve_helpers", "s3_helpers"]  # the abuse app's server/http/plan fixtures; a local S3 server
 
 
 def make_tiny(arch: str = "llama", num_layers: int = 12, vocab_size: int = 49152, hidden: int = 64,

@@ -2,7 +2,9 @@
 
 The driver draws the samples and cuts them into shards of ``samples_per_shard``
 (greencode.extraction); a pool of model actors (``num_workers``) writes one Parquet shard
-per chunk (temp file + rename). Existing shards are skipped, so an interrupted run resumes;
+per chunk (temp file + rename). An actor on another node than the driver's also returns the shard's
+bytes, which the driver writes where the shard belongs: a cluster without shared storage ends up
+with every shard on the driver's node. Existing shards are skipped, so an interrupted run resumes;
 ``manifest.json`` marks a finished directory. The directory records the settings and model digest
 its shards were made with: a run with others refuses to mix its shards with them.
 
@@ -15,10 +17,12 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from greencode.atomic import write_atomic
 from greencode.config import ExitConfig, ExtractConfig, ModelConfig, result_config
 from greencode.extraction import (
     ShardSample,
@@ -30,7 +34,7 @@ from greencode.extraction import (
 )
 from greencode.manifest import StageIdentity, claim_work_dir
 from greencode.modeling import model_digest
-from greencode.shards import shard_path
+from greencode.shards import is_complete, shard_path
 from workflows.common import ConfigCommand, cli_errors, init_ray, stage_presets
 
 log = logging.getLogger("greencode.extract")
@@ -40,25 +44,34 @@ class ShardWriter:
     """Ray Data actor: loads the model once, turns each chunk of samples into one shard file."""
 
     def __init__(self, model: dict[str, Any], exits: dict[str, Any], tokens_per_sample: int, hidden_dtype: str,
-                 features: list[str], feature_shortlist: int, threads: int) -> None:
+                 features: list[str], feature_shortlist: int, threads: int, driver_node: str | None = None) -> None:
+        import ray
         import torch
 
         from greencode.modeling import load_model
 
         torch.set_num_threads(threads)
+        self.remote = driver_node is not None and ray.get_runtime_context().get_node_id() != driver_node
         self.lm = load_model(ModelConfig(**model), ExitConfig(**exits))
         self.meta = meta_for(self.lm, hidden_dtype, features, feature_shortlist)
         self.tokens_per_sample = tokens_per_sample
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        written, rows = [], []
+        written, rows, data = [], [], []
         for path, ids, contexts, targets in zip(batch["shard"], batch["sample_ids"], batch["context_ids"],
                                                 batch["target_ids"]):
             samples = [ShardSample(str(i), [int(t) for t in c], [int(t) for t in g])
                        for i, c, g in zip(ids, contexts, targets)]
             rows.append(write_shard_for(self.lm, self.meta, samples, self.tokens_per_sample, path))
             written.append(str(path))
-        return {"shard": written, "rows": rows}
+            data.append(Path(path).read_bytes() if self.remote else b"")
+        return {"shard": written, "rows": rows, "data": data}
+
+
+def keep_on_driver(shard: str, data: bytes) -> None:
+    """Write a shard an actor on another node returned, unless it is already here (shared storage)."""
+    if data and not is_complete(shard):
+        write_atomic(shard, data)
 
 
 def _actor_resources(cfg: ExtractConfig, cluster: dict[str, float]) -> dict[str, float]:
@@ -98,12 +111,14 @@ def run(cfg: ExtractConfig) -> dict[str, Any]:
                 "tokens_per_sample": cfg.tokens_per_sample, "hidden_dtype": cfg.hidden_dtype,
                 "features": list(cfg.features), "feature_shortlist": cfg.feature_shortlist,
                 "threads": max(1, int(resources["num_cpus"])),
+                "driver_node": ray.get_runtime_context().get_node_id(),
             },
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=min(cfg.num_workers, len(todo))),
             **resources,
         )
-        for row in ds.take_all():
+        for row in ds.iter_rows():
+            keep_on_driver(row["shard"], row["data"])
             log.debug("wrote %s (%d tokens)", row["shard"], row["rows"])
     manifest = write_manifest(cfg, plan, time.perf_counter() - start)
     log.info("%d shards in %s (%.1f s)", len(manifest["shards"]), cfg.output_dir, manifest["time_s"])

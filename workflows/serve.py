@@ -20,6 +20,7 @@ import socket
 from pathlib import Path
 
 from greencode.config import LOOPBACK_HOSTS, ConfigError, ServeConfig, validate
+from greencode.storage import is_uri, published_digest
 from serve_app.app import ModelLoader, build_app_with_loader
 from serve_app.probe import HEALTH_APP, HEALTH_PREFIX, MODEL_APP, build_probe
 from workflows.common import ConfigCommand, Flag, cli_errors, init_ray, setup_logging
@@ -110,7 +111,11 @@ def parse(argv: list[str] | None) -> tuple[ServeConfig, argparse.Namespace]:
     if key_file is not None:
         cfg = validate(ServeConfig, {**cfg.model_dump(exclude_unset=True),
                                      "api_keys": {**cfg.api_keys, **read_key_file(key_file)}}, source=str(key_file))
-    if cfg.policy_path and not Path(cfg.policy_path).is_file():
+    for name, location in (("model.name", cfg.model.name), ("model.translators", cfg.model.translators),
+                           ("policy_path", cfg.policy_path)):
+        if is_uri(location) and published_digest(location) is None:  # a bad bucket or credentials raise here
+            raise ConfigError(f"{name}: nothing is published at {location}")
+    if cfg.policy_path and not is_uri(cfg.policy_path) and not Path(cfg.policy_path).is_file():
         raise ConfigError(f"policy_path: file not found: {cfg.policy_path}")
     if args.host not in LOOPBACK_HOSTS:
         if not cfg.tenant_keys and not args.no_auth:

@@ -21,6 +21,7 @@ from greencode.digests import tree_digest
 from greencode.fim import fim_format, fim_prompt_ids
 from greencode.modeling import EarlyExitModel, model_digest
 from greencode.policy import ExitPolicy
+from greencode.storage import local_copy
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ def make_plan(cfg: EvalConfig, lm: EarlyExitModel) -> EvalPlan:
                               "use 'psm'")
     digests = {"model": model_digest(cfg.model),
                "base_model": model_digest(cfg.base_model) if cfg.base_model else None,
-               "policy": tree_digest(cfg.policy_path) if uses_policy else None}
+               "policy": tree_digest(local_copy(cfg.policy_path)) if uses_policy else None}
     samples = build_samples(cfg, lm.tokenizer)
     batches = [
         Batch(f"ctx{frac}-b{i // cfg.batch_size:04d}", frac, tuple(group[i : i + cfg.batch_size]))
