@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/ide_session.py [--model embedded] [--mode random|type-along] [--files 3]
         [--requests 24] [--context-tokens 256] [--max-new-tokens 30] [--along-unit word|char] [--policy FILE]
-        [--threshold 0.9] [--threads 2]
+        [--threshold 0.9] [--threads 1] [--dtype auto]
     .venv/bin/python benchmarks/ide_session.py --url http://127.0.0.1:8000 [--api-key KEY]   (a running server)
 
 What the replayed IDE sends (the choice, and where it comes from):
@@ -283,7 +283,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(beyond --context-tokens: a full, sliding window)")
     p.add_argument("--max-new-tokens", type=int, default=30, help="single-line completions stop earlier, at a newline")
     p.add_argument("--cache-mb", type=float, default=256.0, help="in process: prefix cache budget per gate")
-    p.add_argument("--threads", type=int, default=2, help="in process: torch CPU threads")
+    p.add_argument("--threads", type=int, default=1,
+                   help="in process: torch CPU threads (on a shared machine, 2 threads on 2 busy cores stall each "
+                        "other: one is faster)")
+    p.add_argument("--dtype", default="auto", help="in process: model.dtype (auto, float32, bfloat16)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -308,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
         where = f"server {args.url} ({backend.health['model']}, prefix cache "
         where += f"{backend.health.get('prefix_cache_mb')} MiB, shared by the gates)"
     else:
-        lm = load_model(ModelConfig(name=args.model))
+        lm = load_model(ModelConfig(name=args.model, dtype=args.dtype))
         tok = lm.tokenizer
         positions = getattr(lm.model.config, "max_position_embeddings", args.context_tokens)
         if args.policy:
