@@ -419,11 +419,13 @@ def report(args: argparse.Namespace, cells: dict[str, Cell], backend: InProcess 
             paired = [w.latency_s() / c.latency_s() for w, c in zip(part.warm, part.cold)]
             same = sum(w.completion == c.completion for w, c in zip(part.warm, part.cold))
             hits = sum(w.served > 0 for w in part.warm)
+            same_served = sum(w.completion == c.completion for w, c in zip(part.warm, part.cold) if w.served)
             by_cap = ", ".join(f"<={cap}: x{ratio(part, .5, cap):.2f}" for cap in caps)
             print(f"{name} ({kind} requests): cache on/off p50 latency x{ratio(part, .5):.2f}, p95 "
                   f"x{ratio(part, .95):.2f}, p50 time to first token x{pct(ttft_on, .5) / pct(ttft_off, .5):.2f}, "
                   f"per-request latency ratio median x{statistics.median(paired):.2f}; same completion "
-                  f"{same}/{len(paired)}; answered from a stored completion {hits}/{len(paired)}")
+                  f"{same}/{len(paired)}; answered from a stored completion {hits}/{len(paired)} (of those, same "
+                  f"completion {same_served}/{hits})")
             print(f"  p50 latency ratio by completion cap (new tokens): {by_cap}")
         st = backend.cache_stats(name)
         if st is not None:
