@@ -21,7 +21,9 @@ streamed pieces join to exactly the whole-sequence text, for any Unicode and sto
 With a :class:`~greencode.prefix_cache.PrefixCache` the prompt pass reuses the keys/values
 of the longest prefix an earlier request stored and runs only the rest; the end of a stream
 stores each prompt with the full-depth part of its completion (issue 12: an IDE's next
-keystroke sends nearly the same prompt).
+keystroke sends nearly the same prompt). A greedy request whose output is the full model's also
+stores its completion; a later prompt that typed the first tokens of it is answered with the rest
+without decoding (type-along reuse, issue 22: :meth:`GatedGenerator.continuation_settings`).
 
 The contract other decoders build on (see :meth:`GatedGenerator.stream`):
 :meth:`~GatedGenerator.prefill` is the prompt pass, :meth:`~GatedGenerator.step` one
@@ -46,7 +48,7 @@ from greencode.fim import detect_fim
 from greencode.gates import FullGate, Gate
 from greencode.modeling import DecoderAdapter, EarlyExitModel
 from greencode.prefix_cache import PrefixCache, ScopedPrefixCache, full_depth_tokens
-from greencode.sampling import pick_tokens
+from greencode.sampling import effective_temperature, pick_tokens
 from greencode.tokens import encode
 
 BROKEN_LOGITS = "the model produced non-finite logits (NaN or inf) for this sequence"
@@ -66,6 +68,7 @@ class GenerationResult:
     exit_states: torch.Tensor | None = None  # [T, n_exits, H] when asked for (shard extraction)
     error: str | None = None  # why the sequence failed (finish_reason 'error'); its text is what came before
     cached_prompt_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
+    cached_completion_tokens: int = 0  # leading completion tokens served from a stored completion (type-along)
 
     @property
     def mean_layers(self) -> float:
@@ -207,6 +210,56 @@ class GatedGenerator:
         other = copy.copy(self)
         other.prefix_cache = prefix_cache
         return other
+
+    # ------------------------------------------------------------------ type-along reuse
+
+    def continuation_settings(self, gate: Gate, cfg: GenerationConfig, collect_exit_states: bool = False) -> str | None:
+        """The settings key under which a request's greedy completion is stored and looked up; None: neither.
+
+        Only a completion a cold request would repeat token for token qualifies: greedy, through the
+        KV cache, and the full model's own output. The ``full`` gate's is; a gated (exiting) one is
+        not, since exited tokens' propagated K/V change what later tokens see (lossless decoding,
+        :class:`~greencode.speculative.LosslessGenerator`, qualifies under its own key). Sampling never
+        does. Exit-state collection needs every token decoded, so it opts out.
+        """
+        if (self.prefix_cache is None or cfg.kv_mode != "propagate" or collect_exit_states
+                or effective_temperature(cfg.temperature) > 0 or cfg.lossless
+                or gate.decision_layers(self.lm.exit_points, self.lm.num_layers)):
+            return None
+        return "full-greedy"
+
+    def serve_stored(self, encoded: list[list[int]], rows: list[_Row], settings: str | None,
+                     cfg: GenerationConfig) -> tuple[list[int], list[TokenEvent]]:
+        """Answer each row from a stored completion its prompt typed along, as far as it goes.
+
+        Returns ``(served, events)``: ``served[r]`` tokens of row ``r`` came from the cache (recorded
+        in the row as a token its own decoding produced, with 0 layers: none ran for it), and their
+        events. A row's stop sequences, EOS and ``max_new_tokens`` apply as to decoded tokens, so a
+        row may finish here; the others decode on from ``prompt + served tokens``.
+        """
+        served = [0] * len(rows)
+        events: list[TokenEvent] = []
+        if settings is None:
+            return served, events
+        for r, (prompt, row) in enumerate(zip(encoded, rows)):
+            found = self.prefix_cache.continuation(prompt, settings)
+            if found is None:
+                continue
+            for token in found.tokens:
+                events.append(self._record(row, r, token, 0, cfg))
+                served[r] += 1
+                if row.finish_reason is not None:
+                    break
+            self.prefix_cache.record_served(served[r])
+        return served, events
+
+    def store_completions(self, encoded: list[list[int]], rows: list[_Row], settings: str | None) -> None:
+        """Store every row's finished greedy completion for later type-along requests (not a failed one's)."""
+        if settings is None:
+            return
+        for prompt, row in zip(encoded, rows):
+            if row.ids and row.finish_reason not in (None, "error"):
+                self.prefix_cache.store_completion(prompt, row.ids, settings)
 
     # ------------------------------------------------------------------ one forward step
 
@@ -403,36 +456,46 @@ class GatedGenerator:
         rng = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
         use_cache = cfg.kv_mode == "propagate"
         gate_time = 0.0
+        settings = self.continuation_settings(gate, cfg, collect_exit_states)
 
         with self.meter.measure() as measured:
-            pre = self.prefill(encoded, collect_exit_states, use_cache=use_cache)
-            attn, seq, cache, out = pre.attention_mask, pre.input_ids, pre.cache, pre.output
-            while True:
-                picked = pick_tokens(out.logits, cfg.temperature, cfg.top_p, rng)
-                next_ids, failed = picked.tokens, picked.failed.tolist()
-                gate_time += out.gate_time_s
-                events = []
-                for r, row in enumerate(rows):
-                    if row.finish_reason is None:
-                        if failed[r]:
-                            events.append(self._fail(row, r, int(out.exit_layers[r])))
-                            continue
-                        if out.exit_states is not None:
-                            row.exit_states.append(out.exit_states[r])
-                        events.append(self._record(row, r, int(next_ids[r]), int(out.exit_layers[r]), cfg))
+            served, events = self.serve_stored(encoded, rows, settings, cfg)
+            if events:
                 yield events
-                active = torch.tensor([row.finish_reason is None for row in rows], device=device)
-                if not bool(active.any()):
-                    break
-                attn = torch.cat([attn, torch.ones((bsz, 1), dtype=attn.dtype, device=device)], dim=1)
-                seq = torch.cat([seq, next_ids[:, None]], dim=1)
-                step_ids = next_ids[:, None] if use_cache else seq
-                out = self.step(step_ids, attn, cache, gate, active, collect_exit_states)
-            if cache is not None and self.prefix_cache is not None:
-                self.prefix_cache.remember(cache, attn, [full_depth_tokens(p, row.ids, row.layers, lm.num_layers)
-                                                         for p, row in zip(encoded, rows)])
+            # a row's served tokens join its prompt pass: decoding goes on after them
+            extended = [p + row.ids for p, row in zip(encoded, rows)]
+            cached = [len(p) if n else 0 for p, n in zip(encoded, served)]  # nothing of a served prompt ran
+            if any(row.finish_reason is None for row in rows):
+                pre = self.prefill(extended, collect_exit_states, use_cache=use_cache)
+                cached = [min(c, len(p)) for c, p in zip(pre.cached_tokens or [0] * bsz, encoded)]
+                attn, seq, cache, out = pre.attention_mask, pre.input_ids, pre.cache, pre.output
+                while True:
+                    picked = pick_tokens(out.logits, cfg.temperature, cfg.top_p, rng)
+                    next_ids, failed = picked.tokens, picked.failed.tolist()
+                    gate_time += out.gate_time_s
+                    events = []
+                    for r, row in enumerate(rows):
+                        if row.finish_reason is None:
+                            if failed[r]:
+                                events.append(self._fail(row, r, int(out.exit_layers[r])))
+                                continue
+                            if out.exit_states is not None:
+                                row.exit_states.append(out.exit_states[r])
+                            events.append(self._record(row, r, int(next_ids[r]), int(out.exit_layers[r]), cfg))
+                    yield events
+                    active = torch.tensor([row.finish_reason is None for row in rows], device=device)
+                    if not bool(active.any()):
+                        break
+                    attn = torch.cat([attn, torch.ones((bsz, 1), dtype=attn.dtype, device=device)], dim=1)
+                    seq = torch.cat([seq, next_ids[:, None]], dim=1)
+                    step_ids = next_ids[:, None] if use_cache else seq
+                    out = self.step(step_ids, attn, cache, gate, active, collect_exit_states)
+                if cache is not None and self.prefix_cache is not None:
+                    self.prefix_cache.remember(cache, attn, [
+                        full_depth_tokens(x, row.ids[n:], row.layers[n:], lm.num_layers)
+                        for x, row, n in zip(extended, rows, served)])
+            self.store_completions(encoded, rows, settings)
 
-        cached = pre.cached_tokens or [0] * bsz
         share = measured.energy_j / bsz if measured.energy_j is not None else None
         yield Finished([
             GenerationResult(
@@ -448,8 +511,9 @@ class GatedGenerator:
                 exit_states=torch.stack(row.exit_states) if row.exit_states else None,
                 error=row.error,
                 cached_prompt_tokens=reused,
+                cached_completion_tokens=n,
             )
-            for row, reused in zip(rows, cached)
+            for row, reused, n in zip(rows, cached, served)
         ])
 
     def generate(

@@ -27,8 +27,16 @@ plus the request's optional ``cache_salt``) and a lookup only ever matches entri
 partition: the partition's digest seeds the hash chain every index key is built from, and a
 candidate's partition is compared again before use. Each tenant has its own byte budget and
 entry cap, and evicts only its own least recently used entries, so one tenant's long prompts
-cannot push the others' out. A later kind of entry (stored completions for type-along reuse)
-keys on the same :class:`Partition`.
+cannot push the others' out.
+
+Type-along reuse (issue 22): the cache also keeps greedy completions (:class:`Continuation`) of
+requests whose output is the full model's (the ``full`` gate, or lossless decoding). When the user
+types the first tokens of a suggestion, the next prompt is the previous one followed by those
+tokens, and a cold request would answer with the rest of the suggestion: greedy decoding of the
+full model is a function of the token sequence. :meth:`PrefixCache.continuation` finds it (same
+partition, same ``settings``) and the generator serves it without decoding, then decodes on from
+the cached K/V if the request needs more. Stored completions are entries like the K/V ones: they
+count against the same budgets and entry caps and are evicted least recently used first.
 
 The index is a hash chain over token blocks (as vLLM's prefix caching): an entry is indexed
 under the chained digest of its first token and of every whole ``block_tokens`` block, so a
@@ -87,6 +95,8 @@ class PrefixCacheStats:
     budget_bytes: int
     evictions: int  # entries dropped to stay within a budget or entry cap
     rejected: int  # sequences not stored because they alone exceed their tenant's budget
+    continuations: int = 0  # of the entries, stored greedy completions (type-along reuse)
+    served_tokens: int = 0  # completion tokens answered from stored completions
 
     @property
     def hit_rate(self) -> float:
@@ -104,6 +114,28 @@ class _Entry:
     @property
     def nbytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """A stored greedy completion: ``tokens`` is what ``prompt`` decodes to under ``settings``."""
+
+    prompt: np.ndarray  # [n] int64, read-only
+    tokens: np.ndarray  # [m] int64, read-only
+    partition: Partition
+    key: bytes  # digest of (partition, settings, prompt): its index key
+
+    @property
+    def nbytes(self) -> int:
+        return self.prompt.nbytes + self.tokens.nbytes
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """What a type-along prompt is answered with: the rest of an earlier greedy completion."""
+
+    tokens: list[int]  # the stored completion after the typed tokens
+    typed: int  # tokens of the stored completion the prompt ends with
 
 
 @dataclass
@@ -154,6 +186,9 @@ class PrefixCache:
         self.block_tokens = int(block_tokens)
         self.model_fingerprint = model_fingerprint
         self._entries: dict[int, _Entry] = {}
+        self._stored: dict[int, _Stored] = {}  # greedy completions, in the same id space, LRU and budgets
+        self._stored_index: dict[bytes, int] = {}  # _Stored.key -> id
+        self._longest_stored = 0  # tokens of the longest completion ever stored (bounds a lookup)
         self._lru: OrderedDict[int, None] = OrderedDict()  # every entry, oldest use first
         self._tenants: dict[str, _Tenant] = {}
         self._index: dict[bytes, dict[int, None]] = {}  # chained digest -> entries indexed under it
@@ -162,7 +197,7 @@ class PrefixCache:
         self._bytes = 0
         self._lock = threading.Lock()
         self._lookups = self._hits = self._prompt_tokens = self._reused_tokens = 0
-        self._evictions = self._rejected = 0
+        self._evictions = self._rejected = self._served = 0
 
     def scoped(self, partition: Partition) -> ScopedPrefixCache:
         """This cache as one partition sees it (what a generator is given)."""
@@ -261,32 +296,125 @@ class PrefixCache:
                     if old.partition == partition and len(old.tokens) <= len(array) \
                             and _common_prefix(old.tokens, array) == len(old.tokens):
                         self._drop(old_id)
-            tenant = self._tenants.setdefault(partition.tenant, _Tenant())
-            while tenant.lru and (tenant.bytes + entry.nbytes > self.tenant_budget_bytes
-                                  or len(tenant.lru) >= self.tenant_max_entries):
-                self._drop(next(iter(tenant.lru)))
-                self._evictions += 1
-            while self._lru and (self._bytes + entry.nbytes > self.budget_bytes
-                                 or len(self._entries) >= self.max_entries):
-                self._drop(next(iter(self._lru)))
-                self._evictions += 1
-            entry_id, self._next_key = self._next_key, self._next_key + 1
+            entry_id = self._admit(partition, entry.nbytes)
             self._entries[entry_id] = entry
-            self._lru[entry_id] = None
-            tenant.lru[entry_id] = None
-            tenant.bytes += entry.nbytes
-            self._bytes += entry.nbytes
             for key in keys:
                 self._index.setdefault(key, {})[entry_id] = None
             self._ends.setdefault(keys[-1], {})[entry_id] = None
             return True
 
+    def _admit(self, partition: Partition, nbytes: int) -> int:
+        """A new entry id of ``partition`` holding ``nbytes``, after evicting (the tenant's, then anyone's)
+        least recently used entries of either kind until it fits the budgets and entry caps."""
+        tenant = self._tenants.setdefault(partition.tenant, _Tenant())
+        while tenant.lru and (tenant.bytes + nbytes > self.tenant_budget_bytes
+                              or len(tenant.lru) >= self.tenant_max_entries):
+            self._drop(next(iter(tenant.lru)))
+            self._evictions += 1
+        while self._lru and (self._bytes + nbytes > self.budget_bytes or len(self._lru) >= self.max_entries):
+            self._drop(next(iter(self._lru)))
+            self._evictions += 1
+        tenant = self._tenants.setdefault(partition.tenant, tenant)  # dropping its last entry removed it
+        entry_id, self._next_key = self._next_key, self._next_key + 1
+        self._lru[entry_id] = None
+        tenant.lru[entry_id] = None
+        tenant.bytes += nbytes
+        self._bytes += nbytes
+        return entry_id
+
+    # ------------------------------------------------------------------ stored completions (type-along)
+
+    @staticmethod
+    def _stored_seed(partition: Partition, settings: str) -> Any:
+        return hashlib.blake2b(partition.digest + hashlib.blake2b(settings.encode(), digest_size=16).digest(),
+                               digest_size=16)
+
+    def _find_stored(self, query: np.ndarray, partition: Partition, settings: str) -> tuple[int | None, int]:
+        """(id, typed) of the stored completion of ``partition``/``settings`` whose prompt followed by its first
+        ``typed`` >= 1 tokens is ``query`` and which has the most tokens left after them; (None, 0) if none."""
+        n = len(query)
+        deepest = min(n - 1, self._longest_stored)
+        if deepest < 1:
+            return None, 0
+        hasher = self._stored_seed(partition, settings)
+        hasher.update(query[: n - deepest].tobytes())
+        best, best_typed, best_left = None, 0, 0
+        for cut in range(n - deepest, n):  # the stored prompt is query[:cut]
+            entry_id = self._stored_index.get(hasher.copy().digest())
+            hasher.update(query[cut : cut + 1].tobytes())
+            if entry_id is None:
+                continue
+            entry, typed = self._stored[entry_id], n - cut
+            if (entry.partition == partition and len(entry.tokens) - typed > best_left
+                    and np.array_equal(entry.prompt, query[:cut])
+                    and np.array_equal(entry.tokens[:typed], query[cut:])):
+                best, best_typed, best_left = entry_id, typed, len(entry.tokens) - typed
+        return best, best_typed
+
+    def continuation(self, tokens: Sequence[int], settings: str, partition: Partition = SHARED) -> Continuation | None:
+        """The rest of a stored greedy completion that ``tokens`` typed along, or None.
+
+        ``tokens`` must be a stored prompt of ``partition`` (stored with the same ``settings``)
+        followed by at least one and fewer than all tokens of its completion. The entry becomes the
+        most recently used.
+        """
+        query = np.asarray(tokens, dtype=np.int64)
+        with self._lock:
+            entry_id, typed = self._find_stored(query, partition, settings)
+            if entry_id is None:
+                return None
+            self._touch(entry_id)
+            return Continuation(self._stored[entry_id].tokens[typed:].tolist(), typed)
+
+    def record_served(self, tokens: int) -> None:
+        """Count completion tokens answered from a stored completion."""
+        with self._lock:
+            self._served += tokens
+
+    def store_completion(self, prompt: Sequence[int], completion: Sequence[int], settings: str,
+                         partition: Partition = SHARED) -> bool:
+        """Store the greedy ``completion`` of ``prompt`` (decoded under ``settings``) in ``partition``; True if stored.
+
+        Only completions that are the full model's greedy output belong here (the caller decides:
+        see :meth:`greencode.generate.GatedGenerator.continuation_settings`). Nothing is stored when
+        a stored completion already answers the same and more (the request typed along it); a
+        stored completion of the same prompt is replaced. Evicts like :meth:`insert`.
+        """
+        if not len(prompt) or not len(completion):
+            return False
+        prompt_array = np.asarray(prompt, dtype=np.int64).copy()
+        tokens_array = np.asarray(completion, dtype=np.int64).copy()
+        prompt_array.setflags(write=False)
+        tokens_array.setflags(write=False)
+        hasher = self._stored_seed(partition, settings)
+        hasher.update(prompt_array.tobytes())
+        entry = _Stored(prompt_array, tokens_array, partition, hasher.digest())
+        with self._lock:
+            if entry.nbytes > self.tenant_budget_bytes:
+                self._rejected += 1
+                return False
+            earlier, typed = self._find_stored(prompt_array, partition, settings)
+            if earlier is not None:
+                rest = self._stored[earlier].tokens[typed:]
+                if len(rest) >= len(tokens_array) and np.array_equal(rest[: len(tokens_array)], tokens_array):
+                    self._touch(earlier)
+                    return False
+            same = self._stored_index.get(entry.key)
+            if same is not None:
+                self._drop(same)
+            entry_id = self._admit(partition, entry.nbytes)
+            self._stored[entry_id] = entry
+            self._stored_index[entry.key] = entry_id
+            self._longest_stored = max(self._longest_stored, len(tokens_array))
+            return True
+
     def _touch(self, entry_id: int) -> None:
         self._lru.move_to_end(entry_id)
-        self._tenants[self._entries[entry_id].partition.tenant].lru.move_to_end(entry_id)
+        entry = self._entries.get(entry_id) or self._stored[entry_id]
+        self._tenants[entry.partition.tenant].lru.move_to_end(entry_id)
 
     def _drop(self, entry_id: int) -> None:
-        entry = self._entries.pop(entry_id)
+        entry: _Entry | _Stored = self._entries.pop(entry_id, None) or self._stored.pop(entry_id)
         del self._lru[entry_id]
         tenant = self._tenants[entry.partition.tenant]
         del tenant.lru[entry_id]
@@ -294,6 +422,9 @@ class PrefixCache:
         if not tenant.lru:
             del self._tenants[entry.partition.tenant]
         self._bytes -= entry.nbytes
+        if isinstance(entry, _Stored):
+            del self._stored_index[entry.key]
+            return
         for key in entry.keys:
             bucket = self._index[key]
             del bucket[entry_id]
@@ -306,15 +437,15 @@ class PrefixCache:
 
     def clear(self) -> None:
         with self._lock:
-            for entry_id in list(self._entries):
+            for entry_id in list(self._lru):
                 self._drop(entry_id)
 
     def stats(self) -> PrefixCacheStats:
         """Aggregates over every partition (what /metrics shows: nothing per tenant)."""
         with self._lock:
             return PrefixCacheStats(self._lookups, self._hits, self._prompt_tokens, self._reused_tokens,
-                                    len(self._entries), self._bytes, self.budget_bytes, self._evictions,
-                                    self._rejected)
+                                    len(self._lru), self._bytes, self.budget_bytes, self._evictions,
+                                    self._rejected, len(self._stored), self._served)
 
     def tenant_bytes(self, tenant: str) -> int:
         with self._lock:
@@ -414,6 +545,18 @@ class ScopedPrefixCache:
 
     def remember(self, cache: Any, attention_mask: torch.Tensor, rows: Sequence[Sequence[int] | None]) -> int:
         return self.store.remember(cache, attention_mask, rows, self.partition)
+
+    def continuation(self, tokens: Sequence[int], settings: str) -> Continuation | None:
+        return self.store.continuation(tokens, settings, self.partition)
+
+    def record(self, prompt_tokens: int, reused_tokens: int) -> None:
+        self.store.record(prompt_tokens, reused_tokens)
+
+    def record_served(self, tokens: int) -> None:
+        self.store.record_served(tokens)
+
+    def store_completion(self, prompt: Sequence[int], completion: Sequence[int], settings: str) -> bool:
+        return self.store.store_completion(prompt, completion, settings, self.partition)
 
     def stats(self) -> PrefixCacheStats:
         return self.store.stats()

@@ -229,6 +229,14 @@ class LosslessGenerator(GatedGenerator):
     (and its prefix cache, meter, prompt replay) serves both kinds of request.
     """
 
+    def continuation_settings(self, gate: Gate, cfg: GenerationConfig, collect_exit_states: bool = False) -> str | None:
+        """Greedy lossless output is the full model's: stored and typed along like the ``full`` gate's, under its
+        own key (a lossless request is answered only from lossless completions)."""
+        if (cfg.lossless and self.prefix_cache is not None and cfg.kv_mode == "propagate" and not collect_exit_states
+                and effective_temperature(cfg.temperature) == 0):
+            return "lossless-greedy"
+        return super().continuation_settings(gate, cfg, collect_exit_states)
+
     @cached_property
     def head_cost(self) -> float:
         """The LM head's cost in decoder layers, by weight count: one token's pass reads every weight once."""
@@ -507,15 +515,28 @@ class LosslessGenerator(GatedGenerator):
         rows = [_Row(len(p), Detokenizer(tok, cfg.stop) if tok is not None else None) for p in encoded]
         stats = [SpeculativeStats(passes=num_layers) for _ in encoded]  # the first token's pass
         gate_time = 0.0
+        settings = self.continuation_settings(gate, cfg)
         with self.meter.measure() as measured:
-            pre = self.prefill(encoded, False)
-            first = pick_tokens(pre.output.logits, cfg.temperature, cfg.top_p, rng)
-            first_failed = first.failed.tolist()
-            for r, (prompt, row) in enumerate(zip(encoded, rows)):
+            served, events = self.serve_stored(encoded, rows, settings, cfg)
+            if events:
+                yield events
+            # a row's served tokens join its prompt pass: its rounds go on after them
+            extended = [p + row.ids for p, row in zip(encoded, rows)]
+            cached = [len(p) if n else 0 for p, n in zip(encoded, served)]  # nothing of a served prompt ran
+            running = [r for r, row in enumerate(rows) if row.finish_reason is None]
+            if running:
+                pre = self.prefill(extended, False)
+                cached = [min(c, len(p)) for c, p in zip(pre.cached_tokens or [0] * len(rows), encoded)]
+                first = pick_tokens(pre.output.logits, cfg.temperature, cfg.top_p, rng)
+                first_failed = first.failed.tolist()
+            for r in set(range(len(rows))) - set(running):
+                stats[r].passes = 0  # answered from a stored completion: no layer ran for it
+            for r in running:
+                prompt, row = encoded[r], rows[r]
                 if first_failed[r]:
                     yield [self._fail(row, r, num_layers)]
                     continue
-                seq = self.row_state(pre, r, prompt, cfg)
+                seq = self.row_state(pre, r, extended[r], cfg)
                 yield [self._record(row, r, int(first.tokens[r]), num_layers, cfg)]
                 while row.finish_reason is None:
                     budget = self.budget(seq, gate, cfg.max_new_tokens - len(row.ids), cfg.speculative)
@@ -537,8 +558,8 @@ class LosslessGenerator(GatedGenerator):
                     n = min(seq.length, len(prompt) + len(row.ids))
                     self.prefix_cache.remember(seq.cache, torch.ones((1, n), dtype=torch.long, device=self.lm.device),
                                                [(prompt + row.ids)[:n]])
+            self.store_completions(encoded, rows, settings)
 
-        cached = pre.cached_tokens or [0] * len(rows)
         share = measured.energy_j / len(rows) if measured.energy_j is not None else None
         yield Finished([
             SpeculativeResult(
@@ -554,6 +575,7 @@ class LosslessGenerator(GatedGenerator):
                 speculative=s.as_dict() | {"layers_computed": sum(row.layers)},
                 error=row.error,
                 cached_prompt_tokens=reused,
+                cached_completion_tokens=n,
             )
-            for row, s, reused in zip(rows, stats, cached)
+            for row, s, reused, n in zip(rows, stats, cached, served)
         ])

@@ -91,6 +91,7 @@ def greencode_details(result: GenerationResult, gate: str, ignored: list[str], b
         "gate_time_s": round(result.gate_time_s, 6),
         "energy_j": result.energy_j,
         "cached_prompt_tokens": result.cached_prompt_tokens,
+        "cached_completion_tokens": result.cached_completion_tokens,
         "batch_size": batch_size,
         "ignored_parameters": ignored,
         "lossless": spec is not None,
@@ -212,7 +213,9 @@ def openai_response(model: str, completions: list[Completion]) -> dict[str, Any]
         ],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
                   "total_tokens": prompt_tokens + generated,
-                  "prompt_tokens_details": {"cached_tokens": sum(c.result.cached_prompt_tokens for c in completions)}},
+                  "prompt_tokens_details": {"cached_tokens": sum(c.result.cached_prompt_tokens for c in completions)},
+                  "completion_tokens_details": {
+                      "cached_tokens": sum(c.result.cached_completion_tokens for c in completions)}},
         "greencode": _summary(completions),
     }
 
@@ -229,6 +232,7 @@ def _summary(completions: list[Completion]) -> dict[str, Any]:
         "time_s": round(max(c.result.time_s for c in completions), 6),
         "energy_j": None if any(e is None for e in energies) else sum(energies),
         "cached_prompt_tokens": sum(c.result.cached_prompt_tokens for c in completions),
+        "cached_completion_tokens": sum(c.result.cached_completion_tokens for c in completions),
         "ignored_parameters": completions[0].ignored,
         "lossless": hasattr(completions[0].result, "speculative"),  # each choice holds its round statistics
     }

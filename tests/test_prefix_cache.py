@@ -141,13 +141,15 @@ def test_budget_is_never_exceeded_and_lru_entries_go_first(lm):
 
 
 def test_generation_fills_the_cache_past_its_budget_and_never_holds_more(lm):
-    store = fresh(lm, budget=2 * entry_bytes(lm, 24 + NEW - 1))
+    # room for two requests' K/V and their stored completions (type-along reuse: 8 bytes a token, same budget)
+    store = fresh(lm, budget=2 * (entry_bytes(lm, 24 + NEW - 1) + 8 * (24 + NEW)))
     gen = cached(lm, store)
     for i in range(6):
         gen.generate([tokens(20 + i, 24)], FullGate(), GREEDY)
         assert store.stats().bytes_held <= store.budget_bytes
     stats = store.stats()
-    assert stats.entries == 2 and stats.evictions == 4 and stats.bytes_held > stats.budget_bytes // 2
+    assert (stats.entries, stats.continuations, stats.evictions) == (4, 2, 8)
+    assert stats.bytes_held > stats.budget_bytes // 2
 
 
 def test_covered_and_extended_sequences_are_stored_once(lm):

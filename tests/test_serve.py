@@ -503,6 +503,45 @@ def test_prefix_cache_per_response_and_in_metrics(http):
 
 
 @pytest.mark.ray
+def test_type_along_replies_carry_cached_completion_tokens_in_every_protocol(http, tokenizer):
+    """Issue 22: after a suggestion, a prompt that typed its first tokens is answered from the stored completion
+    (the rest of it, then decoding) with the cold request's text; every protocol reports the count."""
+    from greencode.tokens import encode
+
+    prompt, n = PROMPT + "# type along\n", 8
+    first = http.post("/generate", json={"inputs": prompt, "parameters": {"max_new_tokens": n, "gate": "full"}})
+    ids = [t["id"] for t in first.json()["details"]["tokens"]]
+    prompt_ids = encode(tokenizer, prompt)
+    # typed text that ends on a token boundary which re-tokenizes to the suggestion's own tokens
+    k = next(k for k in range(1, len(ids))
+             if encode(tokenizer, prompt + tokenizer.decode(ids[:k])) == prompt_ids + ids[:k])
+    along, served = prompt + tokenizer.decode(ids[:k]), len(ids) - k
+    openai = {"model": "greencode", "prompt": along, "max_tokens": n, "gate": "full"}
+    cold = http.post("/v1/completions", json={**openai, "cache_prompt": False}).json()
+    assert cold["greencode"]["cached_completion_tokens"] == 0
+    expected = cold["choices"][0]["text"]
+
+    tgi = http.post("/generate", json={"inputs": along, "parameters": {"max_new_tokens": n, "gate": "full"}}).json()
+    assert (tgi["generated_text"], tgi["greencode"]["cached_completion_tokens"]) == (expected, served)
+    assert [t["id"] for t in tgi["details"]["tokens"]][:served] == ids[k:]
+    reply = http.post("/v1/completions", json=openai).json()
+    assert (reply["choices"][0]["text"], reply["greencode"]["cached_completion_tokens"]) == (expected, served)
+    assert reply["choices"][0]["greencode"]["cached_completion_tokens"] == served
+    assert reply["usage"]["completion_tokens_details"]["cached_tokens"] == served
+    assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] == reply["usage"]["prompt_tokens"]
+    ollama = http.post("/api/generate", json={"prompt": along, "stream": False,
+                                              "options": {"num_predict": n, "gate": "full"}}).json()
+    assert (ollama["response"], ollama["greencode"]["cached_completion_tokens"]) == (expected, served)
+    streamed = http.post("/v1/completions", json={**openai, "stream": True})
+    chunks = [json.loads(line[6:]) for line in streamed.text.splitlines()
+              if line.startswith("data: {")]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == expected
+    assert chunks[-1]["greencode"]["cached_completion_tokens"] == served
+    sampled = http.post("/v1/completions", json={**openai, "temperature": 0.7, "seed": 1}).json()
+    assert sampled["greencode"]["cached_completion_tokens"] == 0  # sampling never reuses a completion
+
+
+@pytest.mark.ray
 def test_lossless_on_every_route_is_the_full_models_text(http):
     """lossless: true on every route, streamed and not (the server's policy gate drafts; fixed on OpenAI): the
     text of the plain full-model request, with the round statistics in each response and in /metrics."""

@@ -246,8 +246,13 @@ def test_prefix_cache_serves_and_stores_lossless_requests(lm):
     assert first.cached_prompt_tokens == 0
     follow = PROMPTS[0] + first.token_ids[:6]  # the next keystroke: the prompt plus part of the completion
     [again] = gen.generate([follow], gate, GREEDY)
-    assert again.cached_prompt_tokens == len(follow) - 1
+    # type-along (issue 22): the rest of the stored completion is served, its K/V carry the prompt pass on
+    assert (again.cached_prompt_tokens, again.cached_completion_tokens) == (len(follow), N_NEW - 6)
     assert again.token_ids == hf_greedy(lm, follow)
+    other = PROMPTS[0] + [(first.token_ids[0] + 1) % 500]  # a keystroke off the suggestion: ordinary prefix reuse
+    [off] = gen.generate([other], gate, GREEDY)
+    assert (off.cached_prompt_tokens, off.cached_completion_tokens) == (len(other) - 1, 0)
+    assert off.token_ids == hf_greedy(lm, other)
 
 
 def test_stop_eos_and_stream_match_the_full_generator(lm, tokenizer):
