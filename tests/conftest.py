@@ -134,13 +134,13 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """The modules that use ``ray_local`` run back to back (from where the first one was), so one Ray serves them
-    all; the Serve modules start their own Ray after it is down. (Under pytest-xdist, ``make test``, each worker
-    runs whole modules in this order.)"""
+    """The modules that use ``ray_local`` run first and back to back, so one Ray serves them all; then the other
+    modules that start a Ray (the Serve ones, back to back: one Ray and Serve for them), then the rest. Under
+    pytest-xdist (``make test``) each worker takes whole modules in this order: the long ones start first and the
+    short ones fill in at the end."""
     ray_modules = {item.module for item in items if "ray_local" in item.fixturenames}
-    first = next((i for i, item in enumerate(items) if item.module in ray_modules), len(items))
-    rest = [item for item in items[first:] if item.module not in ray_modules]
-    items[first:] = [item for item in items[first:] if item.module in ray_modules] + rest
+    starts_ray = {item.module for item in items if item.get_closest_marker("ray")}
+    items.sort(key=lambda item: 0 if item.module in ray_modules else 1 if item.module in starts_ray else 2)
 
 
 _next_item: dict[str, Any] = {}  # the test this process runs after the one being torn down
