@@ -429,7 +429,7 @@ class PolicyTrainConfig(_Strict):
 class SweepConfig(_Strict):
     """`greencode sweep`: Ray Tune over the reward coefficients."""
 
-    operational = frozenset({"max_concurrent", "max_failures", "storage_path", "name"})
+    operational = frozenset({"max_concurrent", "max_failures", "storage_path", "tune_storage_path", "name"})
 
     base: PolicyTrainConfig = Field(default_factory=PolicyTrainConfig, description="every trial's settings")
     alpha: list[float] = Field(default_factory=lambda: [0.1, 0.25, 0.5], description="alpha values of the grid")
@@ -441,6 +441,9 @@ class SweepConfig(_Strict):
                                                    "failed trial stays failed; the best of the others is exported)")
     storage_path: str = Field("runs/sweep", description="Tune's storage")
     name: str = Field("reward_sweep", description="the sweep's dir under storage_path")
+    tune_storage_path: str | None = Field(
+        None, description="where Ray Tune keeps the experiment (trial checkpoints and results) under <name>/: "
+                          "a URI (s3://...) on a cluster whose nodes share no disk; None = under storage_path")
 
 
 # --------------------------------------------------------------------------- evaluation

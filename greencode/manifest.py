@@ -96,30 +96,42 @@ class StageIdentity:
 class StaleWorkError(ConfigError):
     """A work dir holds another run's partial results; resuming from them would mix two runs."""
 
-    def __init__(self, path: Path, what: str, changes: list[str]) -> None:
+    def __init__(self, path: Path | str, what: str, changes: list[str]) -> None:
         self.path = path
         super().__init__(f"{path} holds {what} of another run ({'; '.join(changes)}): delete it to start over, "
                          "or rerun with the settings it was made with")
 
 
-def claim_work_dir(path: str | Path, identity: StageIdentity, what: str) -> Path:
-    """Record in ``path`` the identity its ``what`` (checkpoints, shards ...) belong to, or raise
-    StaleWorkError when it already holds work of another identity, or unrecorded work."""
-    path = Path(path)
-    marker = path / WORK_MARKER
-    if marker.is_file():
+def claim_work_dir(path: str | Path, identity: StageIdentity, what: str) -> Path | str:
+    """Record in ``path`` (a local dir, or a prefix on object storage) the identity its ``what``
+    (checkpoints, shards ...) belong to, or raise StaleWorkError when it already holds work of another
+    identity, or unrecorded work."""
+    from greencode.storage import Store, is_uri
+
+    remote = Store(path) if is_uri(path) else None
+    path = str(path) if remote else Path(path)
+    if remote:
+        raw = remote.read_bytes(WORK_MARKER)
+    else:
+        raw = (path / WORK_MARKER).read_bytes() if (path / WORK_MARKER).is_file() else None
+    if raw is not None:
         try:
-            record = json.loads(marker.read_text())
+            record = json.loads(raw)
         except ValueError:
             record = None
         if isinstance(record, dict) and record.get("identity") == identity.digest:
             return path
         changes = identity.changes_from(record) if isinstance(record, dict) else ["its record is unreadable"]
         raise StaleWorkError(path, what, changes)
-    if path.is_dir() and any(not p.name.startswith(".") for p in path.iterdir()):
+    names = remote.children("") if remote else [p.name for p in path.iterdir()] if path.is_dir() else []
+    if any(not name.startswith(".") for name in names):
         raise StaleWorkError(path, what, ["no record of the settings it was made with"])
-    path.mkdir(parents=True, exist_ok=True)
-    write_json(marker, {"identity": identity.digest, "config": identity.config, "inputs": identity.inputs})
+    record = {"identity": identity.digest, "config": identity.config, "inputs": identity.inputs}
+    if remote:
+        remote.write_bytes(WORK_MARKER, json.dumps(record, indent=2, default=str).encode())
+    else:
+        path.mkdir(parents=True, exist_ok=True)
+        write_json(path / WORK_MARKER, record)
     return path
 
 

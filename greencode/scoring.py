@@ -17,6 +17,7 @@ import torch
 
 from greencode.policy import EXIT, ExitPolicy
 from greencode.shards import ShardData, list_shards, load_shards
+from greencode.storage import is_uri
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def policy_logits(policy: ExitPolicy) -> Callable[[np.ndarray], np.ndarray]:
 
 def score_policy(policy: ExitPolicy, shards_dir: str, thresholds: list[float]) -> dict[float, ExitScore]:
     """Held-out exit accuracy and mean layer vs fixed exits of the same mean depth, per gate threshold."""
-    if not (Path(shards_dir) / "manifest.json").is_file():
+    if not is_uri(shards_dir) and not (Path(shards_dir) / "manifest.json").is_file():  # published: complete
         log.warning("%s has no manifest.json: its extraction may be unfinished, scoring the shards present", shards_dir)
     data = load_shards(list_shards(shards_dir))
     policy.check_compatible(hidden_size=data.meta.hidden_size, exit_points=data.meta.exit_points,

@@ -25,6 +25,8 @@ dtype; :func:`read_shard` checks all of it and names the file and the problem wh
 a shard is corrupt or comes from another model. Shards are written to a temp file
 and renamed, so a file that exists is complete (extraction resumes by skipping them).
 Running the model to fill them is greencode.extraction's job; this module is the format.
+A shard dir may also be a URI of a dir published on object storage (greencode.storage): readers on
+any node fetch it once per host, so PPO env runners and Tune trials need no disk shared with the driver.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from greencode.atomic import atomic_path
+from greencode.storage import is_uri, local_copy
 
 SCHEMA_VERSION = 1
 METADATA_KEY = b"greencode.shard"
@@ -283,6 +286,12 @@ def is_complete(path: str | Path) -> bool:
 
 
 def list_shards(directory: str | Path) -> list[Path]:
+    """The shard files of a local dir, or of a published dir on object storage (fetched once per host)."""
+    if is_uri(directory):
+        try:
+            directory = local_copy(directory)
+        except FileNotFoundError as err:
+            raise ShardError(f"{err} (write it with the pipeline's extract stage)") from None
     directory = Path(directory)
     if not directory.is_dir():
         raise ShardError(f"shard directory not found: {directory} (write it with `greencode extract --set "

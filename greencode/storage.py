@@ -433,3 +433,13 @@ def published_digest(location: str) -> str | None:
     parent, _, name = location.rstrip("/").rpartition("/")
     record = Store(parent).pointer(name)
     return record.get("digest") if record else None
+
+
+def artifact_digest(location: str | Path) -> str | None:
+    """The content digest of an artifact: a local file or dir hashed (greencode.digests), a URI's read from
+    its pointer (it was hashed when published), so a run's identity is the same wherever its inputs live."""
+    if is_uri(location):
+        return published_digest(str(location))
+    from greencode.digests import tree_digest
+
+    return tree_digest(location)

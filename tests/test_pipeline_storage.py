@@ -27,7 +27,7 @@ import yaml
 
 from conftest import save_tiny
 from greencode.config import PipelineConfig, validate
-from greencode.storage import Store, cache_root, scratch_dir
+from greencode.storage import Store, scratch_dir
 from test_pipeline_integrity import Attempt, captured_logs, pipeline_argv, pipeline_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.integration, pytest.mark.timeout(1200)]
@@ -38,7 +38,14 @@ STAGES = ("finetune", "extract", "extract_heldout", "sweep", "evaluate")
 
 
 @pytest.fixture(scope="module")
-def cluster(s3_server, tmp_path_factory):
+def node_cache(tmp_path_factory) -> Path:
+    """The second node's own cache (its processes' GREENCODE_CACHE), apart from the driver's: what a
+    worker fetched from the bucket lands here, and the driver's scratch copy is not under it."""
+    return tmp_path_factory.mktemp("node-cache")
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_server, tmp_path_factory, node_cache):
     """Two local Ray nodes: a CPU-less head (the driver's) and a second node that runs all the work."""
     import ray
     from ray.cluster_utils import Cluster
@@ -48,7 +55,9 @@ def cluster(s3_server, tmp_path_factory):
     os.environ.update(GREENCODE_CACHE=str(tmp_path_factory.mktemp("cache")), RAY_TMPDIR=tmp)
     nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True,
                                                                 "dashboard_port": free_port()})
-    nodes.add_node(num_cpus=2, resources={"second_node": 1})
+    driver_cache, os.environ["GREENCODE_CACHE"] = os.environ["GREENCODE_CACHE"], str(node_cache)
+    nodes.add_node(num_cpus=2, resources={"second_node": 1})  # its raylet and workers keep node_cache
+    os.environ["GREENCODE_CACHE"] = driver_cache
     nodes.wait_for_nodes()
     ray.init(address=nodes.address)
     with open(os.path.join(tmp, "ray", "ray_current_cluster"), "w") as fh:  # state queries go to this cluster
@@ -164,7 +173,8 @@ def test_every_artifact_is_in_the_bucket_and_nothing_under_the_working_directory
                     "report/results.json.pointer.json"):
         assert f"run/{pointer}" in keys
     assert any(k.startswith("run/finetune/lite/checkpoint_") for k in keys)  # Ray Train's checkpoints
-    assert any(k.startswith("run/sweep/") and k.endswith("result.json") for k in keys)  # Tune's trials
+    assert any(k.startswith("run/tune/") and k.endswith("result.json") for k in keys)  # Tune's trials
+    assert any(k.startswith("run/sweep/") and "/trials/" in k for k in keys)  # the sweep's trial records
     uploads = s3_run.seen["uploads"]  # one upload per artifact: the one its pointer names (a cut-off one was cleaned)
     assert uploads and all(attempt == pointed for _, attempt, pointed in uploads), uploads
     assert not (REPO / "s3:").exists() and not Path("s3:").exists()
@@ -190,7 +200,23 @@ def test_a_node_without_the_scratch_copy_fetches_the_artifacts_and_reruns_nothin
     assert "fetched model from" in s3_run.seen["fresh_scratch"]
 
 
-def test_serve_loads_the_model_and_policy_from_the_bucket(s3_run):
+def test_env_runners_and_tune_trials_read_the_shards_from_the_bucket(s3_run, node_cache):
+    # the second node has no scratch copy of the run: the shards its PPO env runners and Tune trials
+    # replayed (and the model its extraction and evaluation workers ran) it fetched from the bucket into
+    # its own cache, once each
+    assert not (node_cache / "runs").exists()
+    fetched = sorted(p.name for p in (node_cache / "artifacts").glob("*/[!.]*"))
+    assert fetched == ["heldout", "model", "train"], fetched
+    store = Store(s3_run.uri)
+    trial_params = [k for k in s3_run.seen["keys"] if k.startswith("run/tune/") and k.endswith("/params.json")]
+    assert trial_params
+    base = json.loads(store.read_bytes(trial_params[0][len("run/"):]))["trial"]["config"]
+    assert base["shards_dir"] == f"{s3_run.uri}/shards/train"
+    assert base["eval_shards_dir"] == f"{s3_run.uri}/shards/heldout"
+    assert any(k.startswith("run/tune/") and k.endswith(".greencode-work.json") for k in s3_run.seen["keys"])
+
+
+def test_serve_loads_the_model_and_policy_from_the_bucket(s3_run, node_cache):
     import httpx
     import ray
     from ray import serve
@@ -198,7 +224,7 @@ def test_serve_loads_the_model_and_policy_from_the_bucket(s3_run):
     from greencode.config import ServeConfig
     from workflows import serve as serve_command
 
-    shutil.rmtree(cache_root() / "artifacts", ignore_errors=True)  # the pipeline's own fetches
+    shutil.rmtree(node_cache / "artifacts", ignore_errors=True)  # the pipeline's own fetches
     cfg = validate(ServeConfig, {"model": {"name": f"{s3_run.uri}/model"}, "num_cpus": 1,
                                  "policy_path": f"{s3_run.uri}/policy/exit_policy.pt"})
     port = free_port()
@@ -210,7 +236,7 @@ def test_serve_loads_the_model_and_policy_from_the_bucket(s3_run):
         serve.shutdown()
     assert reply.status_code == 200, reply.text
     assert isinstance(reply.json()["generated_text"], str)
-    fetched = sorted(p.name for p in (cache_root() / "artifacts").glob("*/[!.]*"))
+    fetched = sorted(p.name for p in (node_cache / "artifacts").glob("*/[!.]*"))
     assert fetched == ["exit_policy.pt", "model"]  # one download each, on the replica's node
     assert ray.is_initialized()
 

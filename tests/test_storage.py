@@ -10,7 +10,7 @@ import time
 import pytest
 
 from greencode.locks import RunDirBusy
-from greencode.storage import ObjectLock, StorageError, Store, is_uri, local_copy, scratch_dir
+from greencode.storage import ObjectLock, StorageError, Store, artifact_digest, is_uri, local_copy, scratch_dir
 
 
 @pytest.fixture
@@ -172,3 +172,41 @@ def test_a_shard_written_on_another_node_is_written_on_the_driver_from_its_bytes
     assert not shard.exists()
     keep_on_driver(str(shard), b"PAR1 bytes an actor returned")
     assert shard.read_bytes() == b"PAR1 bytes an actor returned"
+
+
+def test_a_published_shard_dir_is_read_at_its_uri_and_digested_from_its_pointer(bucket, tmp_path):
+    from greencode.digests import tree_digest
+    from greencode.env import ExitEnv
+    from greencode.shards import ShardError, build_table, list_shards, shard_path, write_shard
+    from test_shards import META, toy_rows
+
+    local = tmp_path / "shards"
+    for i in range(2):
+        write_shard(build_table(META, toy_rows(seed=i)), shard_path(local, i))
+    uri = f"s3://{bucket}/run/shards/train"
+    with pytest.raises(ShardError, match=f"{uri} is not published"):
+        list_shards(uri)
+    assert artifact_digest(uri) is None
+    Store(f"s3://{bucket}/run").publish(local, "shards/train", tree_digest(local))
+    assert artifact_digest(uri) == tree_digest(local) == artifact_digest(local)
+    fetched = list_shards(uri)
+    assert [p.name for p in fetched] == ["shard-00000.parquet", "shard-00001.parquet"]
+    assert fetched[0].is_relative_to(tmp_path / "cache")  # read from this host's fetch cache
+    env = ExitEnv({"shards_dir": uri})  # what an env runner on another node is given
+    assert len(env.data) == 12
+
+
+def test_a_work_dir_on_object_storage_is_claimed_for_one_identity(bucket):
+    from greencode.manifest import WORK_MARKER, StageIdentity, StaleWorkError, claim_work_dir
+
+    uri = f"s3://{bucket}/run/tune/sweep/tune"
+    mine = StageIdentity({"lr": 1e-3}, {"shards": "sha256:a"})
+    assert claim_work_dir(uri, mine, "the Tune experiment") == uri
+    assert json.loads(Store(uri).read_bytes(WORK_MARKER))["identity"] == mine.digest
+    assert claim_work_dir(uri, mine, "the Tune experiment") == uri  # the same sweep resumes
+    with pytest.raises(StaleWorkError, match=r"tune/sweep/tune holds the Tune experiment of another run \(.*lr"):
+        claim_work_dir(uri, StageIdentity({"lr": 2e-3}, {"shards": "sha256:a"}), "the Tune experiment")
+    other = f"s3://{bucket}/run/unrecorded"
+    Store(other).write_bytes("experiment_state.json", b"{}")
+    with pytest.raises(StaleWorkError, match="no record of the settings"):
+        claim_work_dir(other, mine, "the Tune experiment")

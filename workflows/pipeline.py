@@ -98,9 +98,11 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
     )
 
     policy_path = str(root / "policy" / "exit_policy.pt")
-    policy = section("policy", shards_dir=str(root / "shards" / "train"),
-                     eval_shards_dir=str(root / "shards" / "heldout"), output_path=policy_path,
-                     storage_path=str(root / "rllib"))
+    # env runners and Tune trials on any node read the shards at their URIs; the learner (in the driver)
+    # keeps its RLlib checkpoints in scratch, Tune its experiment at the URI
+    policy = section("policy", shards_dir=reached("shards/train"), eval_shards_dir=reached("shards/heldout"),
+                     output_path=policy_path, storage_path=str(root / "rllib"))
+    tune_storage = {"tune_storage_path": reached("tune")} if is_uri(cfg.run_dir) else {}
     return {
         "finetune": validate(FinetuneConfig, section("finetune", model=cfg.model.model_dump(), **shared,
                                                       storage_path=reached("finetune"),
@@ -113,7 +115,8 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
                                                            split="validation", num_samples=cfg.heldout_samples,
                                                            output_dir=str(root / "shards" / "heldout"))),
         "train_policy": validate(PolicyTrainConfig, policy),
-        "sweep": validate(SweepConfig, section("sweep", base=policy, storage_path=str(root / "sweep"))),
+        "sweep": validate(SweepConfig, section("sweep", base=policy, storage_path=str(root / "sweep"),
+                                               **tune_storage)),
         "evaluate": validate(EvalConfig, section(
             "evaluate", model=model.model_dump(), base_model=base.model_dump() if finetuned else None,
             data=cfg.data.model_dump(), exits=cfg.exits.model_dump(),
@@ -164,7 +167,8 @@ def _stages(cfg: PipelineConfig, plans: dict[str, Any]) -> list[Stage]:
               [heldout_shards]),
         Stage("train_policy", pol, train_policy.run, [policy, policy.with_suffix(".json")], shards,
               [Path(pol.storage_path)]),
-        Stage("sweep", plans["sweep"], sweep.run, [policy], shards, [Path(plans["sweep"].storage_path)],
+        Stage("sweep", plans["sweep"], sweep.run, [policy], shards,
+              [Path(plans["sweep"].storage_path), *filter(None, [plans["sweep"].tune_storage_path])],
               sweep.run_identity),
         Stage("evaluate", ev, evaluate.run, [Path(ev.output_dir) / "results.json"],
               {**decoded, "base_model": ev.base_model, "policy": policy if ev.policy_path else None},
@@ -227,11 +231,20 @@ def _run_stage(stage: Stage) -> Any:
     try:
         return stage.run(stage.config)
     except StaleWorkError as err:
-        if not any(err.path.resolve().is_relative_to(w.resolve()) for w in stage.work if isinstance(w, Path)):
+        if not isinstance(err.path, Path) or not any(err.path.resolve().is_relative_to(w.resolve())
+                                                     for w in stage.work if isinstance(w, Path)):
             raise
         log.info("%s: %s; removing it and starting over", stage.name, err)
         remove_path(err.path)
         return stage.run(stage.config)
+
+
+def _recover(stage: Stage) -> None:
+    """Finish or undo interrupted swaps in the stage's artifacts, work and outputs, and remove the temp
+    files their killed writers left there."""
+    for path in stage.artifacts + stage.work + stage.outputs:
+        if isinstance(path, Path):
+            recover(path)
 
 
 def _summary(result: Any) -> Any:
@@ -345,9 +358,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
         stages = _stages(cfg, plans)
         digests: dict[str, str | None] = {}
         for i, stage in enumerate(stages, 1):
-            for path in stage.artifacts + stage.work:  # interrupted swaps, temp files of writers that were killed
-                if isinstance(path, Path):
-                    recover(path)
+            _recover(stage)  # interrupted swaps, temp files of writers that were killed
             for path in stage.artifacts + stage.outputs if remote else []:
                 remote.clean(path)
             identity = _identity(stage, root, digests, remote_uri)
@@ -361,6 +372,7 @@ def run(cfg: PipelineConfig) -> dict[str, Any]:
             manifest.begin(stage.name, identity)
             started = time.time()
             result = _run_stage(stage)
+            _recover(stage)  # a worker of a killed run that outlived its driver by a moment left a temp file
             missing = [str(p) for p in stage.artifacts if not p.exists()]
             if missing:
                 raise RuntimeError(f"stage {stage.name} finished without writing {', '.join(missing)}")

@@ -24,14 +24,21 @@ from typing import Any
 
 from greencode.atomic import write_atomic
 from greencode.config import ConfigError, PolicyTrainConfig, RewardConfig, SweepConfig, result_config, validate
-from greencode.digests import tree_digest
 from greencode.manifest import StageIdentity
 from greencode.policy import ExitPolicy
 from greencode.scoring import policy_logits, score_exits
 from greencode.shards import check_shards, list_shards, load_shards
+from greencode.storage import artifact_digest, join
 from workflows import tune as tune_driver
 from workflows.common import ConfigCommand, stage_presets, summary_main
-from workflows.train_policy import EPISODE_METRICS, SaveCheckpoint, algo_config, plan_resources, train
+from workflows.train_policy import (
+    EPISODE_METRICS,
+    SaveCheckpoint,
+    algo_config,
+    plan_resources,
+    shards_location,
+    train,
+)
 from workflows.tune import Trial, TunePlan, key_of
 
 log = logging.getLogger("greencode.sweep")
@@ -63,7 +70,7 @@ def _settings(base: PolicyTrainConfig) -> dict[str, Any]:
 
 
 def _inputs(cfg: SweepConfig) -> dict[str, str | None]:
-    return {"shards": tree_digest(cfg.base.shards_dir), "eval_shards": tree_digest(cfg.base.eval_shards_dir)}
+    return {"shards": artifact_digest(cfg.base.shards_dir), "eval_shards": artifact_digest(cfg.base.eval_shards_dir)}
 
 
 def run_identity(cfg: SweepConfig) -> StageIdentity:
@@ -85,9 +92,11 @@ def trials(cfg: SweepConfig) -> list[Trial]:
 
 
 def _absolute(base: PolicyTrainConfig) -> dict[str, Any]:
-    """Trials run in their own directories: give them absolute paths."""
+    """Trials run in their own directories, maybe on other nodes: give them absolute paths or URIs."""
     data = base.model_dump()
-    for key in ("shards_dir", "eval_shards_dir", "output_path", "storage_path"):
+    for key in SHARD_PATHS:
+        data[key] = shards_location(data[key])
+    for key in ("output_path", "storage_path"):
         data[key] = str(Path(data[key]).resolve())
     return data
 
@@ -149,8 +158,7 @@ def run(cfg: SweepConfig) -> dict[str, Any]:
     def plan(pending: list[Trial]) -> TunePlan:
         cluster_cpus = ray.cluster_resources().get("CPU", 1)
         resources = plan_resources(cfg.base.ppo, cluster_cpus)
-        shard_paths = [str(p) for p in list_shards(cfg.base.shards_dir)]
-        ppo_config = algo_config(cfg.base, shard_paths, resources)
+        ppo_config = algo_config(cfg.base, resources)
         trainable = tune.with_resources(trial, ppo_config.algo_class.default_resource_request(ppo_config))
         return TunePlan(trainable, cfg.max_concurrent or max(1, math.floor(cluster_cpus / resources.total)),
                         {"failure_config": tune.FailureConfig(max_failures=cfg.max_failures),
@@ -165,7 +173,8 @@ def run(cfg: SweepConfig) -> dict[str, Any]:
     return tune_driver.run(tune_driver.Sweep(
         "sweep", Path(cfg.storage_path).resolve() / cfg.name, run_identity(cfg), trials(cfg),
         Path(cfg.base.output_path), plan, keep, (("eval_exit_accuracy", "max"), ("eval_mean_exit_layer", "min")),
-        lambda rows: max(rows, key=lambda r: r[SCORE]), export))
+        lambda rows: max(rows, key=lambda r: r[SCORE]), export,
+        tune_storage=join(cfg.tune_storage_path, cfg.name) if cfg.tune_storage_path else None))
 
 
 COMMAND = ConfigCommand(SweepConfig, "Ray Tune sweep over the exit-policy reward coefficients.", prog="greencode sweep",

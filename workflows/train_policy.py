@@ -33,6 +33,7 @@ from greencode.policy import ExitPolicy, PolicyMismatchError
 from greencode.policy_export import ObsStats, export_policy
 from greencode.scoring import score_policy
 from greencode.shards import check_shards, list_shards, load_shards, read_meta
+from greencode.storage import artifact_digest, is_uri
 from workflows.common import ConfigCommand, cli_errors, init_ray, stage_presets
 
 log = logging.getLogger("greencode.train_policy")
@@ -74,14 +75,22 @@ def plan_resources(ppo: PolicyPPOConfig, cluster_cpus: float) -> ResourcePlan:
     return ResourcePlan(runners, round(per_runner, 3), main)
 
 
-def algo_config(cfg: PolicyTrainConfig, shard_paths: list[str], plan: ResourcePlan, obs_stats: ObsStats | None = None):
-    """RLlib's PPO algorithm config for METHOD §4 (separate value net, tanh MLP, linear lr decay)."""
+def shards_location(directory: str) -> str:
+    """How an env runner on any node reaches a shard dir: its URI, or its absolute local path."""
+    return directory if is_uri(directory) else str(Path(directory).resolve())
+
+
+def algo_config(cfg: PolicyTrainConfig, plan: ResourcePlan, obs_stats: ObsStats | None = None):
+    """RLlib's PPO algorithm config for METHOD §4 (separate value net, tanh MLP, linear lr decay).
+
+    Each env runner lists the shard dir itself and replays its own share of it (a dir on object storage
+    is fetched once per node), so runners need no disk shared with the driver."""
     from ray.rllib.algorithms.ppo import PPOConfig
     from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
 
     ppo = cfg.ppo
     lr = [[0, ppo.lr], [ppo.total_env_steps, ppo.lr * 1e-3]] if ppo.lr_decay else ppo.lr
-    env_config: dict[str, Any] = {"shard_paths": shard_paths, "reward": cfg.reward.model_dump()}
+    env_config: dict[str, Any] = {"shards_dir": shards_location(cfg.shards_dir), "reward": cfg.reward.model_dump()}
     if obs_stats is not None:
         env_config.update(obs_mean=obs_stats[0].tolist(), obs_std=obs_stats[1].tolist())
     return (
@@ -152,7 +161,7 @@ def train(
     log.info("PPO on %d shards (%s): %d env runners x %d envs, %.3g CPU each + %.3g for the learner",
              len(shard_paths), cfg.shards_dir, plan.num_env_runners, cfg.ppo.envs_per_env_runner,
              plan.cpus_per_env_runner, plan.cpus_for_main)
-    algo = algo_config(cfg, shard_paths, plan, obs_stats).build_algo()
+    algo = algo_config(cfg, plan, obs_stats).build_algo()
     metrics: dict[str, float] = {"env_steps": 0.0}
     if resume_from is not None:
         algo.restore_from_path(str(Path(resume_from).resolve() / "rllib"))
@@ -194,9 +203,9 @@ def train(
 
 def run_identity(cfg: PolicyTrainConfig) -> StageIdentity:
     """What the policy and the RLlib checkpoints depend on: the settings and the shards' contents."""
-    shards = {"shards": tree_digest(cfg.shards_dir)}
+    shards = {"shards": artifact_digest(cfg.shards_dir)}
     if cfg.eval_shards_dir:
-        shards["eval_shards"] = tree_digest(cfg.eval_shards_dir)
+        shards["eval_shards"] = artifact_digest(cfg.eval_shards_dir)
     return StageIdentity(result_config(cfg), shards)
 
 

@@ -11,7 +11,9 @@ its identity. Under the sweep's dir ``storage_path/name``:
 - ``tune/``: the Tune experiment of the trials not finished yet, recording the sweep identity it runs
   for. A killed sweep is restored from it (``Tuner.restore``) only by a sweep of the same identity;
   for any other it is set aside as ``tune.set-aside-<time>`` (the log names what changed) and a new
-  experiment runs.
+  experiment runs. On a cluster whose nodes share no disk the experiment lives on object storage
+  instead (``Sweep.tune_storage``, a URI Tune's trials write to from any node); there a stale one is
+  deleted, object stores having no rename.
 - ``results.csv`` (the current grid's trials, a ``pareto`` flag and whether each was reused),
   ``pareto.csv``, ``best.json`` and the sweep's export of the best trial (at its ``output_path``), each
   written atomically once the trials are in. A rerun whose ``best.json`` has the same identity and
@@ -34,6 +36,7 @@ from greencode.config import ConfigError
 from greencode.digests import tree_digest
 from greencode.manifest import StageIdentity, StaleWorkError, claim_work_dir
 from greencode.scoring import pareto_front
+from greencode.storage import Store, join
 from workflows.common import init_ray
 
 log = logging.getLogger("greencode.tune")
@@ -89,6 +92,7 @@ class Sweep:
     pick_best: Callable[[list[dict[str, Any]]], dict[str, Any]]
     export: Callable[[dict[str, Any]], dict[str, Any]]
     constants: dict[str, Any] = field(default_factory=dict)  # param_space entries shared by every trial
+    tune_storage: str | None = None  # where the Tune experiment lives (a URI); None: in out_dir
 
 
 def run(sweep: Sweep) -> dict[str, Any]:
@@ -155,8 +159,16 @@ def _record(out_dir: Path, trial: Trial) -> dict[str, Any] | None:
     return record
 
 
-def _experiment(sweep: Sweep) -> Path:
+def _experiment(sweep: Sweep) -> Path | str:
     """The Tune experiment dir, claimed for this sweep's identity; another sweep's is set aside."""
+    if sweep.tune_storage:
+        uri = join(sweep.tune_storage, EXPERIMENT)
+        try:
+            return claim_work_dir(uri, sweep.identity, "the Tune experiment")
+        except StaleWorkError as err:
+            log.info("%s; deleting it and starting a new one", err)
+            Store(uri).delete("")
+            return claim_work_dir(uri, sweep.identity, "the Tune experiment")
     path = sweep.out_dir / EXPERIMENT
     try:
         return claim_work_dir(path, sweep.identity, "the Tune experiment")
@@ -185,7 +197,8 @@ def _fit(sweep: Sweep, pending: list[Trial]) -> list[tuple[Trial, Any]]:
             plan.trainable,
             param_space={**sweep.constants, "trial": tune.grid_search(space)},
             tune_config=tune.TuneConfig(max_concurrent_trials=plan.max_concurrent),
-            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(sweep.out_dir), verbose=1, **plan.run_config),
+            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=sweep.tune_storage or str(sweep.out_dir),
+                                      verbose=1, **plan.run_config),
         )
     by_key = {t.key: t for t in pending}
     return [(by_key[r.config["trial"]["key"]], r) for r in tuner.fit() if r.config["trial"]["key"] in by_key]
