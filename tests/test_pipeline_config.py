@@ -1,5 +1,6 @@
 """Shipped configs validate (every YAML in the repository, each against its schema); the one config path."""
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -130,3 +131,24 @@ def test_the_manifest_records_the_sweep_by_its_own_identity_and_a_grid_change_to
     after = identities(sweep={"alpha": [0.1, 0.2]})
     assert {name for name in before if before[name] != after[name]} == {"sweep"}  # evaluate follows via the policy
     assert identities(run_dir=str(tmp_path / "moved"))["sweep"] == before["sweep"]  # shards by content, not path
+
+
+def test_a_stage_s_outputs_lose_the_temp_files_of_writers_that_died(tmp_path):
+    """A killed evaluation leaves a part's temp file deep in the report dir (an output, not an artifact):
+    the pipeline removes it before and after the stage, keeping a live writer's."""
+    from greencode.atomic import _temp_prefix
+    from workflows.pipeline import Stage, _recover
+
+    parts = tmp_path / "report" / "parts" / "fixed-k4@0.2"
+    parts.mkdir(parents=True)
+    writer = subprocess.Popen(["true"])
+    writer.wait()  # a writer that died
+    prefix = _temp_prefix(parts / "ctx0.2-b0000.json")  # .ctx0.2-b0000.json.tmp-<host>-<this pid>-
+    killed = parts / (prefix.replace(f"-{os.getpid()}-", f"-{writer.pid}-") + "abc.tmp")
+    alive = parts / (prefix + "def.tmp")
+    killed.write_text("{half")
+    alive.write_text("{writing")
+    stage = Stage("evaluate", None, lambda cfg: None, [tmp_path / "report" / "results.json"], {}, [],
+                  outputs=[tmp_path / "report"])
+    _recover(stage)
+    assert not killed.exists() and alive.exists()
