@@ -4,6 +4,7 @@ the artifact loads with the model, and the pipeline stage re-runs when (and only
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,3 +89,24 @@ def test_bad_input_is_one_clear_error_before_any_work(tmp_path):
     with pytest.raises(SystemExit, match="error: cannot load model"):
         fit_exits.main(["--model", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "t")])
     assert not (tmp_path / "t").exists()
+
+
+def test_translators_written_to_a_uri_are_published_there_and_load_from_it(model_dir, tmp_path, ray_local,
+                                                                           s3_server, monkeypatch, capsys):
+    """Any stage command's output path may name object storage: it is written in a scratch copy and
+    published by pointer when the run finishes; a bucket that does not exist fails before any work."""
+    from greencode.storage import Store
+
+    monkeypatch.setenv("GREENCODE_CACHE", str(tmp_path / "cache"))
+    args = ["--model", str(model_dir), "--set", "seq_len=32", "--set", "train_tokens=128",
+            "--set", "validation_tokens=32", "--set", "heldout_tokens=0", "--set", "ridge_grid=[0.01]",
+            "--set", f"data.max_files={DATA['max_files']}"]
+    with pytest.raises(SystemExit, match=r"error: s3://no-such-bucket/run: cannot write to it"):
+        fit_exits.main([*args, "--output-dir", "s3://no-such-bucket/run/translators"])
+    assert not (tmp_path / "cache").exists() and not Path("s3:").exists()  # nothing written
+    bucket = s3_server.bucket()
+    fit_exits.main([*args, "--output-dir", f"s3://{bucket}/run/translators"])
+    assert json.loads(capsys.readouterr().out)["train_tokens"] == 128
+    assert Store(f"s3://{bucket}/run").pointer("translators")["kind"] == "dir"
+    lm = load_model(ModelConfig(name=str(model_dir), translators=f"s3://{bucket}/run/translators"))
+    assert lm.translators is not None and lm.translators.meta["model_fingerprint"] == lm.fingerprint

@@ -19,7 +19,8 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -29,6 +30,8 @@ from pydantic import BaseModel
 from greencode.config import ConfigError, field_info, load_config, parse_overrides
 
 C = TypeVar("C", bound=BaseModel)
+
+log = logging.getLogger("greencode.common")
 Preset = Path | Callable[[], dict[str, Any]]  # a PipelineConfig YAML, or a stage's settings derived from one
 PRESETS = ("demo", "paper")  # workflows/presets/<name>.yaml
 
@@ -177,12 +180,55 @@ def cli_errors(main: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def summary_main(command: ConfigCommand[C], run: Callable[[C], dict[str, Any]]) -> Callable[..., None]:
-    """``main(argv)`` of a command whose result is a summary: build the config, run, print the summary as JSON."""
+def _field(cfg: Any, name: str) -> Any:
+    for part in name.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _with_field(cfg: C, name: str, value: Any) -> C:
+    head, _, rest = name.partition(".")
+    return cfg.model_copy(update={head: _with_field(getattr(cfg, head), rest, value) if rest else value})
+
+
+@contextmanager
+def published_outputs(cfg: C, *fields: str) -> Iterator[C]:
+    """``cfg`` with each output path among ``fields`` (dotted: ``base.output_path``) that names object
+    storage (``s3://...``) replaced by a local scratch path; once the block finishes, each is published
+    there by pointer (greencode.storage), so a run that fails or is killed publishes nothing. The
+    location is checked first: a missing bucket or denied access fails before any work starts. A rerun
+    on the same host resumes from the same scratch path."""
+    from greencode.digests import tree_digest
+    from greencode.storage import Store, is_uri, scratch_dir
+
+    remote: dict[str, tuple[Store, str, Path]] = {}
+    for name in fields:
+        location = _field(cfg, name)
+        if is_uri(location):
+            parent, _, leaf = location.rstrip("/").rpartition("/")
+            store = Store(parent)
+            store.check()
+            remote[name] = (store, leaf, scratch_dir(location) / leaf)
+    for name, (_, _, local) in remote.items():
+        cfg = _with_field(cfg, name, str(local))
+    yield cfg
+    for name, (store, leaf, local) in remote.items():
+        if not local.exists():
+            raise RuntimeError(f"{name}: the run wrote nothing to publish at {local}")
+        store.publish(local, leaf, tree_digest(local))
+        log.info("published %s (from %s)", store.uri(leaf), local)
+
+
+def summary_main(command: ConfigCommand[C], run: Callable[[C], dict[str, Any]],
+                 outputs: tuple[str, ...] = ()) -> Callable[..., None]:
+    """``main(argv)`` of a command whose result is a summary: build the config, run, print the summary as JSON.
+    ``outputs``: the config's artifact paths, published when they name object storage (:func:`published_outputs`)."""
 
     @cli_errors
     def main(argv: Sequence[str] | None = None) -> None:
         cfg, _ = command.parse(argv)
-        print(json.dumps(run(cfg), indent=2))
+        with published_outputs(cfg, *outputs) as local:
+            summary = run(local)
+        print(json.dumps(summary, indent=2))
 
     return main

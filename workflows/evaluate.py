@@ -29,7 +29,16 @@ from greencode.evaluation.plan import make_plan
 from greencode.evaluation.report import EvalReport, write_report
 from greencode.evaluation.runner import Evaluator, run_pending
 from greencode.modeling import load_model
-from workflows.common import ConfigCommand, Flag, cli_errors, comma_list, init_ray, setup_logging, stage_presets
+from workflows.common import (
+    ConfigCommand,
+    Flag,
+    cli_errors,
+    comma_list,
+    init_ray,
+    published_outputs,
+    setup_logging,
+    stage_presets,
+)
 
 log = logging.getLogger("greencode.eval")
 
@@ -110,7 +119,8 @@ COMMAND = ConfigCommand(
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
     cfg, _ = COMMAND.parse(argv)
-    report = run(cfg)
+    with published_outputs(cfg, "output_dir") as local:
+        report = run(local)
     print((report.output_dir / "report.md").read_text())
     print(f"report: {report.output_dir}")
 

@@ -35,7 +35,7 @@ from greencode.extraction import (
 from greencode.manifest import StageIdentity, claim_work_dir
 from greencode.modeling import model_digest
 from greencode.shards import is_complete, shard_path
-from workflows.common import ConfigCommand, cli_errors, init_ray, stage_presets
+from workflows.common import ConfigCommand, cli_errors, init_ray, published_outputs, stage_presets
 
 log = logging.getLogger("greencode.extract")
 
@@ -132,7 +132,8 @@ COMMAND = ConfigCommand(ExtractConfig, "Extract hidden-state shards for the exit
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
     cfg, _ = COMMAND.parse(argv)
-    manifest = run(cfg)
+    with published_outputs(cfg, "output_dir") as local:
+        manifest = run(local)
     print(json.dumps({k: v for k, v in manifest.items() if k != "config"}, indent=2))
 
 

@@ -33,6 +33,7 @@ from greencode.distributed import full_params, load_optimizer_state, optimizer_s
 from greencode.manifest import StageIdentity, claim_work_dir
 from greencode.modeling import load_model, load_tokenizer, model_digest
 from greencode.precision import train_precision, training_weights
+from greencode.storage import is_uri
 from greencode.training import (
     LiteStepper,
     MetricWindow,
@@ -42,7 +43,15 @@ from greencode.training import (
     build_scheduler,
 )
 from greencode.validation import validation_metrics
-from workflows.common import ConfigCommand, cli_errors, init_ray, setup_logging, stage_presets, verbose
+from workflows.common import (
+    ConfigCommand,
+    cli_errors,
+    init_ray,
+    published_outputs,
+    setup_logging,
+    stage_presets,
+    verbose,
+)
 
 log = logging.getLogger("greencode.finetune")
 
@@ -50,22 +59,18 @@ log = logging.getLogger("greencode.finetune")
 # --------------------------------------------------------------------------- paths
 
 
-def is_remote(path: str) -> bool:
-    return "://" in path
-
-
 def run_dir(cfg: FinetuneConfig) -> str:
     """Ray Train's storage dir of this run (absolute for local paths: workers may start elsewhere)."""
-    root = cfg.storage_path if is_remote(cfg.storage_path) else os.path.abspath(cfg.storage_path)
+    root = cfg.storage_path if is_uri(cfg.storage_path) else os.path.abspath(cfg.storage_path)
     return f"{root.rstrip('/')}/{cfg.run_name}"
 
 
 def final_model_dir(cfg: FinetuneConfig) -> Path:
     if cfg.output_dir:
         return Path(cfg.output_dir).absolute()
-    if is_remote(cfg.storage_path):
-        raise ConfigError(f"storage_path {cfg.storage_path!r} is remote: set output_dir to a local path "
-                          "for the final model")
+    if is_uri(cfg.storage_path):
+        raise ConfigError(f"storage_path {cfg.storage_path!r} is remote: set output_dir (a local path, or a URI "
+                          "it is published to) for the final model")
     return Path(run_dir(cfg)) / "model"
 
 
@@ -162,7 +167,7 @@ def fit(cfg: FinetuneConfig, identity: StageIdentity | None = None):
     train, val = prepare_data(cfg)  # a bad model or corpus fails here, before the run dir is touched
     identity = identity or run_identity(cfg)
     storage = run_dir(cfg)
-    if not is_remote(storage):  # on s3:// the run name alone keeps runs apart
+    if not is_uri(storage):  # on s3:// the run name alone keeps runs apart
         claim_work_dir(storage, identity, "Ray Train checkpoints")
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     trainer = TorchTrainer(
@@ -171,7 +176,7 @@ def fit(cfg: FinetuneConfig, identity: StageIdentity | None = None):
             "cfg": cfg.model_dump(mode="json"),
             "train_blocks": ray.put(train),
             "val_blocks": ray.put(val),
-            "tensorboard_dir": None if is_remote(storage) else f"{storage}/tensorboard",
+            "tensorboard_dir": None if is_uri(storage) else f"{storage}/tensorboard",
             "verbose": verbose(),
             "run_identity": identity.digest,
         },
@@ -414,7 +419,9 @@ COMMAND = ConfigCommand(FinetuneConfig, "LITE fine-tuning on Ray Train (writes a
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
     cfg, _ = COMMAND.parse(argv)
-    print(run(cfg))
+    with published_outputs(cfg, *(["output_dir"] if cfg.output_dir else [])) as local:
+        model = run(local)
+    print(model)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import numpy as np
 from greencode.blocks import BLOCKS_PER_PASS
 from greencode.config import ExitConfig, FitExitsConfig, ModelConfig, result_config
 from greencode.translators import META_FILE, ExitTranslators, TranslatorStats
-from workflows.common import ConfigCommand, Flag, cli_errors, init_ray, stage_presets
+from workflows.common import ConfigCommand, Flag, cli_errors, init_ray, published_outputs, stage_presets
 
 log = logging.getLogger("greencode.fit_exits")
 
@@ -174,7 +174,8 @@ COMMAND = ConfigCommand(
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
     cfg, _ = COMMAND.parse(argv)
-    meta = run(cfg)
+    with published_outputs(cfg, "output_dir") as local:
+        meta = run(local)
     print(json.dumps({k: v for k, v in meta.items() if k not in ("identity", "validation_agreement")}, indent=2))
 
 

@@ -229,7 +229,7 @@ COMMAND = ConfigCommand(LiteSweepConfig, "Ray Tune sweep over the LITE loss (one
                         prog="greencode lite-sweep")
 
 
-main = summary_main(COMMAND, run)
+main = summary_main(COMMAND, run, outputs=("output_path",))
 
 if __name__ == "__main__":
     main()

@@ -34,7 +34,7 @@ from greencode.policy_export import ObsStats, export_policy
 from greencode.scoring import score_policy
 from greencode.shards import check_shards, list_shards, load_shards, read_meta
 from greencode.storage import artifact_digest, is_uri
-from workflows.common import ConfigCommand, cli_errors, init_ray, stage_presets
+from workflows.common import ConfigCommand, cli_errors, init_ray, published_outputs, stage_presets
 
 log = logging.getLogger("greencode.train_policy")
 
@@ -285,7 +285,9 @@ COMMAND = ConfigCommand(PolicyTrainConfig, "Train the PPO exit policy on hidden-
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
     cfg, _ = COMMAND.parse(argv)
-    print(json.dumps(run(cfg), indent=2))
+    with published_outputs(cfg, "output_path") as local:
+        summary = run(local)
+    print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
