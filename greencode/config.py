@@ -15,9 +15,18 @@ from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from greencode.storage import is_uri
+
 
 class ConfigError(ValueError):
     """A configuration file or value is invalid; the message names the field."""
+
+
+def local_path(value: str, why: str) -> str:
+    """``value`` when it is a local (or shared-mount) path; a URI is refused with ``why``."""
+    if is_uri(value):
+        raise ValueError(f"{value!r} is a URI; give a local or shared path ({why})")
+    return value
 
 
 class _Strict(BaseModel):
@@ -301,11 +310,17 @@ class LiteSweepConfig(_Strict):
     min_final_ratio: float = Field(0.96, ge=0, le=1.5,
                                    description="a best trial keeps at least this share of the base final accuracy")
     max_concurrent: int | None = Field(None, ge=1, description="trials at a time; None = as many as the CPUs fit")
-    storage_path: str = Field("runs/lite_sweep", description="Tune's storage (each trial's Ray Train run under it)")
+    storage_path: str = Field("runs/lite_sweep", description="Tune's storage (each trial's Ray Train run under it): "
+                              "a local or shared path")
     name: str = Field("lite_sweep", description="the sweep's dir under storage_path; a rerun reuses its finished "
                       "trials of the same settings")
     output_path: str = Field("runs/lite_sweep/best.yaml",
                              description="the best settings as a `finetune:` block for --config")
+
+    @field_validator("storage_path")
+    @classmethod
+    def _local_storage(cls, value: str) -> str:
+        return local_path(value, "the LITE trials' Ray Train runs and records live there")
 
 
 # --------------------------------------------------------------------------- exit translators
@@ -422,8 +437,14 @@ class PolicyTrainConfig(_Strict):
     reward: RewardConfig = Field(default_factory=RewardConfig, description="reward coefficients")
     ppo: PolicyPPOConfig = Field(default_factory=PolicyPPOConfig, description="network and PPO settings")
     output_path: str = Field("runs/policy/exit_policy.pt", description="the exported policy file")
-    storage_path: str = Field("runs/rllib", description="RLlib checkpoints (resumed by a rerun)")
+    storage_path: str = Field("runs/rllib", description="RLlib checkpoints (resumed by a rerun); a local path: "
+                              "the learner that writes them runs in this process")
     seed: int = Field(0, description="RLlib seed")
+
+    @field_validator("storage_path")
+    @classmethod
+    def _local_storage(cls, value: str) -> str:
+        return local_path(value, "RLlib checkpoints are written by the learner in this process")
 
 
 class SweepConfig(_Strict):
@@ -439,11 +460,20 @@ class SweepConfig(_Strict):
     max_concurrent: int | None = Field(None, ge=1, description="trials at a time; None = as many as the CPUs fit")
     max_failures: int = Field(0, ge=0, description="restarts of a failed trial from its last checkpoint (0: a "
                                                    "failed trial stays failed; the best of the others is exported)")
-    storage_path: str = Field("runs/sweep", description="Tune's storage")
+    storage_path: str = Field("runs/sweep", description="the sweep's records (trials, results, best.json) and, "
+                              "unless tune_storage_path says otherwise, Tune's experiment; a URI is published to")
     name: str = Field("reward_sweep", description="the sweep's dir under storage_path")
     tune_storage_path: str | None = Field(
         None, description="where Ray Tune keeps the experiment (trial checkpoints and results) under <name>/: "
-                          "a URI (s3://...) on a cluster whose nodes share no disk; None = under storage_path")
+                          "a URI (s3://...) on a cluster whose nodes share no disk; None = under storage_path "
+                          "(storage_path itself when that is a URI)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tune_on_object_storage(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("tune_storage_path") is None and is_uri(data.get("storage_path")):
+            data = {**data, "tune_storage_path": data["storage_path"]}  # trials on any node write there
+        return data
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -210,3 +210,16 @@ def test_a_work_dir_on_object_storage_is_claimed_for_one_identity(bucket):
     Store(other).write_bytes("experiment_state.json", b"{}")
     with pytest.raises(StaleWorkError, match="no record of the settings"):
         claim_work_dir(other, mine, "the Tune experiment")
+
+
+def test_work_dirs_say_where_a_uri_is_taken_and_where_it_is_not():
+    from greencode.config import ConfigError, LiteSweepConfig, PolicyTrainConfig, SweepConfig, validate
+
+    sweep = validate(SweepConfig, {"storage_path": "s3://b/sweeps"})
+    assert sweep.tune_storage_path == "s3://b/sweeps"  # trials on any node write Tune's experiment there
+    assert validate(SweepConfig, {"storage_path": "runs/sweep"}).tune_storage_path is None
+    with pytest.raises(ConfigError, match=r"storage_path: 's3://b/rllib' is a URI; give a local or shared path "
+                                          r"\(RLlib checkpoints are written by the learner in this process\)"):
+        validate(PolicyTrainConfig, {"storage_path": "s3://b/rllib"})
+    with pytest.raises(ConfigError, match="storage_path: 's3://b/lite' is a URI"):
+        validate(LiteSweepConfig, {"storage_path": "s3://b/lite"})

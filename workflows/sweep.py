@@ -181,7 +181,7 @@ COMMAND = ConfigCommand(SweepConfig, "Ray Tune sweep over the exit-policy reward
                         presets=stage_presets("sweep"))
 
 
-main = summary_main(COMMAND, run, outputs=("base.output_path",))
+main = summary_main(COMMAND, run, outputs=("base.output_path", "storage_path"))
 
 if __name__ == "__main__":
     main()
