@@ -270,18 +270,16 @@ def serve_instance() -> Iterator[str]:
 def deploy(cfg: dict[str, Any], loader: Callable[[Any], Any]) -> None:
     """Deploy the GreenCode app (a ServeConfig mapping + model loader) at / and its /health app, replacing those up."""
     import ray.cloudpickle
-    from ray import serve
 
     from greencode.config import ServeConfig, validate
     from serve_app.app import build_app_with_loader
-    from serve_app.probe import HEALTH_APP, HEALTH_PREFIX, MODEL_APP, build_probe
+    from serve_app.probe import serve_apps
 
     # Loaders travel to the replica by value: the tests directory is not importable there.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     ray.cloudpickle.register_pickle_by_value(conftest)
     config = validate(ServeConfig, {"num_cpus": 1, **cfg}, source="test serve config")
-    serve.run(build_app_with_loader(config, loader), name=MODEL_APP, route_prefix="/")
-    serve.run(build_probe(config), name=HEALTH_APP, route_prefix=HEALTH_PREFIX)
+    serve_apps(config, build_app_with_loader(config, loader))
 
 
 _running: dict[str, Any] = {}  # url and exit stack of the Serve instance, name of the app deployed on it

@@ -22,7 +22,7 @@ from pathlib import Path
 from greencode.config import LOOPBACK_HOSTS, ConfigError, ServeConfig, validate
 from greencode.storage import is_uri, published_digest
 from serve_app.app import ModelLoader, build_app_with_loader
-from serve_app.probe import HEALTH_APP, HEALTH_PREFIX, MODEL_APP, build_probe
+from serve_app.probe import serve_apps
 from workflows.common import ConfigCommand, Flag, cli_errors, init_ray, setup_logging
 
 log = logging.getLogger("greencode.serve")
@@ -138,9 +138,7 @@ def run(cfg: ServeConfig, host: str = "127.0.0.1", port: int = 8000, blocking: b
 
     init_ray()
     serve.start(http_options={"host": host, "port": port, "request_timeout_s": cfg.proxy_timeout_s})
-    handle = serve.run(build_app_with_loader(cfg, model_loader), name=MODEL_APP, route_prefix="/")
-    serve.run(build_probe(cfg), name=HEALTH_APP, route_prefix=HEALTH_PREFIX, blocking=blocking)
-    return handle
+    return serve_apps(cfg, build_app_with_loader(cfg, model_loader), blocking)[0]
 
 
 @cli_errors
