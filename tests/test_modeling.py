@@ -74,8 +74,8 @@ def test_embedded_full_and_never_exit_policy_equal_hf_generate(embedded):
         never.net[-1].bias.copy_(torch.tensor([20.0, -20.0]))
     policy_gate = PolicyGate(never, threshold=0.99)
     cfg = GenerationConfig(max_new_tokens=15)
-    prompts = code_prompts()
-    assert len(prompts) == 20
+    prompts = code_prompts(10)
+    assert len(prompts) == 10
     for prompt in prompts:
         ids = torch.tensor([encode(lm.tokenizer, prompt)])
         ref = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=15,
