@@ -560,7 +560,8 @@ class AdmissionLimits(_Strict):
     # Sized from a CPU replica's measured step time (docs/serving.md, "Sizing admission"): both lanes full of
     # default-length requests (60 new tokens) finish within the default request timeout, the queued ones included
     max_active: int = Field(4, ge=1, description="requests of the lane doing model work at once")
-    max_queued: int = Field(4, ge=0, description="requests waiting for a slot, in arrival order; one more is a 429")
+    max_queued: int = Field(4, ge=0, description="requests waiting for a slot (a freed one goes to the tenant "
+                            "holding the fewest, in arrival order among equals); one more is a 429")
     request_timeout_s: float = Field(
         60.0, gt=0, description="from the replica's first sight of a request (before its body is read) to its last "
                                 "byte; then a 503 or a stream error event. Serve's proxy gives up "

@@ -1,12 +1,15 @@
-"""Backpressure for one replica: a bounded FIFO queue in front of model work, and a deadline per request.
+"""Backpressure for one replica: a bounded queue in front of model work, and a deadline per request.
 
 TGI refuses beyond ``max_concurrent_requests``, Ollama beyond ``OLLAMA_MAX_QUEUE``; without a
 bound every request is accepted and all of them get slow together. :class:`Admission` lets
-``max_active`` requests work at once and ``max_queued`` wait in arrival order; the next one is
-refused at once with :class:`Overloaded` (429). A request that cannot get a slot before its
-deadline gets :class:`TimedOut` (503); ``Deadline.remaining()`` bounds the work after admission.
-Both carry ``retry_after_s`` for the Retry-After header: the measured mean time a slot was held
-times the queue ahead, per slot (1 s before anything was measured), clamped to
+``max_active`` requests work at once and ``max_queued`` wait; the next one is refused at once with
+:class:`Overloaded` (429). A freed slot goes to the waiting request whose tenant holds the fewest
+slots, in arrival order among equals: a tenant with many requests queued does not keep the slots
+that another tenant's request has been waiting for (with one tenant, this is arrival order).
+A request that cannot get a slot before its deadline gets :class:`TimedOut` (503);
+``Deadline.remaining()`` bounds the work after admission. Both carry ``retry_after_s`` for the
+Retry-After header: the measured mean time a slot was held times the queue ahead, per slot (1 s
+before anything was measured), clamped to
 ``[1, max_retry_after_s]``.
 
 One instance per lane (e.g. streams and batches), all on the replica's event loop (not
@@ -18,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -63,7 +66,8 @@ class Admission:
         self.limits = limits
         self.smoothing = smoothing
         self.active = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._held: Counter[str] = Counter()  # slots held per tenant
+        self._waiters: deque[tuple[str, asyncio.Future[None]]] = deque()  # in arrival order
         self._mean_hold_s: float | None = None
 
     @property
@@ -82,49 +86,57 @@ class Admission:
         return int(min(max(1, estimate), self.limits.max_retry_after_s))
 
     @asynccontextmanager
-    async def slot(self, arrived: float | None = None) -> AsyncIterator[Deadline]:
-        """Hold one slot while the body runs; raises Overloaded (queue full) or TimedOut (no slot in time).
+    async def slot(self, arrived: float | None = None, tenant: str = "") -> AsyncIterator[Deadline]:
+        """Hold one slot for ``tenant`` while the body runs; raises Overloaded (queue full) or TimedOut (no slot
+        in time).
 
         The deadline is ``request_timeout_s`` after ``arrived`` (a ``time.monotonic()`` value: when the replica
         first saw the request, before its body was read), or after now."""
         deadline = Deadline((time.monotonic() if arrived is None else arrived) + self.limits.request_timeout_s)
         if self.active >= self.limits.max_active or self._waiters:
-            await self._wait(deadline)
+            await self._wait(deadline, tenant)
         else:
             self.active += 1
+            self._held[tenant] += 1
         start = time.monotonic()
         try:
             yield deadline
         finally:
             self._observe(time.monotonic() - start)
-            self._release()
+            self._release(tenant)
 
-    async def _wait(self, deadline: Deadline) -> None:
+    async def _wait(self, deadline: Deadline, tenant: str) -> None:
         if len(self._waiters) >= self.limits.max_queued:
             raise Overloaded(f"the server is busy: {self.active} requests running and {self.queued} waiting; "
                              "retry later", self.retry_after_s())
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        entry = (tenant, waiter)
+        self._waiters.append(entry)
         try:
             await asyncio.wait_for(asyncio.shield(waiter), deadline.remaining())
         except (asyncio.TimeoutError, asyncio.CancelledError) as err:
             if waiter.done() and not waiter.cancelled():
-                self._release()  # the slot was handed over just as we gave up: pass it on
+                self._release(tenant)  # the slot was handed over just as we gave up: pass it on
             else:
                 waiter.cancel()
-                self._waiters.remove(waiter)
+                self._waiters.remove(entry)
             if isinstance(err, asyncio.CancelledError):
                 raise
             raise TimedOut(f"no capacity within the request timeout of {self.limits.request_timeout_s:g} s; "
                            "retry later", self.retry_after_s()) from None
 
-    def _release(self) -> None:
-        """Hand the slot to the first live waiter (active stays the same), or free it."""
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
+    def _release(self, tenant: str) -> None:
+        """Hand ``tenant``'s slot to the live waiter whose tenant holds the fewest slots, the earliest among
+        equals (active stays the same), or free it."""
+        self._held[tenant] -= 1
+        live = [entry for entry in self._waiters if not entry[1].done()]
+        if live:
+            entry = min(live, key=lambda e: self._held[e[0]])  # min keeps the first of equals: arrival order
+            self._waiters.remove(entry)
+            self._held[entry[0]] += 1
+            entry[1].set_result(None)
+            return
+        self._waiters.clear()
         self.active -= 1
 
     def _observe(self, held_s: float) -> None:

@@ -355,7 +355,7 @@ class GreenCodeServer:
     async def _complete(self, protocol: str, jobs: list[Job]) -> list[Completion]:
         """A non-streaming request: admitted to the batch lane, tokenized, generated within its deadline."""
         start = time.perf_counter()
-        async with self.batches.slot(jobs[0].arrived) as deadline:
+        async with self.batches.slot(jobs[0].arrived, jobs[0].partition.tenant) as deadline:
             await self._tokenize(protocol, jobs)
             try:
                 completions = await asyncio.wait_for(asyncio.gather(*(self._generate_batch(j) for j in jobs)),
@@ -391,7 +391,7 @@ class GreenCodeServer:
         """Admit a stream to its lane (a refusal is still an HTTP 429/503), tokenize, and hand the slot to the
         response, which gives it back when the stream ends."""
         slot = AsyncExitStack()
-        deadline = await slot.enter_async_context(self.streams.slot(job.arrived))
+        deadline = await slot.enter_async_context(self.streams.slot(job.arrived, job.partition.tenant))
         try:
             await self._tokenize(protocol, [job])
         except BaseException:
