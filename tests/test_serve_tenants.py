@@ -362,7 +362,8 @@ def test_one_long_request_does_not_hold_the_lane_for_another_tenant(server, http
 def test_sixteen_streams_of_one_tenant_do_not_starve_another(server, http):
     """Bob's 30-token streams run beside alice's sixteen 1,000-token ones (17 active slots: all run at once);
     tenants take turns, so each of bob's steps waits for about one step of alice's rows instead of her whole
-    streams: 3.2x-3.3x idle measured (AMD EPYC, 2 cores). Every one of bob's runs counts, not the median:
+    streams: 3.2x-3.3x idle measured alone (AMD EPYC, 2 cores), more beside another test module; starved, it
+    waits for her streams (200x). Every one of bob's runs counts, not the median:
     with 16 slots (alice holding all of them) bob's first run waited out her streams' 60 s deadline, and a
     median of three hid it."""
     def thirty():
@@ -380,4 +381,4 @@ def test_sixteen_streams_of_one_tenant_do_not_starve_another(server, http):
     finally:
         for conn in streams:
             conn.close()
-    assert loaded < 6 * idle, f"30-token stream: {loaded:.3f} s beside 16 of another tenant's, {idle:.3f} s idle"
+    assert loaded < 10 * idle, f"30-token stream: {loaded:.3f} s beside 16 of another tenant's, {idle:.3f} s idle"
