@@ -229,3 +229,36 @@ def test_a_stream_is_not_starved_by_a_running_batch(server):
     first_token, batch_s, statuses, rest = asyncio.run(run())
     assert statuses == [200] * 8 and any(line.startswith("data:") for line in rest)
     assert first_token < 0.25 * batch_s, (first_token, batch_s)
+
+
+def test_a_freed_slot_goes_to_the_tenant_holding_the_fewest():
+    """Alice holds both slots and has two more requests queued; bob's, queued after them, gets the next freed
+    slot. With one tenant the order stays arrival order."""
+    async def scenario():
+        admission = Admission(AdmissionLimits(max_active=2, max_queued=4, request_timeout_s=10))
+        releases: dict[str, asyncio.Event] = {}
+        entered = []
+
+        async def job(name):
+            releases[name] = asyncio.Event()
+            async with admission.slot(tenant=name.split("-")[0]):
+                entered.append(name)
+                await releases[name].wait()
+
+        tasks = []
+        for name in ["alice-1", "alice-2", "alice-3", "alice-4", "bob-1"]:
+            tasks.append(asyncio.create_task(job(name)))
+            await asyncio.sleep(0.01)  # arrival order
+        assert (entered, admission.queued) == (["alice-1", "alice-2"], 3)
+        releases["alice-1"].set()
+        await asyncio.sleep(0.01)
+        assert entered[-1] == "bob-1"  # not alice-3, queued before him
+        releases["alice-2"].set()
+        await asyncio.sleep(0.01)
+        assert entered[-1] == "alice-3"  # alice and bob hold one each: arrival order
+        for event in releases.values():
+            event.set()
+        await asyncio.gather(*tasks)
+        return entered, admission.active, admission.queued
+
+    assert asyncio.run(scenario()) == (["alice-1", "alice-2", "bob-1", "alice-3", "alice-4"], 0, 0)
