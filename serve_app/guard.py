@@ -288,7 +288,7 @@ def check_text(body: bytes) -> Violation | None:
         return Violation(f"request body holds {err}", None)
     except ValueError as err:
         return Violation(f"request body is not valid JSON ({str(err)[:200]}): send UTF-8 JSON", None)
-    return check_json(data, MAX_JSON_DEPTH)
+    return check_json(data)
 
 
 def _as_json(scope: dict[str, Any]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ The limits themselves are deployment config: ``ServeConfig.limits`` (greencode/c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,30 +84,31 @@ class NumberTooLong(ValueError):
                          f"{MAX_NUMBER_CHARS} characters")
 
 
-def parse_int(text: str) -> int:
-    """``json.loads(parse_int=...)``: a digit string longer than any field needs is refused, not converted."""
-    if len(text) > MAX_NUMBER_CHARS:
-        raise NumberTooLong(text)
-    return int(text)
+def _bounded(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A ``json.loads`` number hook: a number longer than any field needs is refused, not converted."""
+    def parse(text: str) -> Any:
+        if len(text) > MAX_NUMBER_CHARS:
+            raise NumberTooLong(text)
+        return convert(text)
+
+    return parse
 
 
-def parse_float(text: str) -> float:
-    if len(text) > MAX_NUMBER_CHARS:
-        raise NumberTooLong(text)
-    return float(text)
+parse_int = _bounded(int)  # json.loads(parse_int=...)
+parse_float = _bounded(float)  # json.loads(parse_float=...)
 
 
 def _escaped(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def check_json(value: Any, max_depth: int) -> Violation | None:
-    """The first string (value or object key) in a parsed JSON body that is not valid Unicode, or the first
-    object/array nested deeper than ``max_depth`` levels."""
-    return _check_json(value, max_depth, max_depth, "")
+def check_json(value: Any) -> Violation | None:
+    """The first string (value or object key) in a parsed JSON body that is not valid Unicode. The body's
+    nesting was bounded before it was parsed (:func:`json_depth`), so this recursion is too."""
+    return _check_json(value, "")
 
 
-def _check_json(value: Any, limit: int, left: int, path: str) -> Violation | None:
+def _check_json(value: Any, path: str) -> Violation | None:
     if isinstance(value, str):
         try:
             value.encode("utf-8")
@@ -116,18 +117,16 @@ def _check_json(value: Any, limit: int, left: int, path: str) -> Violation | Non
             return Violation(f"{where}: string holds a lone surrogate {_escaped(value[err.start])} at index "
                              f"{err.start}: send valid UTF-8 text", path or None)
         return None
-    if isinstance(value, (dict, list)) and left <= 0:
-        return Violation(f"request body nests JSON deeper than {limit} levels", None)
     if isinstance(value, dict):
         for key, item in value.items():
             key_path = f"{path}.{_escaped(key)}" if path else _escaped(key)
-            if (bad := _check_json(key, limit, left - 1, f"{key_path} (key)")) is not None:
+            if (bad := _check_json(key, f"{key_path} (key)")) is not None:
                 return bad
-            if (bad := _check_json(item, limit, left - 1, key_path)) is not None:
+            if (bad := _check_json(item, key_path)) is not None:
                 return bad
     elif isinstance(value, list):
         for i, item in enumerate(value):
-            if (bad := _check_json(item, limit, left - 1, f"{path}.{i}" if path else str(i))) is not None:
+            if (bad := _check_json(item, f"{path}.{i}" if path else str(i))) is not None:
                 return bad
     return None
 

@@ -9,6 +9,7 @@ import json
 import pytest
 
 from greencode.config import RequestLimits
+from serve_app.guard import MAX_JSON_DEPTH, check_text
 from serve_app.limits import body_too_large, check_content_length, check_json, check_request
 from serve_helpers import OLLAMA, OPENAI, PROTOCOL_IDS, PROTOCOLS, TGI, assert_error, metric
 
@@ -39,19 +40,21 @@ def test_content_length_and_counted_bytes():
 
 def test_invalid_unicode_names_the_path_of_the_first_bad_string():
     body = json.loads('{"inputs": "ok \\ud83d\\ude00", "parameters": {"stop": ["fine", "bad \\ud800"]}}')
-    bad = check_json(body, 64)
+    bad = check_json(body)
     assert bad.param == "parameters.stop.1" and "\\ud800" in bad.message and bad.status is None
-    key = check_json(json.loads('{"options": {"x\\udfff": 1}}'), 64)
+    key = check_json(json.loads('{"options": {"x\\udfff": 1}}'))
     assert key.param == "options.x\\udfff (key)"
-    assert check_json(json.loads('{"prompt": ["a", "\\u0000", "\\ud83d\\ude00"], "n": 2}'), 64) is None
+    assert check_json(json.loads('{"prompt": ["a", "\\u0000", "\\ud83d\\ude00"], "n": 2}')) is None
     # the JSON decoder passes UTF-8-encoded surrogates through as lone surrogates
-    assert check_json(json.loads(b'{"prompt": "a\xed\xa0\x80"}'), 64).param == "prompt"
+    assert check_json(json.loads(b'{"prompt": "a\xed\xa0\x80"}')).param == "prompt"
 
 
-def test_json_nested_past_the_depth_bound_is_named():
-    assert check_json({"a": [[1]]}, 3) is None
-    bad = check_json({"a": [[[1]]]}, 3)
-    assert bad.param is None and bad.message == "request body nests JSON deeper than 3 levels"
+def test_json_nested_past_the_depth_bound_is_named_before_parsing():
+    assert check_text(json.dumps({"a": [[1]] * 3}).encode()) is None
+    at_bound = "[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH
+    assert check_text(at_bound.encode()) is None
+    bad = check_text(("[" * (MAX_JSON_DEPTH + 1) + "]" * (MAX_JSON_DEPTH + 1)).encode())
+    assert bad.param is None and bad.message == f"request body nests JSON deeper than {MAX_JSON_DEPTH} levels (65)"
 
 
 def test_request_checks_name_the_protocol_field():
