@@ -147,11 +147,15 @@ def fixed_at(depth: float, points: list[tuple[float, float]]) -> float:
     return my + slope * (depth - mx)
 
 
+def cpu_model() -> str:
+    """The CPU's model name as ``lscpu`` gives it (every benchmark names the CPU beside its timings)."""
+    return next((line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True, text=True)
+                 .stdout.splitlines() if line.startswith("Model name")), platform.processor() or platform.machine())
+
+
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True, text=True)
-                .stdout.splitlines() if line.startswith("Model name")), platform.processor())
     load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else ["?"]
-    return (f"CPU {cpu} ({torch.backends.cpu.get_cpu_capability()}), torch threads {torch.get_num_threads()}, "
+    return (f"CPU {cpu_model()} ({torch.backends.cpu.get_cpu_capability()}), torch threads {torch.get_num_threads()}, "
             f"load average {' '.join(load)}")
 
 

@@ -55,7 +55,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import random
 import re
 import statistics
@@ -70,6 +69,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a script from anywhere
 
+from benchmarks.gate_speed import cpu_model  # noqa: E402
 from greencode.config import DataConfig, GateConfig, GenerationConfig, ModelConfig  # noqa: E402
 from greencode.data import load_corpus  # noqa: E402
 from greencode.gates import FullGate, Gate, PolicyGate  # noqa: E402
@@ -245,16 +245,6 @@ def ratio(cell: Cell, q: float, cap: int | None = None) -> float:
     return pct([r.latency_s(cap) for r in cell.warm], q) / pct([r.latency_s(cap) for r in cell.cold], q)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-
-
 def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -373,7 +363,8 @@ def main(argv: list[str] | None = None) -> None:
                 doc, pos, along = doc + f.text[pos : pos + n], pos + n, False
                 along_left = rng.randint(1, 3) if along_mode else 0
     wall = time.perf_counter() - t_start
-    where += f"; CPU {cpu_name()}; load average (1/5/15 min) {load_before} before, {load_average()} after"
+    where += (f"; CPU {cpu_model()}, {os.cpu_count()} cores; load average (1/5/15 min) {load_before} before, "
+              f"{load_average()} after")
     report(args, cells, backend, sessions, budget, wall, where, policy_label)
 
 

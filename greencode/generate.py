@@ -223,8 +223,13 @@ class GatedGenerator:
         does. Exit-state collection needs every token decoded, so it opts out.
         """
         if (self.prefix_cache is None or cfg.kv_mode != "propagate" or collect_exit_states
-                or effective_temperature(cfg.temperature) > 0 or cfg.lossless
-                or gate.decision_layers(self.lm.exit_points, self.lm.num_layers)):
+                or effective_temperature(cfg.temperature) > 0):
+            return None
+        return self._full_model_output(gate, cfg)
+
+    def _full_model_output(self, gate: Gate, cfg: GenerationConfig) -> str | None:
+        """The key of a greedy request whose output this generator makes the full model's, or None."""
+        if cfg.lossless or gate.decision_layers(self.lm.exit_points, self.lm.num_layers):
             return None
         return "full-greedy"
 
@@ -245,7 +250,7 @@ class GatedGenerator:
             found = self.prefix_cache.continuation(prompt, settings)
             if found is None:
                 continue
-            for token in found.tokens:
+            for token in found:
                 events.append(self._record(row, r, token, 0, cfg))
                 served[r] += 1
                 if row.finish_reason is not None:

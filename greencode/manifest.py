@@ -108,12 +108,9 @@ def claim_work_dir(path: str | Path, identity: StageIdentity, what: str) -> Path
     identity, or unrecorded work."""
     from greencode.storage import Store, is_uri
 
-    remote = Store(path) if is_uri(path) else None
-    path = str(path) if remote else Path(path)
-    if remote:
-        raw = remote.read_bytes(WORK_MARKER)
-    else:
-        raw = (path / WORK_MARKER).read_bytes() if (path / WORK_MARKER).is_file() else None
+    path = str(path) if is_uri(path) else Path(path)
+    store = Store(path)
+    raw = store.read_bytes(WORK_MARKER)
     if raw is not None:
         try:
             record = json.loads(raw)
@@ -123,15 +120,10 @@ def claim_work_dir(path: str | Path, identity: StageIdentity, what: str) -> Path
             return path
         changes = identity.changes_from(record) if isinstance(record, dict) else ["its record is unreadable"]
         raise StaleWorkError(path, what, changes)
-    names = remote.children("") if remote else [p.name for p in path.iterdir()] if path.is_dir() else []
-    if any(not name.startswith(".") for name in names):
+    if any(not name.startswith(".") for name in store.children("")):
         raise StaleWorkError(path, what, ["no record of the settings it was made with"])
     record = {"identity": identity.digest, "config": identity.config, "inputs": identity.inputs}
-    if remote:
-        remote.write_bytes(WORK_MARKER, json.dumps(record, indent=2, default=str).encode())
-    else:
-        path.mkdir(parents=True, exist_ok=True)
-        write_json(path / WORK_MARKER, record)
+    store.write_bytes(WORK_MARKER, json.dumps(record, indent=2, default=str).encode())
     return path
 
 

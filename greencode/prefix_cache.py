@@ -29,7 +29,7 @@ candidate's partition is compared again before use. Each tenant has its own byte
 entry cap, and evicts only its own least recently used entries, so one tenant's long prompts
 cannot push the others' out.
 
-Type-along reuse (issue 22): the cache also keeps greedy completions (:class:`Continuation`) of
+Type-along reuse (issue 22): the cache also keeps greedy completions of
 requests whose output is the full model's (the ``full`` gate, or lossless decoding). When the user
 types the first tokens of a suggestion, the next prompt is the previous one followed by those
 tokens, and a cold request would answer with the rest of the suggestion: greedy decoding of the
@@ -128,14 +128,6 @@ class _Stored:
     @property
     def nbytes(self) -> int:
         return self.prompt.nbytes + self.tokens.nbytes
-
-
-@dataclass(frozen=True)
-class Continuation:
-    """What a type-along prompt is answered with: the rest of an earlier greedy completion."""
-
-    tokens: list[int]  # the stored completion after the typed tokens
-    typed: int  # tokens of the stored completion the prompt ends with
 
 
 @dataclass
@@ -351,8 +343,9 @@ class PrefixCache:
                 best, best_typed, best_left = entry_id, typed, len(entry.tokens) - typed
         return best, best_typed
 
-    def continuation(self, tokens: Sequence[int], settings: str, partition: Partition = SHARED) -> Continuation | None:
-        """The rest of a stored greedy completion that ``tokens`` typed along, or None.
+    def continuation(self, tokens: Sequence[int], settings: str, partition: Partition = SHARED) -> list[int] | None:
+        """The rest of a stored greedy completion that ``tokens`` typed along (the tokens after the typed ones),
+        or None.
 
         ``tokens`` must be a stored prompt of ``partition`` (stored with the same ``settings``)
         followed by at least one and fewer than all tokens of its completion. The entry becomes the
@@ -364,7 +357,7 @@ class PrefixCache:
             if entry_id is None:
                 return None
             self._touch(entry_id)
-            return Continuation(self._stored[entry_id].tokens[typed:].tolist(), typed)
+            return self._stored[entry_id].tokens[typed:].tolist()
 
     def record_served(self, tokens: int) -> None:
         """Count completion tokens answered from a stored completion."""
@@ -546,11 +539,8 @@ class ScopedPrefixCache:
     def remember(self, cache: Any, attention_mask: torch.Tensor, rows: Sequence[Sequence[int] | None]) -> int:
         return self.store.remember(cache, attention_mask, rows, self.partition)
 
-    def continuation(self, tokens: Sequence[int], settings: str) -> Continuation | None:
+    def continuation(self, tokens: Sequence[int], settings: str) -> list[int] | None:
         return self.store.continuation(tokens, settings, self.partition)
-
-    def record(self, prompt_tokens: int, reused_tokens: int) -> None:
-        self.store.record(prompt_tokens, reused_tokens)
 
     def record_served(self, tokens: int) -> None:
         self.store.record_served(tokens)

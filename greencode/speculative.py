@@ -229,13 +229,10 @@ class LosslessGenerator(GatedGenerator):
     (and its prefix cache, meter, prompt replay) serves both kinds of request.
     """
 
-    def continuation_settings(self, gate: Gate, cfg: GenerationConfig, collect_exit_states: bool = False) -> str | None:
+    def _full_model_output(self, gate: Gate, cfg: GenerationConfig) -> str | None:
         """Greedy lossless output is the full model's: stored and typed along like the ``full`` gate's, under its
         own key (a lossless request is answered only from lossless completions)."""
-        if (cfg.lossless and self.prefix_cache is not None and cfg.kv_mode == "propagate" and not collect_exit_states
-                and effective_temperature(cfg.temperature) == 0):
-            return "lossless-greedy"
-        return super().continuation_settings(gate, cfg, collect_exit_states)
+        return "lossless-greedy" if cfg.lossless else super()._full_model_output(gate, cfg)
 
     @cached_property
     def head_cost(self) -> float:

@@ -63,7 +63,7 @@ from serve_app.admission import Admission, Deadline, TimedOut
 from serve_app.errors import ERRORS, ApiError, GenerationFailed
 from serve_app.fair import FairWorker
 from serve_app.formats import OLLAMA, OPENAI, TGI, Completion
-from serve_app.guard import Guard, arrival_of, tenant_of
+from serve_app.guard import add_guard, arrival_of, tenant_of
 from serve_app.limits import check_request
 from serve_app.metrics import ErrorCounter, ServeMetrics
 from serve_app.prompts import PromptBuilder
@@ -197,9 +197,7 @@ class GreenCodeServer:
         """Serve (2.60) calls this after ``__init__`` to get the replica's ASGI app: Serve's copy of ``api``,
         wrapped in the Guard and the error counter, which need this replica's config and metrics."""
         app = self.app  # set by serve.ingress's wrapper before this is called
-        cfg = self.cfg
-        app.add_middleware(Guard, limits=cfg.limits, tenant_keys=cfg.tenant_keys, allowed_hosts=cfg.allowed_hosts,
-                           allowed_origins=cfg.allowed_origins, require_json=cfg.require_json, routes=app.routes)
+        add_guard(app, self.cfg)
         app.add_middleware(ErrorCounter, record=self.stats.record_error)  # outermost: counts the Guard's refusals
         return app
 
@@ -242,7 +240,7 @@ class GreenCodeServer:
         if violation is not None:
             raise ApiError(violation.message, violation.param, violation.status)
 
-    def _job(self, ask: Ask, tenant: str) -> Job:
+    def _job(self, ask: Ask, request: Request) -> Job:
         gate = self._gate(ask.gate)
         asked = {"max_new_tokens": ask.max_new_tokens, "temperature": ask.temperature, "top_p": ask.top_p,
                  "stop": ask.stop or None, "seed": ask.seed, "lossless": ask.lossless}
@@ -251,19 +249,17 @@ class GreenCodeServer:
                                                      **{k: v for k, v in asked.items() if v is not None}})
         except ConfigError as err:
             raise ApiError(str(err), "lossless" if "lossless" in str(err) else "max_new_tokens") from None
-        return Job(ask, gate, generation, Partition(tenant, ask.cache_salt), cache_prompt=ask.cache_prompt is not False)
+        return Job(ask, gate, generation, Partition(tenant_of(request.scope), ask.cache_salt),
+                   cache_prompt=ask.cache_prompt is not False, arrived=arrival_of(request.scope))
 
     def _jobs(self, protocol: str, asks: list[Ask], request: Request) -> list[Job]:
         """Validated jobs of a request, nothing tokenized yet (a refusal here costs no model work)."""
         try:
             self._limits(asks)
-            jobs = [self._job(a, tenant_of(request.scope)) for a in asks]
+            return [self._job(a, request) for a in asks]
         except ApiError:
             self.stats.record_request(protocol, "rejected")
             raise
-        for job in jobs:
-            job.arrived = arrival_of(request.scope)
-        return jobs
 
     def _encode(self, jobs: list[Job]) -> None:
         """Runs on the tokenizer thread: each job's prompt ids, checked against the context limit."""

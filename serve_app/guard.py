@@ -39,7 +39,7 @@ from urllib.parse import urlsplit
 
 from starlette.routing import Match
 
-from greencode.config import LOOPBACK_HOSTS
+from greencode.config import LOOPBACK_HOSTS, ServeConfig
 from serve_app import formats
 from serve_app.limits import (
     NumberTooLong,
@@ -119,6 +119,13 @@ def bearer_tenant(header: str | None, tenant_keys: dict[str, str]) -> str | None
         if hmac.compare_digest(sent, key.encode()) and scheme.lower() == "bearer":
             found = tenant
     return found
+
+
+def add_guard(app: Any, cfg: ServeConfig, open_paths: Sequence[str] = OPEN_PATHS) -> None:
+    """Wrap the FastAPI ``app`` in the Guard with a deployment's settings (the model's app and /health's)."""
+    app.add_middleware(Guard, limits=cfg.limits, tenant_keys=cfg.tenant_keys, allowed_hosts=cfg.allowed_hosts,
+                       allowed_origins=cfg.allowed_origins, require_json=cfg.require_json, routes=app.routes,
+                       open_paths=open_paths)
 
 
 class Guard:

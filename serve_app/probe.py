@@ -32,7 +32,7 @@ from ray import serve
 from ray.serve.deployment import Application
 
 from greencode.config import ServeConfig, validate
-from serve_app.guard import Guard
+from serve_app.guard import add_guard
 
 log = logging.getLogger("greencode.serve")
 
@@ -74,12 +74,9 @@ class HealthProbe:
 
     def __serve_build_asgi_app__(self) -> Any:
         """The probe's app behind the same Guard as the model's (its one route is open: no key)."""
-        app, cfg = self.app, self.cfg
-        app.add_middleware(AtRoot)  # inside the Guard, which reports the path the client sent
-        app.add_middleware(Guard, limits=cfg.limits, tenant_keys=cfg.tenant_keys, allowed_hosts=cfg.allowed_hosts,
-                           allowed_origins=cfg.allowed_origins, require_json=cfg.require_json, routes=app.routes,
-                           open_paths=("/",))
-        return app
+        self.app.add_middleware(AtRoot)  # inside the Guard, which reports the path the client sent
+        add_guard(self.app, self.cfg, open_paths=("/",))
+        return self.app
 
     async def _describe(self) -> None:
         """Ask the model deployment what it serves (one question at a time); cached once answered."""

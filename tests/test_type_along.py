@@ -138,7 +138,7 @@ def test_stored_completions_share_the_budget_the_entry_cap_and_the_lru(lm):
     stored = [put(store, seed) for seed in range(3)]
     assert all(ok for ok, _, _ in stored) and store.stats().bytes_held == 3 * one
     _, prompt0, completion0 = stored[0]
-    assert store.continuation(prompt0 + completion0[:2], "full-greedy", Partition("a")).tokens == completion0[2:]
+    assert store.continuation(prompt0 + completion0[:2], "full-greedy", Partition("a")) == completion0[2:]
     assert store.continuation(prompt0 + completion0[:2], "lossless-greedy", Partition("a")) is None
     assert store.continuation(prompt0 + completion0[:2], "full-greedy", Partition("b")) is None
     assert store.continuation(prompt0 + completion0, "full-greedy", Partition("a")) is None  # nothing left

@@ -30,10 +30,10 @@ from pydantic import BaseModel
 from greencode.config import ConfigError, field_info, load_config, parse_overrides
 
 C = TypeVar("C", bound=BaseModel)
-
-log = logging.getLogger("greencode.common")
 Preset = Path | Callable[[], dict[str, Any]]  # a PipelineConfig YAML, or a stage's settings derived from one
 PRESETS = ("demo", "paper")  # workflows/presets/<name>.yaml
+
+log = logging.getLogger("greencode.common")
 
 
 def stage_presets(stage: str) -> dict[str, Preset]:
@@ -209,8 +209,7 @@ def published_outputs(cfg: C, *fields: str) -> Iterator[C]:
             store = Store(parent)
             store.check()
             remote[name] = (store, leaf, scratch_dir(location) / leaf)
-    for name, (_, _, local) in remote.items():
-        cfg = _with_field(cfg, name, str(local))
+            cfg = _with_field(cfg, name, str(remote[name][2]))
     yield cfg
     for name, (store, leaf, local) in remote.items():
         if not local.exists():

@@ -419,7 +419,7 @@ COMMAND = ConfigCommand(FinetuneConfig, "LITE fine-tuning on Ray Train (writes a
 @cli_errors
 def main(argv: list[str] | None = None) -> None:
     cfg, _ = COMMAND.parse(argv)
-    with published_outputs(cfg, *(["output_dir"] if cfg.output_dir else [])) as local:
+    with published_outputs(cfg, "output_dir") as local:
         model = run(local)
     print(model)
 

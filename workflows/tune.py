@@ -160,23 +160,20 @@ def _record(out_dir: Path, trial: Trial) -> dict[str, Any] | None:
 
 
 def _experiment(sweep: Sweep) -> Path | str:
-    """The Tune experiment dir, claimed for this sweep's identity; another sweep's is set aside."""
-    if sweep.tune_storage:
-        uri = join(sweep.tune_storage, EXPERIMENT)
-        try:
-            return claim_work_dir(uri, sweep.identity, "the Tune experiment")
-        except StaleWorkError as err:
-            log.info("%s; deleting it and starting a new one", err)
-            Store(uri).delete("")
-            return claim_work_dir(uri, sweep.identity, "the Tune experiment")
-    path = sweep.out_dir / EXPERIMENT
+    """The Tune experiment dir, claimed for this sweep's identity; another sweep's is set aside (deleted on
+    object storage, which has no rename)."""
+    location = join(sweep.tune_storage, EXPERIMENT) if sweep.tune_storage else sweep.out_dir / EXPERIMENT
     try:
-        return claim_work_dir(path, sweep.identity, "the Tune experiment")
+        return claim_work_dir(location, sweep.identity, "the Tune experiment")
     except StaleWorkError as err:
-        aside = path.with_name(f"{EXPERIMENT}.set-aside-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}")
-        log.info("%s; setting it aside as %s and starting a new one", err, aside.name)
-        os.rename(path, aside)
-        return claim_work_dir(path, sweep.identity, "the Tune experiment")
+        if isinstance(location, str):
+            log.info("%s; deleting it and starting a new one", err)
+            Store(location).delete("")
+        else:
+            aside = location.with_name(f"{EXPERIMENT}.set-aside-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}")
+            log.info("%s; setting it aside as %s and starting a new one", err, aside.name)
+            os.rename(location, aside)
+        return claim_work_dir(location, sweep.identity, "the Tune experiment")
 
 
 def _fit(sweep: Sweep, pending: list[Trial]) -> list[tuple[Trial, Any]]:
